@@ -1,0 +1,1 @@
+"""kvxfer: move paged KV-cache blocks between LLM inference engines."""

@@ -1,0 +1,142 @@
+"""TransferHandle: the caller's view of one transfer (status, wait, stats, failure).
+
+Layer: shared by the Connector and the backends; backends complete or fail handles.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from .errors import KvxferError, TransferTimeoutError
+
+__all__ = ["TransferStatus", "TransferStats", "TransferHandle", "Op"]
+
+
+class Op(Enum):
+    """Direction of a transfer, seen from the side that called it."""
+
+    READ = "read"
+    WRITE = "write"
+
+
+class TransferStatus(Enum):
+    """Life cycle of a transfer."""
+
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class TransferStats:
+    """What a finished transfer moved and how long it took."""
+
+    nbytes: int
+    seconds: float
+    backend: str
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+
+class TransferHandle:
+    """Returned at once by ``Connector.read``/``write``; completes when the bytes are in place.
+
+    ``failed_blocks`` names the destination blocks that may be partly written when the
+    transfer failed.
+    """
+
+    __slots__ = ("op", "peer_name", "nbytes", "backend", "dst_blocks", "deadline", "_event",
+                 "_status", "_exc", "_t0", "_t1", "_lock", "_callbacks", "__weakref__")
+
+    def __init__(self, op: Op, peer_name: str, nbytes: int, backend: str, dst_blocks: np.ndarray,
+                 deadline: float | None = None):
+        self.op = op
+        self.peer_name = peer_name
+        self.nbytes = nbytes
+        self.backend = backend
+        self.dst_blocks = dst_blocks
+        self.deadline = deadline
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._status = TransferStatus.PENDING
+        self._exc: KvxferError | None = None
+        self._t0 = time.perf_counter()
+        self._t1: float | None = None
+        self._callbacks: list[Callable[[TransferHandle], None]] = []
+
+    # -- caller API ---------------------------------------------------------------------
+    @property
+    def status(self) -> TransferStatus:
+        return self._status
+
+    def done(self) -> bool:
+        """True once the transfer finished, successfully or not."""
+        return self._status is not TransferStatus.PENDING
+
+    def wait(self, timeout: float | None = None) -> TransferStats:
+        """Block until the transfer finishes; return its stats.
+
+        Raises:
+            TransferTimeoutError: not finished within ``timeout`` seconds (the transfer goes on).
+            KvxferError: the transfer failed (the same error as :meth:`exception`).
+        """
+        if not self._event.wait(timeout):
+            raise TransferTimeoutError(f"{self.op.value} of {self.nbytes} B with {self.peer_name!r} not done after {timeout} s")
+        if self._exc is not None:
+            raise self._exc
+        return self.stats
+
+    def exception(self) -> KvxferError | None:
+        """The error that failed the transfer, or None."""
+        return self._exc
+
+    @property
+    def failed_blocks(self) -> np.ndarray:
+        """Destination blocks that may hold partial data (empty unless failed)."""
+        return self.dst_blocks if self._status is TransferStatus.FAILED else np.zeros(0, dtype=np.int64)
+
+    @property
+    def stats(self) -> TransferStats:
+        end = self._t1 if self._t1 is not None else time.perf_counter()
+        return TransferStats(self.nbytes, end - self._t0, self.backend)
+
+    def add_done_callback(self, fn: Callable[[TransferHandle], None]) -> None:
+        """Call ``fn(handle)`` once the transfer finishes (at once if it already has)."""
+        with self._lock:
+            if self._status is TransferStatus.PENDING:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    # -- backend API --------------------------------------------------------------------
+    def _finish(self, exc: KvxferError | None) -> bool:
+        with self._lock:
+            if self._status is not TransferStatus.PENDING:
+                return False
+            self._t1 = time.perf_counter()
+            self._exc = exc
+            self._status = TransferStatus.DONE if exc is None else TransferStatus.FAILED
+            callbacks, self._callbacks = self._callbacks, []
+        self._event.set()
+        for fn in callbacks:
+            fn(self)
+        return True
+
+    def set_done(self) -> bool:
+        """Mark done; False when the handle had already finished."""
+        return self._finish(None)
+
+    def set_failed(self, exc: KvxferError) -> bool:
+        """Mark failed with ``exc``; False when the handle had already finished."""
+        return self._finish(exc)
+
+    def __repr__(self) -> str:
+        return f"<TransferHandle {self.op.value} {self.nbytes} B peer={self.peer_name!r} via {self.backend} {self._status.value}>"

@@ -1,0 +1,1 @@
+"""Copy operations over plans: numpy reference (CPU) and CUDA kernels (csrc/)."""

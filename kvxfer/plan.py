@@ -1,0 +1,160 @@
+"""Planning: (source blocks, destination blocks, layers) -> validated, coalesced copy jobs.
+
+Layer: pure functions over numpy arrays, below the backends and above the pack kernels. Both
+peers compute the same plan from the same inputs, so the order of bytes on the wire (the
+*stream*) needs no negotiation: it is the order of the jobs, each job's ``count`` runs in turn.
+
+A job copies ``src_count`` runs of ``src_run`` bytes (``src_stride`` apart, from ``src_off`` in
+source tensor ``src_t``) to ``dst_count`` runs of ``dst_run`` bytes in destination tensor
+``dst_t``; both sides hold the same number of bytes. Offsets are relative to each tensor's first
+byte; this is the two-level strided descriptor that the CUDA kernels in csrc/ consume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BlockIdError
+from .layout import LayoutGeometry
+
+__all__ = ["JOB_DTYPE", "TransferPlan", "as_block_ids", "plan_transfer", "validate_block_ids"]
+
+JOB_DTYPE = np.dtype(
+    [
+        ("src_t", np.int64),
+        ("dst_t", np.int64),
+        ("src_off", np.int64),
+        ("src_run", np.int64),
+        ("src_count", np.int64),
+        ("src_stride", np.int64),
+        ("dst_off", np.int64),
+        ("dst_run", np.int64),
+        ("dst_count", np.int64),
+        ("dst_stride", np.int64),
+    ]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferPlan:
+    """Copy jobs for one transfer, in stream order, with their byte offsets in the stream."""
+
+    jobs: np.ndarray  # JOB_DTYPE
+    stream_offsets: np.ndarray  # int64, len(jobs) + 1
+    dst_blocks: np.ndarray  # the destination block ids, for failure reports
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.stream_offsets[-1])
+
+    def runs(self, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Elementary contiguous runs of one side (``"src"`` or ``"dst"``) in stream order.
+
+        Returns (tensor index, byte offset in tensor, length) arrays.
+        """
+        j = self.jobs
+        count, run, stride, off = j[f"{side}_count"], j[f"{side}_run"], j[f"{side}_stride"], j[f"{side}_off"]
+        tensor = np.repeat(j[f"{side}_t"], count)
+        lengths = np.repeat(run, count)
+        starts = np.repeat(off, count)
+        # position of each run inside its job: 0..count-1
+        first = np.cumsum(count) - count
+        within = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(first, count)
+        return tensor, starts + within * np.repeat(stride, count), lengths
+
+
+def as_block_ids(ids: Sequence[int] | np.ndarray, what: str) -> np.ndarray:
+    """Turn a block-id list into a 1-D int64 array; BlockIdError when it is not integers."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        raise BlockIdError(f"{what} must be a 1-D list of block ids; got shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise BlockIdError(f"{what} must hold integers; got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def validate_block_ids(ids: np.ndarray, num_blocks: int, what: str, *, unique: bool) -> None:
+    """Bounds-check (and optionally uniqueness-check) block ids against ``num_blocks``."""
+    if ids.size == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= num_blocks:
+        bad = ids[(ids < 0) | (ids >= num_blocks)]
+        raise BlockIdError(
+            f"{what} out of range: {bad[:8].tolist()}{'...' if bad.size > 8 else ''}; "
+            f"valid ids are 0..{num_blocks - 1}"
+        )
+    if unique:
+        uniq, counts = np.unique(ids, return_counts=True)
+        if uniq.size != ids.size:
+            raise BlockIdError(f"{what} has duplicates: {uniq[counts > 1][:8].tolist()}; each destination block may be written once")
+
+
+def plan_transfer(
+    src: LayoutGeometry,
+    dst: LayoutGeometry,
+    src_blocks: Sequence[int] | np.ndarray,
+    dst_blocks: Sequence[int] | np.ndarray,
+    layers: np.ndarray | None = None,
+) -> TransferPlan:
+    """Validate block lists and coalesce them into copy jobs.
+
+    ``layers`` holds tensor indices (see :meth:`KVLayout.resolve_layers`); None means all.
+    Runs of blocks that are consecutive on both sides become one job wherever both tensors
+    store consecutive blocks back to back.
+
+    Raises:
+        BlockIdError: lengths differ, ids out of range on either side, duplicate destinations.
+        LayoutMismatchError: the two layouts' blocks are not interchangeable.
+    """
+    s = as_block_ids(src_blocks, "source block ids")
+    d = as_block_ids(dst_blocks, "destination block ids")
+    if s.size != d.size:
+        raise BlockIdError(f"{s.size} source blocks but {d.size} destination blocks; the lists must have equal length")
+    validate_block_ids(s, src.num_blocks, "source block ids", unique=False)
+    validate_block_ids(d, dst.num_blocks, "destination block ids", unique=True)
+    if layers is not None:
+        layers = np.asarray(layers, dtype=np.int64)
+        if layers.size and (layers.min() < 0 or layers.max() >= len(src.tensors)):
+            raise BlockIdError(f"layers {layers.tolist()} out of range; valid are 0..{len(src.tensors) - 1}")
+    src.check_compatible(dst, layers)
+    tensor_ids = range(len(src.tensors)) if layers is None else layers.tolist()
+
+    if s.size:
+        brk = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
+        starts = np.concatenate(([0], brk))
+        lengths = np.diff(np.concatenate((starts, [s.size])))
+    else:
+        starts = lengths = np.zeros(0, dtype=np.int64)
+
+    parts: list[np.ndarray] = []
+    for t in tensor_ids:
+        st, dt = src.tensors[t], dst.tensors[t]
+        for ss, ds in zip(st.segments, dt.segments):
+            coalesce = st.block_stride == ss.run and dt.block_stride == ds.run
+            if coalesce:
+                sb, db, nblk = s[starts], d[starts], lengths
+            else:
+                sb, db, nblk = s, d, np.ones(s.size, dtype=np.int64)
+            job = np.empty(sb.size, dtype=JOB_DTYPE)
+            job["src_t"] = t
+            job["dst_t"] = t
+            job["src_off"] = sb * st.block_stride + ss.offset
+            job["dst_off"] = db * dt.block_stride + ds.offset
+            job["src_run"] = nblk * ss.run
+            job["dst_run"] = nblk * ds.run
+            job["src_count"] = ss.count
+            job["dst_count"] = ds.count
+            job["src_stride"] = ss.stride
+            job["dst_stride"] = ds.stride
+            parts.append(job)
+    jobs = np.concatenate(parts) if parts else np.zeros(0, dtype=JOB_DTYPE)
+    sizes = jobs["src_run"] * jobs["src_count"]
+    offsets = np.zeros(jobs.size + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    return TransferPlan(jobs=jobs, stream_offsets=offsets, dst_blocks=d)
