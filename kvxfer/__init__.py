@@ -1,1 +1,64 @@
-"""kvxfer: move paged KV-cache blocks between LLM inference engines."""
+"""kvxfer: move paged KV-cache blocks between LLM inference engines.
+
+Import cost is small on purpose: no torch, cupy or ucxx import, no CUDA context, no threads.
+"""
+
+from ._tensors import MemoryKind
+from .config import ConnectorConfig, TcpConfig
+from .connector import Connector, Notification, Peer
+from .errors import (
+    BackendUnavailableError,
+    BlockIdError,
+    ConfigError,
+    KernelCompileError,
+    KvxferError,
+    LayoutError,
+    LayoutMismatchError,
+    LocalProtocolError,
+    PeerLostError,
+    ProtocolError,
+    RegistryError,
+    RemoteProtocolError,
+    RemoteTransferError,
+    TransferTimeoutError,
+    TransportError,
+)
+from .handle import Op, TransferHandle, TransferStats, TransferStatus
+from .layout import KVLayout, LayoutGeometry, Segment, TensorGeometry
+from .plan import TransferPlan, plan_transfer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "BlockIdError",
+    "ConfigError",
+    "Connector",
+    "ConnectorConfig",
+    "KVLayout",
+    "KernelCompileError",
+    "KvxferError",
+    "LayoutError",
+    "LayoutGeometry",
+    "LayoutMismatchError",
+    "LocalProtocolError",
+    "MemoryKind",
+    "Notification",
+    "Op",
+    "Peer",
+    "PeerLostError",
+    "ProtocolError",
+    "RegistryError",
+    "RemoteProtocolError",
+    "RemoteTransferError",
+    "Segment",
+    "TcpConfig",
+    "TensorGeometry",
+    "TransferHandle",
+    "TransferPlan",
+    "TransferStats",
+    "TransferStatus",
+    "TransferTimeoutError",
+    "TransportError",
+    "plan_transfer",
+]

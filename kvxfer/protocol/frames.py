@@ -117,7 +117,6 @@ def decode_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
             data,
             raw=False,
             strict_map_key=True,
-            max_buffer_size=MAX_HEADER_BYTES,
         )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise RemoteProtocolError(f"frame header is not valid msgpack: {type(exc).__name__}: {exc}") from None

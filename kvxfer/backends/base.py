@@ -1,0 +1,161 @@
+"""The backend interface and what every backend shares.
+
+Layer: backends. A backend moves the bytes of validated plans between this process and a peer
+and completes :class:`~kvxfer.handle.TransferHandle` objects. It knows nothing about requests
+or the registry. The Connector owns backends and is their :class:`LocalSide`.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import BlockIdError, KvxferError, LayoutError, RemoteTransferError
+from ..handle import Op, TransferHandle
+from ..layout import KVLayout
+from ..metadata import PeerMetadata
+from ..plan import TransferPlan, plan_transfer
+
+__all__ = [
+    "Backend",
+    "BackendKind",
+    "BackendLink",
+    "LocalSide",
+    "TransferRequest",
+    "plan_for_initiator",
+    "plan_for_responder",
+    "remote_error",
+]
+
+log = logging.getLogger(__name__)
+
+
+class BackendKind(Enum):
+    """The transports kvxfer knows."""
+
+    TCP = "tcp"
+    CUDA_IPC = "cuda_ipc"
+    UCX = "ucx"
+
+
+class LocalSide(Protocol):
+    """What a backend may ask of the Connector that owns it."""
+
+    name: str
+
+    @property
+    def layout(self) -> KVLayout | None: ...
+
+    def local_metadata(self) -> PeerMetadata: ...
+
+    def deliver_notification(self, peer_name: str, payload: bytes) -> None: ...
+
+    def link_lost(self, link: BackendLink, exc: KvxferError) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRequest:
+    """One transfer as the initiator names it: block ids on each side, layers, notification."""
+
+    xfer_id: int
+    op: Op
+    src_blocks: np.ndarray
+    dst_blocks: np.ndarray
+    layers: np.ndarray | None
+    notify: bytes | None
+
+    @property
+    def local_blocks(self) -> np.ndarray:
+        """The initiator's own blocks."""
+        return self.src_blocks if self.op is Op.WRITE else self.dst_blocks
+
+    @property
+    def remote_blocks(self) -> np.ndarray:
+        """The responder's blocks."""
+        return self.dst_blocks if self.op is Op.WRITE else self.src_blocks
+
+
+def plan_for_initiator(layout: KVLayout, peer: PeerMetadata, req: TransferRequest) -> TransferPlan:
+    """Plan a transfer this side starts; the peer's ids are checked against its geometry too."""
+    if peer.geometry is None:
+        raise LayoutError(f"peer {peer.name!r} registered no KV layout")
+    if req.op is Op.WRITE:
+        return plan_transfer(layout.geometry, peer.geometry, req.src_blocks, req.dst_blocks, req.layers)
+    return plan_transfer(peer.geometry, layout.geometry, req.src_blocks, req.dst_blocks, req.layers)
+
+
+def plan_for_responder(layout: KVLayout | None, peer: PeerMetadata, req: TransferRequest) -> TransferPlan:
+    """Plan a transfer a peer started, validating every id against our own layout first."""
+    if layout is None:
+        raise LayoutError("no KV layout is registered on this connector")
+    if peer.geometry is None:
+        raise LayoutError(f"peer {peer.name!r} registered no KV layout")
+    if req.layers is not None and req.layers.size and (req.layers.min() < 0 or req.layers.max() >= layout.num_tensors):
+        raise BlockIdError(f"layers {req.layers.tolist()} out of range; valid are 0..{layout.num_tensors - 1}")
+    if req.op is Op.WRITE:
+        return plan_transfer(peer.geometry, layout.geometry, req.src_blocks, req.dst_blocks, req.layers)
+    return plan_transfer(layout.geometry, peer.geometry, req.src_blocks, req.dst_blocks, req.layers)
+
+
+_REMOTE_KINDS: dict[str, type[KvxferError]] = {}
+
+
+def remote_error(kind: str, message: str) -> KvxferError:
+    """Turn a peer's refusal (error kind, message) into a local exception."""
+    if not _REMOTE_KINDS:
+        from .. import errors
+
+        _REMOTE_KINDS.update({name: getattr(errors, name) for name in errors.__all__})
+    cls = _REMOTE_KINDS.get(kind, RemoteTransferError)
+    if not (isinstance(cls, type) and issubclass(cls, KvxferError)):
+        cls = RemoteTransferError
+    return cls(f"peer refused the transfer: {message}")
+
+
+class BackendLink(ABC):
+    """One backend's connection to one peer."""
+
+    peer: PeerMetadata
+    backend_name: str
+
+    @property
+    @abstractmethod
+    def closed(self) -> bool: ...
+
+    @abstractmethod
+    def close(self, exc: KvxferError | None = None) -> None:
+        """Close the link; pending transfers fail with ``exc`` (PeerLostError by default)."""
+
+
+class Backend(ABC):
+    """A transport: describes its endpoint, connects to peers, executes transfers."""
+
+    name: str
+
+    @abstractmethod
+    def endpoint(self) -> dict[str, Any]:
+        """msgpack-able description of this backend's endpoint, put in the connector metadata."""
+
+    @abstractmethod
+    def can_reach(self, peer: PeerMetadata) -> bool:
+        """Whether this backend can move this layout's bytes to and from ``peer``."""
+
+    @abstractmethod
+    def connect(self, peer: PeerMetadata, timeout: float) -> BackendLink:
+        """Open a link to ``peer``. Raises TransportError or TransferTimeoutError."""
+
+    @abstractmethod
+    def submit(self, link: BackendLink, req: TransferRequest, plan: TransferPlan, handle: TransferHandle) -> None:
+        """Start moving ``plan``'s bytes; complete or fail ``handle`` later, from any thread."""
+
+    def on_layout_registered(self, layout: KVLayout) -> None:
+        """Called once the connector's layout is known (register memory, export handles)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close every link and release resources; idempotent."""

@@ -1,0 +1,81 @@
+"""The byte stream of a plan: views of one side's memory, cut into chunks.
+
+Layer: backends (shared by tcp and ucx). A plan's stream is its jobs' runs in order; the
+sender reads views of the source side, the receiver writes into views of the destination
+side. Host memory is viewed in place; GPU memory is staged (see staging.py) behind the same
+interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..plan import TransferPlan
+
+__all__ = ["HostStreamSide", "StreamSide", "chunk_bounds"]
+
+
+class StreamSide:
+    """One side of a plan's stream. Subclasses decide where the bytes live."""
+
+    def __init__(self, plan: TransferPlan, side: str):
+        t, off, ln = plan.runs(side)
+        self.tensor = t
+        self.offset = off
+        self.length = ln
+        self.pos = np.zeros(ln.size + 1, dtype=np.int64)
+        np.cumsum(ln, out=self.pos[1:])
+        self.nbytes = int(self.pos[-1])
+
+    def run_range(self, a: int, b: int) -> tuple[int, int]:
+        """Indices [i0, i1) of the runs that overlap stream bytes [a, b)."""
+        i0 = int(np.searchsorted(self.pos, a, side="right")) - 1
+        i1 = int(np.searchsorted(self.pos, b, side="left"))
+        return max(i0, 0), i1
+
+    def views(self, a: int, b: int) -> list[memoryview]:
+        """Writable/readable buffers covering stream bytes [a, b), in order."""
+        raise NotImplementedError
+
+    def before_send(self, a: int, b: int) -> None:
+        """Make stream bytes [a, b) readable through :meth:`views` (e.g. pack a GPU chunk)."""
+
+    def after_receive(self, a: int, b: int) -> None:
+        """Stream bytes [a, b) have arrived in :meth:`views`; move them home (e.g. unpack)."""
+
+    def close(self) -> None:
+        """Release staging resources."""
+
+
+class HostStreamSide(StreamSide):
+    """A stream side over host memory: views point straight into the KV tensors."""
+
+    def __init__(self, plan: TransferPlan, side: str, tensor_views: Sequence[memoryview]):
+        super().__init__(plan, side)
+        self._tv = tensor_views
+
+    def views(self, a: int, b: int) -> list[memoryview]:
+        i0, i1 = self.run_range(a, b)
+        out = []
+        pos, off, tensor, tv = self.pos, self.offset, self.tensor, self._tv
+        for i in range(i0, i1):
+            p0 = int(pos[i])
+            s = max(a, p0) - p0
+            e = min(b, int(pos[i + 1])) - p0
+            o = int(off[i])
+            out.append(tv[int(tensor[i])][o + s : o + e])
+        return out
+
+
+def chunk_bounds(side: StreamSide, chunk_bytes: int, max_runs: int) -> np.ndarray:
+    """Stream offsets cutting the stream into chunks of at most ``chunk_bytes`` bytes and
+    about ``max_runs`` runs each (so one chunk fits one sendmsg/recvmsg iovec)."""
+    total = side.nbytes
+    if total == 0:
+        return np.zeros(1, dtype=np.int64)
+    by_bytes = np.arange(0, total, chunk_bytes, dtype=np.int64)
+    by_runs = side.pos[:-1][::max_runs]
+    bounds = np.union1d(np.union1d(by_bytes, by_runs), [total])
+    return bounds

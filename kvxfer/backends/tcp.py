@@ -1,0 +1,584 @@
+"""TCP backend: plain sockets, framed msgpack headers, payloads received straight into place.
+
+Layer: backends. Each peer link has one control connection (requests, completions, errors,
+notifications) and ``streams`` data connections that carry DATA frames: a chunk of a plan's
+stream, sent with ``sendmsg`` from the source views and received with ``recvmsg_into`` into the
+destination views (no intermediate copy for host memory). Every id a peer names is validated
+against our own layout before a byte is touched; malformed frames drop the link with a logged
+reason while the listener keeps serving other peers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..config import TcpConfig
+from ..errors import (
+    KvxferError,
+    LayoutError,
+    BlockIdError,
+    PeerLostError,
+    ProtocolError,
+    RemoteProtocolError,
+    TransferTimeoutError,
+    TransportError,
+)
+from ..handle import Op, TransferHandle
+from ..metadata import PeerMetadata
+from ..plan import TransferPlan
+from ..protocol.frames import FRAME_PREFIX_SIZE, FrameType, decode_header, encode_frame, parse_prefix
+from .base import Backend, BackendLink, LocalSide, TransferRequest, plan_for_responder, remote_error
+from .staging import make_stream_side
+from .stream import StreamSide, chunk_bounds
+
+__all__ = ["TcpBackend", "TcpLink"]
+
+log = logging.getLogger(__name__)
+
+FLAG_FROM_INITIATOR = 1
+_MAX_IDS = 1 << 22
+_DISCARD = memoryview(bytearray(1 << 20))
+
+
+def parse_host_port(addr: str) -> tuple[str, int]:
+    """'host:port' -> (host, port); ConfigError-free ValueError on bad input."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address {addr!r} is not host:port")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+# --------------------------------------------------------------------------------------------
+# wire helpers (blocking sockets)
+# --------------------------------------------------------------------------------------------
+def _recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+    while view.nbytes:
+        n = sock.recv_into(view)
+        if n == 0:
+            raise PeerLostError("connection closed by peer")
+        view = view[n:]
+
+
+def _recv_into_views(sock: socket.socket, views: list[memoryview]) -> None:
+    i = 0
+    while i < len(views):
+        n = sock.recvmsg_into(views[i : i + 1000])[0]
+        if n == 0:
+            raise PeerLostError("connection closed by peer")
+        while n:
+            v = views[i]
+            if n >= v.nbytes:
+                n -= v.nbytes
+                i += 1
+            else:
+                views[i] = v[n:]
+                n = 0
+
+
+def _send_views(sock: socket.socket, views: list[Any]) -> None:
+    views = [memoryview(v).cast("B") if not isinstance(v, memoryview) else v for v in views]
+    i = 0
+    while i < len(views):
+        n = sock.sendmsg(views[i : i + 1000])
+        while n:
+            v = views[i]
+            if n >= v.nbytes:
+                n -= v.nbytes
+                i += 1
+            else:
+                views[i] = v[n:]
+                n = 0
+
+
+def _read_frame_header(sock: socket.socket, prefix_buf: memoryview, max_payload: int):
+    _recv_exact_into(sock, prefix_buf)
+    prefix = parse_prefix(prefix_buf, max_payload)
+    hbuf = bytearray(prefix.header_len)
+    _recv_exact_into(sock, memoryview(hbuf))
+    return prefix, decode_header(hbuf)
+
+
+def _ids_from_wire(h: dict, key: str) -> np.ndarray:
+    raw = h.get(key)
+    if not isinstance(raw, bytes) or len(raw) % 8 or len(raw) > 8 * _MAX_IDS:
+        raise RemoteProtocolError(f"field {key!r} must be packed int64 block ids")
+    return np.frombuffer(raw, dtype="<i8").astype(np.int64)
+
+
+def request_from_wire(h: dict) -> TransferRequest:
+    """Parse an XFER_REQUEST header. Raises RemoteProtocolError."""
+    x, op, notify, layers = h.get("x"), h.get("op"), h.get("n"), h.get("l")
+    if type(x) is not int or op not in ("r", "w") or not (notify is None or isinstance(notify, bytes)):
+        raise RemoteProtocolError("malformed transfer request")
+    return TransferRequest(
+        xfer_id=x,
+        op=Op.READ if op == "r" else Op.WRITE,
+        src_blocks=_ids_from_wire(h, "s"),
+        dst_blocks=_ids_from_wire(h, "d"),
+        layers=None if layers is None else _ids_from_wire(h, "l"),
+        notify=notify,
+    )
+
+
+def request_to_wire(req: TransferRequest) -> dict:
+    return {
+        "x": req.xfer_id,
+        "op": "r" if req.op is Op.READ else "w",
+        "s": req.src_blocks.astype("<i8").tobytes(),
+        "d": req.dst_blocks.astype("<i8").tobytes(),
+        "l": None if req.layers is None else req.layers.astype("<i8").tobytes(),
+        "n": req.notify,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# per-transfer state
+# --------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Xfer:
+    """A transfer on a link, from either side's view."""
+
+    xfer_id: int
+    initiated_here: bool
+    op: Op
+    plan: TransferPlan
+    side: StreamSide  # what this side reads (sending) or writes (receiving)
+    sending: bool
+    handle: TransferHandle | None = None
+    notify: bytes | None = None
+    received: int = 0
+    finished: bool = False
+
+
+class TcpLink(BackendLink):
+    """One peer, seen over TCP: a control connection plus data connections."""
+
+    backend_name = "tcp"
+
+    def __init__(self, backend: TcpBackend, peer: PeerMetadata, ctrl: socket.socket, initiator: bool):
+        self.backend = backend
+        self.peer = peer
+        self.initiator = initiator
+        self._ctrl = ctrl
+        self._ctrl_lock = threading.Lock()
+        self._data: list[socket.socket] = []
+        self._queues: list[queue.SimpleQueue] = []
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._mine: dict[int, _Xfer] = {}
+        self._theirs: dict[int, _Xfer] = {}
+        self._refused: set[int] = set()
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+        self._rr = itertools.count()
+
+    # -- setup ------------------------------------------------------------------------------
+    def add_data_socket(self, sock: socket.socket) -> None:
+        with self._lock:
+            idx = len(self._data)
+            self._data.append(sock)
+            q: queue.SimpleQueue = queue.SimpleQueue()
+            self._queues.append(q)
+        self._spawn(self._data_reader, sock, name=f"kvxfer-tcp-rx{idx}-{self.peer.name}")
+        self._spawn(self._data_sender, sock, q, name=f"kvxfer-tcp-tx{idx}-{self.peer.name}")
+
+    def start(self) -> None:
+        self._spawn(self._ctrl_reader, name=f"kvxfer-tcp-ctrl-{self.peer.name}")
+
+    def _spawn(self, fn, *args, name: str) -> None:
+        t = threading.Thread(target=self._guard, args=(fn, *args), name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _guard(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except ProtocolError as exc:
+            log.warning("dropping link to %r: %s", self.peer.name, exc)
+            self.close(PeerLostError(f"link to {self.peer.name!r} dropped: {exc}"))
+        except (OSError, KvxferError) as exc:
+            if not self._closed:
+                log.info("link to %r lost: %s", self.peer.name, exc)
+            self.close(exc if isinstance(exc, PeerLostError) else PeerLostError(f"link to {self.peer.name!r} lost: {exc}"))
+        except Exception as exc:  # a bug must not leave handles pending forever
+            log.exception("unexpected error on link to %r", self.peer.name)
+            self.close(TransportError(f"internal error on link to {self.peer.name!r}: {exc!r}"))
+
+    # -- BackendLink -------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self, exc: KvxferError | None = None, *, goodbye: bool = False) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            pending = [x for x in self._mine.values() if not x.finished]
+            sides = [x.side for x in itertools.chain(self._mine.values(), self._theirs.values())]
+            self._mine.clear()
+            self._theirs.clear()
+            self._cond.notify_all()
+        if goodbye:
+            try:
+                self._send_ctrl(FrameType.GOODBYE, {})
+            except OSError:
+                pass
+        err = exc or PeerLostError(f"link to {self.peer.name!r} closed")
+        for x in pending:
+            if x.handle is not None:
+                x.handle.set_failed(err)
+        for q in self._queues:
+            q.put(None)
+        for s in [self._ctrl, *self._data]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        for side in sides:
+            side.close()
+        self.backend._forget(self)
+        self.backend.local.link_lost(self, err)
+
+    # -- sending ----------------------------------------------------------------------------
+    def _send_ctrl(self, ftype: FrameType, header: dict) -> None:
+        frame = encode_frame(ftype, header)
+        with self._ctrl_lock:
+            self._ctrl.sendall(frame)
+
+    def _enqueue_stream(self, x: _Xfer) -> None:
+        cfg = self.backend.config
+        bounds = chunk_bounds(x.side, cfg.chunk_bytes, cfg.max_iov)
+        nq = len(self._queues)
+        start = next(self._rr)
+        for k, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+            self._queues[(start + k) % nq].put((x, a, b))
+
+    def _data_sender(self, sock: socket.socket, q: queue.SimpleQueue) -> None:
+        while True:
+            item = q.get()
+            if item is None or self._closed:
+                return
+            x, a, b = item
+            if x.finished:
+                continue
+            x.side.before_send(a, b)
+            flags = FLAG_FROM_INITIATOR if x.initiated_here else 0
+            hdr = encode_frame(FrameType.DATA, {"x": x.xfer_id, "o": a}, payload_len=b - a, flags=flags)
+            _send_views(sock, [hdr, *x.side.views(a, b)])
+
+    def submit(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle) -> None:
+        side_name = "src" if req.op is Op.WRITE else "dst"
+        side = make_stream_side(plan, side_name, self.backend.local.layout, self.backend.config)
+        x = _Xfer(req.xfer_id, True, req.op, plan, side, sending=req.op is Op.WRITE, handle=handle, notify=req.notify)
+        with self._lock:
+            if self._closed:
+                side.close()
+                raise PeerLostError(f"link to {self.peer.name!r} is closed")
+            self._mine[req.xfer_id] = x
+        handle.add_done_callback(lambda h: self._on_handle_done(x, h))
+        self._send_ctrl(FrameType.XFER_REQUEST, request_to_wire(req))
+        if x.sending:
+            self._enqueue_stream(x)
+
+    def _on_handle_done(self, x: _Xfer, h: TransferHandle) -> None:
+        if h.exception() is not None and not x.finished:
+            # failed from outside (deadline): bytes may still be in flight; the link is unsafe
+            if isinstance(h.exception(), TransferTimeoutError):
+                self.close(PeerLostError(f"link to {self.peer.name!r} closed after a transfer timed out"))
+
+    # -- receiving --------------------------------------------------------------------------
+    def _ctrl_reader(self) -> None:
+        prefix_buf = memoryview(bytearray(FRAME_PREFIX_SIZE))
+        while not self._closed:
+            prefix, h = _read_frame_header(self._ctrl, prefix_buf, max_payload=0)
+            t = prefix.type
+            if t is FrameType.XFER_REQUEST:
+                self._on_request(h)
+            elif t is FrameType.XFER_DONE:
+                self._on_done(h)
+            elif t is FrameType.XFER_ERROR:
+                self._on_error(h)
+            elif t is FrameType.NOTIFY:
+                payload = h.get("n")
+                if not isinstance(payload, bytes):
+                    raise RemoteProtocolError("NOTIFY without a bytes payload")
+                self.backend.local.deliver_notification(self.peer.name, payload)
+            elif t is FrameType.GOODBYE:
+                self.close(PeerLostError(f"peer {self.peer.name!r} closed the connection"))
+                return
+            else:
+                raise RemoteProtocolError(f"unexpected {t.name} frame on the control connection")
+
+    def _on_request(self, h: dict) -> None:
+        req = request_from_wire(h)
+        try:
+            plan = plan_for_responder(self.backend.local.layout, self.peer, req)
+            side_name = "dst" if req.op is Op.WRITE else "src"
+            side = make_stream_side(plan, side_name, self.backend.local.layout, self.backend.config)
+        except (BlockIdError, LayoutError, TransportError) as exc:
+            log.info("refusing transfer %d from %r: %s", req.xfer_id, self.peer.name, exc)
+            with self._cond:
+                self._refused.add(req.xfer_id)
+                self._cond.notify_all()
+            self._send_ctrl(FrameType.XFER_ERROR, {"x": req.xfer_id, "k": type(exc).__name__, "m": str(exc)})
+            return
+        x = _Xfer(req.xfer_id, False, req.op, plan, side, sending=req.op is Op.READ, notify=req.notify)
+        with self._cond:
+            if req.xfer_id in self._theirs:
+                raise RemoteProtocolError(f"transfer id {req.xfer_id} reused while in flight")
+            self._theirs[req.xfer_id] = x
+            self._cond.notify_all()
+        if x.sending:
+            self._enqueue_stream(x)
+        elif plan.nbytes == 0:
+            self._complete_receive(x)
+
+    def _on_done(self, h: dict) -> None:
+        xid = h.get("x")
+        mine = h.get("m")
+        if type(xid) is not int or type(mine) is not bool:
+            raise RemoteProtocolError("malformed XFER_DONE")
+        with self._lock:
+            x = (self._mine if mine else self._theirs).pop(xid, None)
+        if x is None:
+            return
+        x.finished = True
+        x.side.close()
+        if x.handle is not None:
+            x.handle.set_done()
+        elif x.notify is not None:
+            # the peer read our blocks and confirms: tell our user
+            self.backend.local.deliver_notification(self.peer.name, x.notify)
+
+    def _on_error(self, h: dict) -> None:
+        xid, kind, msg = h.get("x"), h.get("k"), h.get("m")
+        if type(xid) is not int or not isinstance(kind, str) or not isinstance(msg, str):
+            raise RemoteProtocolError("malformed XFER_ERROR")
+        with self._lock:
+            x = self._mine.pop(xid, None)
+        if x is not None:
+            x.finished = True
+            x.side.close()
+            if x.handle is not None:
+                x.handle.set_failed(remote_error(kind, msg))
+
+    def _find_incoming(self, xid: int, from_initiator: bool) -> _Xfer | None:
+        table = self._theirs if from_initiator else self._mine
+        with self._cond:
+            x = table.get(xid)
+            if x is None and from_initiator:
+                # DATA may overtake its request (different connections): wait for the request
+                ok = self._cond.wait_for(
+                    lambda: self._closed or xid in self._theirs or xid in self._refused,
+                    timeout=self.backend.config.request_wait,
+                )
+                if not ok:
+                    raise RemoteProtocolError(f"DATA for unknown transfer {xid}")
+                x = self._theirs.get(xid)
+            return x
+
+    def _data_reader(self, sock: socket.socket) -> None:
+        prefix_buf = memoryview(bytearray(FRAME_PREFIX_SIZE))
+        max_payload = self.backend.config.chunk_bytes
+        while not self._closed:
+            prefix, h = _read_frame_header(sock, prefix_buf, max_payload)
+            if prefix.type is not FrameType.DATA:
+                raise RemoteProtocolError(f"unexpected {prefix.type.name} frame on a data connection")
+            xid, off = h.get("x"), h.get("o")
+            if type(xid) is not int or type(off) is not int:
+                raise RemoteProtocolError("malformed DATA header")
+            n = prefix.payload_len
+            x = self._find_incoming(xid, bool(prefix.flags & FLAG_FROM_INITIATOR))
+            if x is None or x.sending or x.finished:
+                self._discard(sock, n)
+                continue
+            if off < 0 or off + n > x.plan.nbytes:
+                raise RemoteProtocolError(f"DATA [{off}, {off + n}) outside transfer {xid} of {x.plan.nbytes} B")
+            _recv_into_views(sock, x.side.views(off, off + n))
+            x.side.after_receive(off, off + n)
+            with self._lock:
+                x.received += n
+                complete = x.received >= x.plan.nbytes and not x.finished
+                if complete:
+                    x.finished = True
+            if complete:
+                self._complete_receive(x)
+
+    def _discard(self, sock: socket.socket, n: int) -> None:
+        while n:
+            k = min(n, _DISCARD.nbytes)
+            _recv_exact_into(sock, _DISCARD[:k])
+            n -= k
+
+    def _complete_receive(self, x: _Xfer) -> None:
+        x.finished = True
+        x.side.close()
+        if x.initiated_here:  # our read finished: done, and confirm to the peer
+            with self._lock:
+                self._mine.pop(x.xfer_id, None)
+            self._send_ctrl(FrameType.XFER_DONE, {"x": x.xfer_id, "m": False})
+            if x.handle is not None:
+                x.handle.set_done()
+        else:  # the peer's write landed: notify our user, then confirm
+            with self._lock:
+                self._theirs.pop(x.xfer_id, None)
+            if x.notify is not None:
+                self.backend.local.deliver_notification(self.peer.name, x.notify)
+            self._send_ctrl(FrameType.XFER_DONE, {"x": x.xfer_id, "m": True})
+
+    def send_notification(self, payload: bytes) -> None:
+        self._send_ctrl(FrameType.NOTIFY, {"n": payload})
+
+
+# --------------------------------------------------------------------------------------------
+# the backend: listener, handshake, links
+# --------------------------------------------------------------------------------------------
+class TcpBackend(Backend):
+    """Moves plans over TCP sockets; serves peers that connect to its listening port."""
+
+    name = "tcp"
+
+    def __init__(self, local: LocalSide, listen: str, config: TcpConfig):
+        self.local = local
+        self.config = config
+        host, port = parse_host_port(listen)
+        self._lsock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=128)
+        self.host, self.port = self._lsock.getsockname()[:2]
+        self._links: set[TcpLink] = set()
+        self._pending_links: dict[str, TcpLink] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="kvxfer-tcp-accept", daemon=True)
+        self._accept_thread.start()
+
+    def endpoint(self) -> dict[str, Any]:
+        host = self.config.advertise or self.host
+        if host in ("0.0.0.0", "::"):
+            host = socket.gethostbyname(socket.gethostname())
+        return {"host": host, "port": self.port, "streams": self.config.streams}
+
+    def can_reach(self, peer: PeerMetadata) -> bool:
+        return "tcp" in peer.backends
+
+    # -- outgoing ----------------------------------------------------------------------------
+    def _open(self, peer: PeerMetadata, channel: int, timeout: float) -> socket.socket:
+        ep = peer.backends["tcp"]
+        host, port = ep.get("host"), ep.get("port")
+        if not isinstance(host, str) or type(port) is not int:
+            raise TransportError(f"peer {peer.name!r} advertises a malformed tcp endpoint")
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except TimeoutError:
+            raise TransferTimeoutError(f"connecting to {peer.name!r} at {host}:{port} timed out after {timeout} s") from None
+        except OSError as exc:
+            raise PeerLostError(f"cannot connect to {peer.name!r} at {host}:{port}: {exc}") from None
+        self._tune(sock)
+        me = self.local.local_metadata()
+        sock.sendall(encode_frame(FrameType.HELLO, {"session": me.session, "ch": channel, "meta": me.to_bytes()}))
+        prefix, h = _read_frame_header(sock, memoryview(bytearray(FRAME_PREFIX_SIZE)), 0)
+        if prefix.type is not FrameType.HELLO_ACK:
+            raise RemoteProtocolError(f"expected HELLO_ACK from {peer.name!r}, got {prefix.type.name}")
+        if h.get("ok") is not True:
+            sock.close()
+            raise TransportError(f"peer {peer.name!r} refused the connection: {h.get('m')}")
+        sock.settimeout(None)
+        return sock
+
+    def connect(self, peer: PeerMetadata, timeout: float) -> TcpLink:
+        ctrl = self._open(peer, 0, timeout)
+        link = TcpLink(self, peer, ctrl, initiator=True)
+        try:
+            for ch in range(1, self.config.streams + 1):
+                link.add_data_socket(self._open(peer, ch, timeout))
+        except BaseException:
+            link.close()
+            raise
+        with self._lock:
+            self._links.add(link)
+        link.start()
+        return link
+
+    def submit(self, link: BackendLink, req: TransferRequest, plan: TransferPlan, handle: TransferHandle) -> None:
+        assert isinstance(link, TcpLink)
+        link.submit(req, plan, handle)
+
+    # -- incoming ----------------------------------------------------------------------------
+    def _tune(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.config.socket_buffer:
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                sock.setsockopt(socket.SOL_SOCKET, opt, self.config.socket_buffer)
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                sock, addr = self._lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handshake, args=(sock, addr), name="kvxfer-tcp-hello", daemon=True).start()
+
+    def _handshake(self, sock: socket.socket, addr: Any) -> None:
+        try:
+            sock.settimeout(self.config.handshake_timeout)
+            self._tune(sock)
+            prefix, h = _read_frame_header(sock, memoryview(bytearray(FRAME_PREFIX_SIZE)), 0)
+            if prefix.type is not FrameType.HELLO:
+                raise RemoteProtocolError(f"expected HELLO, got {prefix.type.name}")
+            session, ch, meta = h.get("session"), h.get("ch"), h.get("meta")
+            if not isinstance(session, str) or type(ch) is not int or not isinstance(meta, bytes):
+                raise RemoteProtocolError("malformed HELLO")
+            if not 0 <= ch <= 64:
+                raise RemoteProtocolError(f"HELLO names data channel {ch}; at most 64 are allowed")
+            peer = PeerMetadata.from_bytes(meta)
+            sock.settimeout(None)
+            with self._lock:
+                if ch == 0:
+                    link = TcpLink(self, peer, sock, initiator=False)
+                    self._pending_links[session] = link
+                    self._links.add(link)
+                else:
+                    link = self._pending_links.get(session)
+            if link is None:
+                raise RemoteProtocolError(f"data connection for unknown session {session!r}")
+            sock.sendall(encode_frame(FrameType.HELLO_ACK, {"ok": True}))
+            if ch == 0:
+                link.start()
+            else:
+                link.add_data_socket(sock)
+        except (ProtocolError, OSError, TimeoutError) as exc:
+            log.warning("dropping connection from %s: %s", addr, exc)
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _forget(self, link: TcpLink) -> None:
+        with self._lock:
+            self._links.discard(link)
+            for k, v in list(self._pending_links.items()):
+                if v is link:
+                    del self._pending_links[k]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._lsock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._lsock.close()
+        with self._lock:
+            links = list(self._links)
+        for link in links:
+            link.close(PeerLostError("connector closed"), goodbye=True)
