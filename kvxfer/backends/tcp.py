@@ -289,6 +289,8 @@ class TcpLink(BackendLink):
         self._send_ctrl(FrameType.XFER_REQUEST, request_to_wire(req))
         if x.sending:
             self._enqueue_stream(x)
+        elif plan.nbytes == 0:
+            self._complete_receive(x)
 
     def _on_handle_done(self, x: _Xfer, h: TransferHandle) -> None:
         if h.exception() is not None and not x.finished:
@@ -555,7 +557,7 @@ class TcpBackend(Backend):
                 link.start()
             else:
                 link.add_data_socket(sock)
-        except (ProtocolError, OSError, TimeoutError) as exc:
+        except (KvxferError, OSError, TimeoutError) as exc:
             log.warning("dropping connection from %s: %s", addr, exc)
             try:
                 sock.close()

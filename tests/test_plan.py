@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from kvxfer import BlockIdError, KVLayout, LayoutMismatchError, plan_transfer
+from kvxfer._memory import host_bytes
+from kvxfer.ops import reference
+from kvpeers import KINDS, LayoutSpec, block_bytes
+
+
+def _views(layout):
+    return [host_bytes(int(a), t.span) for a, t in zip(layout.addrs, layout.geometry.tensors)]
+
+
+def test_adjacent_runs_on_both_sides_coalesce():
+    t = np.zeros((2, 32, 64), np.uint8)
+    g = KVLayout.from_tensors([t], block_dim=1).geometry
+    p = plan_transfer(g, g, [1, 2, 3, 9, 10], [20, 21, 22, 5, 7])
+    # runs: (1..3 -> 20..22), (9 -> 5), (10 -> 7); K and V rows in one two-level job each
+    assert p.jobs["src_run"].tolist() == [192, 64, 64]
+    assert p.jobs["src_count"].tolist() == [2, 2, 2]
+    assert p.nbytes == 5 * 2 * 64
+
+
+def test_no_coalescing_when_blocks_are_not_back_to_back():
+    tensors, bd = LayoutSpec("vllm_shared", 8).build(0)
+    g = KVLayout.from_tensors(tensors, block_dim=bd).geometry
+    p = plan_transfer(g, g, [1, 2], [3, 4])
+    assert len(p.jobs) == 2 * 2  # per block, per layer
+
+
+@pytest.mark.parametrize("src,dst,match", [
+    ([0, 1], [0], "equal length"),
+    ([0, 99], [0, 1], "source block ids out of range"),
+    ([0, 1], [-1, 1], "destination block ids out of range"),
+    ([0, 1], [3, 3], "duplicates"),
+    ([[0]], [[1]], "1-D"),
+    ([0.5], [1], "integers"),
+])
+def test_bad_block_lists(src, dst, match):
+    g = KVLayout.from_tensors([np.zeros((8, 4), np.uint8)]).geometry
+    with pytest.raises(BlockIdError, match=match):
+        plan_transfer(g, g, src, dst)
+
+
+def test_mismatched_layouts_refused():
+    a = KVLayout.from_tensors([np.zeros((8, 4), np.uint8)]).geometry
+    b = KVLayout.from_tensors([np.zeros((8, 8), np.uint8)]).geometry
+    with pytest.raises(LayoutMismatchError):
+        plan_transfer(a, b, [0], [0])
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if not k.startswith("torch")])
+def test_reference_copy_matches_numpy_take(kind):
+    rng = np.random.default_rng(7)
+    src_t, bd = LayoutSpec(kind, 16, layers=3).build(1)
+    dst_t, _ = LayoutSpec(kind, 24, layers=3).build(2)
+    src, dst = KVLayout.from_tensors(src_t, block_dim=bd), KVLayout.from_tensors(dst_t, block_dim=bd)
+    s = rng.choice(16, 9, replace=False)
+    d = rng.choice(24, 9, replace=False)
+    untouched = np.setdiff1d(np.arange(24), d)
+    before = block_bytes(dst_t, bd, untouched)
+    layers = np.array([0, 2])
+    plan = plan_transfer(src.geometry, dst.geometry, s, d, layers)
+    reference.copy_blocks(plan, _views(src), _views(dst))
+    assert block_bytes(dst_t, bd, d, [0, 2]) == block_bytes(src_t, bd, s, [0, 2])
+    assert block_bytes(dst_t, bd, untouched) == before
+    buf = reference.gather(plan, _views(src))
+    assert buf.nbytes == plan.nbytes == 9 * 2 * src.geometry.tensors[0].block_nbytes
+
+
+def test_empty_plan():
+    g = KVLayout.from_tensors([np.zeros((8, 4), np.uint8)]).geometry
+    p = plan_transfer(g, g, [], [])
+    assert p.nbytes == 0 and len(p.jobs) == 0

@@ -1,0 +1,64 @@
+import msgpack
+import numpy as np
+import pytest
+
+from kvxfer import RemoteProtocolError
+from kvxfer.backends.tcp import request_from_wire, request_to_wire
+from kvxfer.backends.base import TransferRequest
+from kvxfer.handle import Op
+from kvxfer.metadata import PeerMetadata
+from kvxfer.protocol import FRAME_PREFIX_SIZE, FrameReader, FrameType, encode_frame, parse_prefix
+
+
+def test_frames_round_trip_in_memory_in_any_split():
+    stream = encode_frame(FrameType.NOTIFY, {"n": b"hello"}) + encode_frame(FrameType.DATA, {"x": 1, "o": 0}, 3) + b"abc"
+    for cut in range(1, len(stream)):
+        r = FrameReader()
+        r.feed(stream[:cut])
+        got = []
+        while (f := r.next_frame()) is not None:
+            got.append(f)
+        r.feed(stream[cut:])
+        while (f := r.next_frame()) is not None:
+            got.append(f)
+        assert [(f.type, f.header, f.payload) for f in got] == [
+            (FrameType.NOTIFY, {"n": b"hello"}, b""),
+            (FrameType.DATA, {"x": 1, "o": 0}, b"abc"),
+        ]
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda b: b"XXXX" + b[4:], "magic"),
+    (lambda b: b[:4] + bytes([9]) + b[5:], "version"),
+    (lambda b: b[:5] + bytes([200]) + b[6:], "unknown frame type"),
+    (lambda b: b[:8] + (1 << 30).to_bytes(4, "big") + b[12:], "header"),
+    (lambda b: b[:12] + (1 << 40).to_bytes(8, "big") + b[20:], "payload"),
+])
+def test_bad_prefixes_refused(mutate, match):
+    good = encode_frame(FrameType.DATA, {"x": 1}, 10)[:FRAME_PREFIX_SIZE]
+    with pytest.raises(RemoteProtocolError, match=match):
+        parse_prefix(mutate(good))
+
+
+def test_header_must_be_a_map():
+    r = FrameReader()
+    body = msgpack.packb([1, 2])
+    r.feed(encode_frame(FrameType.NOTIFY, {})[:8] + len(body).to_bytes(4, "big") + (0).to_bytes(8, "big") + body)
+    with pytest.raises(RemoteProtocolError, match="map"):
+        r.next_frame()
+
+
+def test_transfer_request_round_trip_and_validation():
+    req = TransferRequest(5, Op.READ, np.array([1, 2]), np.array([3, 4]), np.array([0]), b"n")
+    back = request_from_wire(request_to_wire(req))
+    assert back.xfer_id == 5 and back.op is Op.READ and back.src_blocks.tolist() == [1, 2]
+    assert back.layers.tolist() == [0] and back.notify == b"n"
+    for bad in ({}, {**request_to_wire(req), "op": "x"}, {**request_to_wire(req), "s": b"123"}):
+        with pytest.raises(RemoteProtocolError):
+            request_from_wire(bad)
+
+
+@pytest.mark.parametrize("blob", [b"", b"\xc1", msgpack.packb({"v": 1}), msgpack.packb([1]), msgpack.packb({"v": 7})])
+def test_malformed_metadata(blob):
+    with pytest.raises(RemoteProtocolError):
+        PeerMetadata.from_bytes(blob)
