@@ -1,0 +1,385 @@
+"""RequestAgent: a Connector's requests matched through the registry (pull and push mode).
+
+Layer: registry, above the Connector's read/write. The Connector holds one agent and forwards
+``publish``/``pull``/``expect``/``push`` to it. Every method that returns a
+:class:`TransferHandle` returns at once; waiting for the other side happens on the registry
+client's event loop, blocking Connector calls (connect, submitting a transfer) on a small
+thread pool, so the caller's thread never blocks and every wait has a timeout.
+
+* Pull: the producer publishes; the consumer's ``pull`` claims the publication (exactly once),
+  connects to the producer from its directory metadata, reads the blocks, then completes the
+  request in the registry, which tells the producer (``finished()``).
+* Push: the consumer's ``expect`` names its blocks; the producer's ``push`` (once per layer
+  group, ``last=True`` on the final one) takes the expectation, writes those layers, and after
+  the last write completes its side; the consumer is told DELIVERED, confirms, and the producer
+  is told CONSUMED.
+* A party that is lost (lease expired), a TTL that runs out, a cancellation: every handle on
+  that request fails with :class:`RequestFailedError` naming the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import KvxferError, RegistryError, TransferTimeoutError
+from ..handle import Op, TransferHandle
+from .base import DEFAULT_LEASE_S, AsyncRegistry, LinkState
+from .client import RegistryClient
+from .errors import RequestFailedError, UnknownRequestError
+from .messages import EventKind, RequestEvent, Role
+
+__all__ = ["RequestAgent", "FinishedRequest"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedRequest:
+    """A request this connector produced has ended: its blocks may be freed."""
+
+    request_id: str
+    kind: EventKind
+    reason: str
+
+
+@dataclass(slots=True)
+class _Publication:
+    blocks: tuple[int, ...]
+    ttl_s: float
+
+
+class _PushState:
+    __slots__ = ("expectation", "handles", "last_seen", "failed")
+
+    def __init__(self, expectation: asyncio.Future):
+        self.expectation = expectation
+        self.handles: list[TransferHandle] = []
+        self.last_seen = False
+        self.failed = False
+
+
+class RequestAgent:
+    """Publish/pull/expect/push for one Connector through the registry at ``registry_url``.
+
+    Raises (constructor): ConfigError (bad URL), RegistryAuthError, RegistryUnavailableError,
+    NameTakenError (another live connector holds this connector's name).
+    """
+
+    def __init__(self, connector: Any, registry_url: str, token: str | None = None, *,
+                 lease_s: float = DEFAULT_LEASE_S, workers: int = 4):
+        self._connector = connector
+        self._client = RegistryClient(registry_url, token=token, name=connector.name)
+        self._impl: AsyncRegistry = self._client.impl
+        self._lease_s = lease_s
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"kvxfer-agent-{connector.name}")
+        self._lock = threading.Lock()
+        self._connect_lock = threading.Lock()
+        self._registered_meta: bytes | None = None
+        self._finished: queue.SimpleQueue[FinishedRequest] = queue.SimpleQueue()
+        self._published: dict[str, _Publication] = {}
+        self._waiting: dict[str, TransferHandle] = {}     # consumer handles, by request id
+        self._pushes: dict[str, _PushState] = {}          # producer push state (loop thread only)
+        self._peers: dict[tuple[str, bytes], Any] = {}
+        self._closed = False
+        self._client.add_event_listener(self._on_event)
+        self._client.add_link_listener(self._on_link)
+        try:
+            self._ensure_registered()
+        except BaseException:
+            self._client.close()
+            self._pool.shutdown(wait=False)
+            raise
+
+    # -- directory ----------------------------------------------------------------------
+    def _ensure_registered(self) -> None:
+        meta = self._connector.metadata()
+        if meta != self._registered_meta:
+            self._client.register(meta, self._lease_s)
+            self._registered_meta = meta
+
+    # -- producer, pull mode ------------------------------------------------------------
+    def publish(self, request_id: str, blocks: Sequence[int], *, ttl: float = 60.0) -> None:
+        """Announce that ``request_id``'s KV sits in ``blocks`` for ``ttl`` seconds.
+
+        Raises: DuplicateRequestError, InvalidRequestError, RegistryUnavailableError.
+        """
+        self._ensure_registered()
+        ids = tuple(int(b) for b in np.asarray(blocks, dtype=np.int64).ravel())
+        self._client.publish(request_id, ids, ttl)
+        with self._lock:
+            self._published[request_id] = _Publication(ids, ttl)
+
+    def finished(self) -> list[FinishedRequest]:
+        """Requests this connector produced that ended since the last call (never blocks)."""
+        out = []
+        while True:
+            try:
+                out.append(self._finished.get_nowait())
+            except queue.Empty:
+                return out
+
+    def wait_finished(self, timeout: float) -> FinishedRequest:
+        """The next finished request, waiting up to ``timeout`` s. Raises TransferTimeoutError."""
+        try:
+            return self._finished.get(timeout=timeout)
+        except queue.Empty:
+            raise TransferTimeoutError(f"no request finished within {timeout} s") from None
+
+    # -- consumer, pull mode ------------------------------------------------------------
+    def pull(self, request_id: str, dst_blocks: Sequence[int], *, timeout: float = 60.0) -> TransferHandle:
+        """Wait (in the background) for ``request_id``'s publication, read it into ``dst_blocks``.
+
+        Returns a handle at once. It fails with RegistryTimeoutError (not published in time),
+        AlreadyClaimedError (another consumer won), RequestFailedError (producer lost, request
+        expired or cancelled), or the transfer's own error.
+        """
+        self._ensure_registered()
+        dst = np.asarray(dst_blocks, dtype=np.int64).ravel()
+        handle = self._new_handle(Op.READ, dst)
+        with self._lock:
+            self._waiting[request_id] = handle
+        handle.add_done_callback(lambda h: self._forget_waiting(request_id, h))
+        self._client.submit(lambda impl: self._pull_task(impl, request_id, dst, timeout, handle))
+        return handle
+
+    async def _pull_task(self, impl: AsyncRegistry, rid: str, dst: np.ndarray, timeout: float,
+                         handle: TransferHandle) -> None:
+        claimed = False
+        try:
+            claim = await impl.pull(rid, timeout)
+            claimed = True
+            if handle.done():  # failed meanwhile (cancel, close)
+                await self._complete(impl, rid, False, "consumer gave up")
+                return
+            if len(claim.blocks) != len(dst):
+                raise RequestFailedError(f"request {rid!r}: producer published {len(claim.blocks)} blocks, "
+                                         f"consumer asked for {len(dst)}")
+            handle.peer_name = claim.producer
+            peer = await self._in_pool(self._peer, claim.producer, claim.metadata)
+            inner = await self._in_pool(self._connector.read, peer, list(claim.blocks), dst)
+            handle.backend = inner.backend
+            loop = asyncio.get_running_loop()
+            inner.add_done_callback(lambda h: loop.call_soon_threadsafe(self._spawn_finish, impl, rid, h, handle))
+        except Exception as exc:
+            if not isinstance(exc, KvxferError):  # a bug must still fail the handle rather than hang it
+                log.exception("pull of %r failed", rid)
+                exc = RequestFailedError(f"pull of {rid!r} failed: {type(exc).__name__}: {exc}")
+            if claimed:
+                await self._complete(impl, rid, False, f"{type(exc).__name__}: {exc}")
+            handle.set_failed(exc)
+
+    def _spawn_finish(self, impl: AsyncRegistry, rid: str, inner: TransferHandle, outer: TransferHandle) -> None:
+        asyncio.get_running_loop().create_task(self._finish_read(impl, rid, inner, outer))
+
+    async def _finish_read(self, impl: AsyncRegistry, rid: str, inner: TransferHandle, outer: TransferHandle) -> None:
+        exc = inner.exception()
+        if exc is None:
+            await self._complete(impl, rid, True, "")
+            outer.set_done()
+        else:
+            await self._complete(impl, rid, False, f"{type(exc).__name__}: {exc}")
+            outer.set_failed(exc)
+
+    # -- consumer, push mode ------------------------------------------------------------
+    def expect(self, request_id: str, dst_blocks: Sequence[int], *, timeout: float = 60.0) -> TransferHandle:
+        """Ask the producer to write ``request_id`` into ``dst_blocks`` within ``timeout`` s.
+
+        Returns a handle at once; it is done when the producer wrote every layer (and this side
+        confirmed), and fails with RequestFailedError (expired, cancelled, producer lost) or the
+        registry's refusal (DuplicateRequestError ...).
+        """
+        self._ensure_registered()
+        dst = np.asarray(dst_blocks, dtype=np.int64).ravel()
+        handle = self._new_handle(Op.READ, dst)
+        with self._lock:
+            self._waiting[request_id] = handle
+        handle.add_done_callback(lambda h: self._forget_waiting(request_id, h))
+
+        async def run(impl: AsyncRegistry) -> None:
+            try:
+                await impl.expect(request_id, [int(b) for b in dst], timeout)
+            except KvxferError as exc:
+                handle.set_failed(exc)
+        self._client.submit(run)
+        return handle
+
+    # -- producer, push mode ------------------------------------------------------------
+    def push(self, request_id: str, src_blocks: Sequence[int], *, layers: Sequence[int | str] | None = None,
+             last: bool = True, timeout: float = 60.0) -> TransferHandle:
+        """Write ``layers`` (default: all) of ``src_blocks`` into the expecting consumer's blocks.
+
+        Call once per layer group; ``last=True`` on the final call completes the producer's side
+        once every write of the request is done. Returns a handle at once; it fails with
+        RegistryTimeoutError (nobody expects the request within ``timeout``), AlreadyClaimedError,
+        RequestFailedError, or the transfer's own error.
+        """
+        self._ensure_registered()
+        src = np.asarray(src_blocks, dtype=np.int64).ravel()
+        handle = self._new_handle(Op.WRITE, src)
+        lay = None if layers is None else list(layers)
+        self._client.submit(lambda impl: self._push_task(impl, request_id, src, lay, last, timeout, handle))
+        return handle
+
+    async def _push_task(self, impl: AsyncRegistry, rid: str, src: np.ndarray, layers: list | None, last: bool,
+                         timeout: float, handle: TransferHandle) -> None:
+        state = self._pushes.get(rid)
+        if state is None:
+            fut = asyncio.ensure_future(impl.await_expect(rid, timeout))
+            state = self._pushes[rid] = _PushState(fut)
+        state.handles.append(handle)
+        state.last_seen = state.last_seen or last
+        taken = False
+        try:
+            exp = await asyncio.shield(state.expectation)
+            taken = True
+            if len(exp.dst_blocks) != len(src):
+                raise RequestFailedError(f"request {rid!r}: consumer expects {len(exp.dst_blocks)} blocks, "
+                                         f"producer pushes {len(src)}")
+            handle.peer_name = exp.consumer
+            peer = await self._in_pool(self._peer, exp.consumer, exp.metadata)
+            inner = await self._in_pool(self._connector.write, peer, src, list(exp.dst_blocks), layers=layers)
+            handle.backend = inner.backend
+            loop = asyncio.get_running_loop()
+            inner.add_done_callback(lambda h: loop.call_soon_threadsafe(self._on_write_done, impl, rid, h, handle))
+        except Exception as exc:
+            if not isinstance(exc, KvxferError):
+                log.exception("push of %r failed", rid)
+                exc = RequestFailedError(f"push of {rid!r} failed: {type(exc).__name__}: {exc}")
+            await self._fail_push(impl, rid, exc, registry_knows=not taken)
+
+    def _on_write_done(self, impl: AsyncRegistry, rid: str, inner: TransferHandle, outer: TransferHandle) -> None:
+        exc = inner.exception()
+        loop = asyncio.get_running_loop()
+        if exc is not None:
+            loop.create_task(self._fail_push(impl, rid, exc, registry_knows=False))
+            return
+        outer.set_done()
+        state = self._pushes.get(rid)
+        if state is not None and state.last_seen and all(h.done() and h.exception() is None for h in state.handles):
+            del self._pushes[rid]
+            loop.create_task(self._complete(impl, rid, True, ""))
+
+    async def _fail_push(self, impl: AsyncRegistry, rid: str, exc: KvxferError, *, registry_knows: bool) -> None:
+        state = self._pushes.pop(rid, None)
+        if not registry_knows:
+            await self._complete(impl, rid, False, f"{type(exc).__name__}: {exc}")
+        for h in state.handles if state is not None else ():
+            h.set_failed(exc)
+
+    # -- both ---------------------------------------------------------------------------
+    def cancel(self, request_id: str, reason: str = "cancelled by the caller") -> None:
+        """Cancel a request this connector is a party of; its handles here fail.
+
+        Raises: UnknownRequestError, NotAPartyError, RegistryUnavailableError.
+        """
+        with self._lock:
+            self._published.pop(request_id, None)
+            handle = self._waiting.pop(request_id, None)
+        try:
+            self._client.cancel(request_id, reason)
+        finally:
+            if handle is not None:
+                handle.set_failed(RequestFailedError(f"request {request_id!r} cancelled here: {reason}"))
+
+    def close(self) -> None:
+        """Fail pending handles, unregister, stop the client (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            waiting, self._waiting = dict(self._waiting), {}
+        for rid, h in waiting.items():
+            h.set_failed(RequestFailedError(f"request {rid!r}: connector {self._connector.name!r} closed"))
+        self._client.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- internals ----------------------------------------------------------------------
+    def _new_handle(self, op: Op, blocks: np.ndarray) -> TransferHandle:
+        layout = getattr(self._connector, "layout", None)
+        nbytes = int(len(blocks) * layout.block_nbytes) if layout is not None else 0
+        return TransferHandle(op, "?", nbytes, "registry", blocks)
+
+    def _forget_waiting(self, rid: str, handle: TransferHandle) -> None:
+        with self._lock:
+            if self._waiting.get(rid) is handle:
+                del self._waiting[rid]
+
+    async def _in_pool(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    def _peer(self, name: str, metadata: bytes) -> Any:
+        # One connect at a time: concurrent connects to one peer (several layer groups pushed
+        # at once) would open parallel links, and a transfer on a replaced link never finishes.
+        key = (name, metadata)
+        with self._connect_lock:
+            peer = self._peers.get(key)
+            if peer is None or peer.closed:
+                peer = self._connector.connect(metadata)
+                self._peers[key] = peer
+            return peer
+
+    async def _complete(self, impl: AsyncRegistry, rid: str, ok: bool, reason: str) -> None:
+        try:
+            await impl.complete(rid, ok, reason)
+        except UnknownRequestError:
+            pass  # already ended (expired, cancelled, or a party was lost): the event says why
+        except RegistryError as exc:
+            log.warning("kvxfer agent %s: could not report %r %s: %s", self._connector.name, rid,
+                        "done" if ok else "failed", exc)
+
+    def _on_event(self, event: RequestEvent) -> None:
+        """Runs on the registry client's loop thread."""
+        rid = event.request_id
+        if event.role is Role.PRODUCER:
+            if event.kind.is_final:
+                with self._lock:
+                    self._published.pop(rid, None)
+                self._finished.put(FinishedRequest(rid, event.kind, event.reason))
+                state = self._pushes.pop(rid, None)
+                if state is not None and event.kind is not EventKind.CONSUMED:
+                    for h in state.handles:
+                        h.set_failed(RequestFailedError(event.reason))
+            return
+        with self._lock:
+            handle = self._waiting.get(rid)
+        if handle is None:
+            return
+        if event.kind is EventKind.DELIVERED:
+            asyncio.get_running_loop().create_task(self._confirm(rid, handle))
+        elif event.kind is not EventKind.CONSUMED:
+            handle.set_failed(RequestFailedError(event.reason))
+
+    async def _confirm(self, rid: str, handle: TransferHandle) -> None:
+        await self._complete(self._impl, rid, True, "")
+        handle.set_done()
+
+    def _on_link(self, state: LinkState) -> None:
+        """After a reconnect, publish again what the registry may have lost (it restarted)."""
+        if state is not LinkState.RECONNECTED:
+            return
+        with self._lock:
+            pubs = dict(self._published)
+        if pubs:
+            asyncio.get_running_loop().create_task(self._republish(pubs))
+
+    async def _republish(self, pubs: dict[str, _Publication]) -> None:
+        for rid, pub in pubs.items():
+            try:
+                await self._impl.query(rid)
+            except UnknownRequestError:
+                try:
+                    await self._impl.publish(rid, pub.blocks, pub.ttl_s)
+                    log.info("kvxfer agent %s: published %r again after reconnecting", self._connector.name, rid)
+                except RegistryError as exc:
+                    log.warning("kvxfer agent %s: could not publish %r again: %s", self._connector.name, rid, exc)
+            except RegistryError:
+                pass
