@@ -1,0 +1,214 @@
+"""Gather / scatter bandwidth of kvxfer's one-launch kernel on the standard workloads.
+
+For every workload of BENCHMARKS.md, in the same run on the same card: a device-to-device copy of
+the same number of bytes (the ceiling), ``torch.index_select`` per layer (the baseline), and
+kvxfer's gather and scatter (jobs prepared on the GPU, then launched). Times are CUDA-event
+medians over >= 10 samples after warm-up; each sample replays a CUDA graph of ``reps`` calls,
+so small transfers are not measured as Python launch overhead (for ``small`` the repeated
+2 MiB stays in L2 for every contender alike). Also reported: host time to prepare jobs, and the
+wall time of a one-shot ``gather()`` (resolve + upload + launch + sync).
+
+Usage: python bench/bench_pack.py [OUT_JSON] [--commit SHA] [--workloads a,b] [--variants]
+Writes JSON to OUT_JSON, else $OUT/pack_<card>_<date>.json, else the current directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvxfer.layout import KVLayout  # noqa: E402
+from kvxfer.ops import cuda as ops  # noqa: E402
+from kvxfer.ops._loader import KernelSpec  # noqa: E402
+from kvxfer.ops.workloads import STANDARD  # noqa: E402
+from kvxfer.plan import plan_transfer  # noqa: E402
+
+SAMPLES = 15
+WARMUP = 3
+
+VARIANTS = {
+    "default": ops.KERNEL,
+    "streaming": KernelSpec("kv_copy.cu", "kv_copy_jobs", (("KVX_STREAMING", 1),)),
+    "mb4": KernelSpec("kv_copy.cu", "kv_copy_jobs", (("KVX_MIN_BLOCKS", 4),)),
+    "u8mb2": KernelSpec("kv_copy.cu", "kv_copy_jobs", (("KVX_UNROLL", 8), ("KVX_MIN_BLOCKS", 2))),
+    "t512": KernelSpec("kv_copy.cu", "kv_copy_jobs", (("KVX_THREADS", 512), ("KVX_MIN_BLOCKS", 2))),
+}
+
+
+def cuda_ms(fn, reps: int) -> float:
+    """Median milliseconds per call of ``fn`` (graph of ``reps`` calls, CUDA events)."""
+    for _ in range(WARMUP):
+        fn()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        fn()
+        with torch.cuda.graph(graph, stream=side):
+            for _ in range(reps):
+                fn()
+    torch.cuda.synchronize()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(SAMPLES):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    del graph
+    return statistics.median(times)
+
+
+def wall_ms(fn, n: int = 7) -> float:
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)
+
+
+def gbps(nbytes: int, ms: float) -> float:
+    return round(nbytes / (ms * 1e-3) / 1e9, 1)
+
+
+def run_workload(wl, variants: dict[str, KernelSpec]) -> dict:
+    src = []
+    for _ in range(wl.layers):
+        t = torch.empty(wl.shape, dtype=torch.bfloat16, device="cuda")
+        t.view(torch.uint8).random_(0, 256)
+        src.append(t)
+    dst = [torch.empty_like(t) for t in src]
+    layout = KVLayout.from_tensors(src, block_dim=wl.block_dim)
+    dlayout = KVLayout.from_tensors(dst, block_dim=wl.block_dim)
+    sb, db = wl.block_ids()
+    t0 = time.perf_counter()
+    plan = plan_transfer(layout.geometry, dlayout.geometry, sb, db)
+    plan_ms = (time.perf_counter() - t0) * 1e3
+    n = plan.nbytes
+    assert n == wl.nbytes, (n, wl.nbytes)
+    reps = max(1, min(100, (512 << 20) // n))
+    out = torch.empty(n, dtype=torch.uint8, device="cuda")
+    buf = torch.empty(n, dtype=torch.uint8, device="cuda")
+    buf.random_(0, 256)
+    res: dict = {"bytes": n, "jobs": int(plan.jobs.size), "reps_per_sample": reps, "plan_ms": round(plan_ms, 2)}
+
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 256)
+    b = torch.empty_like(a)
+    res["device_copy_GBps"] = gbps(n, cuda_ms(lambda: b.copy_(a), reps))
+    del a, b
+
+    sel = torch.as_tensor(sb, device="cuda")
+    isel = torch.empty((wl.layers,) + tuple(len(sb) if i == wl.block_dim else s for i, s in enumerate(wl.shape)),
+                       dtype=torch.bfloat16, device="cuda")
+
+    def index_select():
+        for layer in range(wl.layers):
+            torch.index_select(src[layer], wl.block_dim, sel, out=isel[layer])
+
+    res["index_select_GBps"] = gbps(n, cuda_ms(index_select, reps))
+
+    for vname, spec in variants.items():
+        t0 = time.perf_counter()
+        g = ops.prepare_gather(plan, layout, out, spec=spec)
+        prep_ms = (time.perf_counter() - t0) * 1e3
+        s = ops.prepare_scatter(plan, buf, dlayout, spec=spec)
+        g_ms = cuda_ms(lambda: g.launch(torch.cuda.current_stream()), reps)
+        s_ms = cuda_ms(lambda: s.launch(torch.cuda.current_stream()), reps)
+        res[f"{vname}"] = {"gather_GBps": gbps(n, g_ms), "scatter_GBps": gbps(n, s_ms), "ctas": g.ctas,
+                           "prepare_ms": round(prep_ms, 2)}
+        if vname == "default":
+            # sanity: the gather equals index_select's bytes (stream order: per layer, block, K/V)
+            out.zero_()
+            g.launch(torch.cuda.current_stream())
+            torch.cuda.synchronize()
+            index_select()
+            if len(wl.shape) == 5:
+                want = isel.view(wl.layers, 2, len(sb), -1).transpose(1, 2).reshape(-1)
+            else:
+                want = isel.reshape(-1)
+            res["gather_matches_index_select"] = bool(torch.equal(out.view(torch.int16), want.view(torch.int16)))
+            res["oneshot_gather_wall_ms"] = round(wall_ms(lambda: ops.gather(plan, layout, out)), 3)
+        g.close()
+        s.close()
+    d = res["default"]
+    res["gather_vs_device_copy"] = round(d["gather_GBps"] / res["device_copy_GBps"], 3)
+    res["scatter_vs_device_copy"] = round(d["scatter_GBps"] / res["device_copy_GBps"], 3)
+    res["gather_vs_index_select"] = round(d["gather_GBps"] / res["index_select_GBps"], 2)
+    del src, dst, out, buf, isel
+    torch.cuda.empty_cache()
+    return res
+
+
+def _commit(arg: str | None) -> str:
+    if arg:
+        return arg
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", nargs="?", help="JSON path (default $OUT/pack_<card>_<date>.json)")
+    ap.add_argument("--commit")
+    ap.add_argument("--workloads", default=",".join(w.name for w in STANDARD))
+    ap.add_argument("--variants", action="store_true", help="also time kernel build variants")
+    args = ap.parse_args(argv)
+    card = torch.cuda.get_device_name()
+    date = _dt.date.today().isoformat()
+    variants = VARIANTS if args.variants else {"default": VARIANTS["default"]}
+    results = {
+        "card": card,
+        "date": date,
+        "commit": _commit(args.commit),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "torch": torch.__version__,
+        "cupy": __import__("cupy").__version__,
+        "python": platform.python_version(),
+        "samples": SAMPLES,
+        "workloads": {},
+    }
+    names = args.workloads.split(",")
+    for wl in STANDARD:
+        if wl.name in names:
+            results["workloads"][wl.name] = run_workload(wl, variants)
+            print(wl.name, json.dumps(results["workloads"][wl.name]), flush=True)
+    slug = card.replace("NVIDIA ", "").replace(" ", "-").lower()
+    path = Path(args.out) if args.out else Path(os.environ.get("OUT", ".")) / f"pack_{slug}_{date}.json"
+    path.write_text(json.dumps(results, indent=1))
+    print(f"\n{card}, {date}, GB/s of payload (gather/scatter: default kernel)")
+    print(f"{'workload':14} {'dcopy':>7} {'isel':>7} {'gather':>7} {'scatter':>7} {'g/dc':>6} {'s/dc':>6} {'g/isel':>6}")
+    for name, r in results["workloads"].items():
+        d = r["default"]
+        print(f"{name:14} {r['device_copy_GBps']:7.0f} {r['index_select_GBps']:7.0f} {d['gather_GBps']:7.0f} "
+              f"{d['scatter_GBps']:7.0f} {r['gather_vs_device_copy']:6.2f} {r['scatter_vs_device_copy']:6.2f} "
+              f"{r['gather_vs_index_select']:6.1f}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

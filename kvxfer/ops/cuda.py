@@ -1,0 +1,429 @@
+"""CUDA copy operations over plans: gather, scatter and block-to-block copy in one kernel launch.
+
+Layer: ops. Wraps ``csrc/kv_copy.cu`` (built by :mod:`kvxfer.ops._loader`). Jobs are resolved
+on the host (:mod:`kvxfer.ops.jobs`), uploaded through pinned staging with an asynchronous copy
+on the launch stream, and copied by one launch. Tensors and buffers may be raw device
+addresses (ints), torch tensors or cupy arrays; the launch goes to the caller's stream: an
+explicit ``stream`` (int handle, torch or cupy stream), else torch's current stream when any
+argument is a torch tensor, else cupy's current stream.
+
+Two ways to run:
+
+- :func:`copy_jobs`, :func:`gather`, :func:`scatter`, :func:`copy_blocks`: resolve, upload and
+  launch in one call (no host synchronisation except when every pinned staging buffer is still
+  being read by an earlier copy).
+- :func:`prepare` (and :func:`prepare_gather` / :func:`prepare_scatter`): resolve and upload
+  once into a :class:`PreparedCopy`, then :meth:`PreparedCopy.launch` as often as wanted; a
+  launch allocates nothing and never synchronises, so it can be captured in a CUDA graph.
+
+Importing this module imports neither cupy nor torch.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, LayoutError, TransportError
+from ..plan import TransferPlan
+from . import jobs as _jobs
+from ._loader import KernelSpec, get_kernel
+
+__all__ = [
+    "KERNEL",
+    "PreparedCopy",
+    "prepare",
+    "prepare_gather",
+    "prepare_scatter",
+    "copy_jobs",
+    "gather",
+    "scatter",
+    "copy_blocks",
+]
+
+KERNEL = KernelSpec("kv_copy.cu", "kv_copy_jobs")
+_MIN_CTA_BYTES = 8192  # below this per CTA, launch fewer CTAs
+_STAGING_SLOTS = 4
+_H2D = 1  # cudaMemcpyHostToDevice
+
+
+def _cupy() -> Any:
+    try:
+        import cupy
+    except ImportError as exc:
+        raise BackendUnavailableError(f"CUDA ops need CuPy (pip install cupy-cuda13x): {exc}") from None
+    return cupy
+
+
+# -- arguments -------------------------------------------------------------------------------
+
+def _is_torch(x: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _is_cupy(x: Any) -> bool:
+    cupy = sys.modules.get("cupy")
+    return cupy is not None and isinstance(x, cupy.ndarray)
+
+
+def _addr(x: Any, what: str) -> int:
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if _is_torch(x):
+        if x.device.type != "cuda":
+            raise LayoutError(f"{what} is a torch tensor on {x.device}; CUDA ops need GPU memory")
+        return int(x.data_ptr())
+    if _is_cupy(x):
+        return int(x.data.ptr)
+    iface = getattr(x, "__cuda_array_interface__", None)
+    if iface is not None:
+        return int(iface["data"][0])
+    raise LayoutError(f"{what} must be a device address (int), a torch CUDA tensor or a cupy array; got {type(x).__name__}")
+
+
+def _nbytes(x: Any) -> int | None:
+    if _is_torch(x):
+        return int(x.numel() * x.element_size())
+    if _is_cupy(x):
+        return int(x.nbytes)
+    return None
+
+
+def _flatten_bases(bases: Any, what: str) -> tuple[list[int], list[Any]]:
+    """Base addresses from a KVLayout, one array/int, or a sequence of them; plus the objects seen."""
+    addrs = getattr(bases, "addrs", None)
+    if addrs is not None and hasattr(bases, "owners"):  # a KVLayout
+        return [int(a) for a in addrs], list(bases.owners)
+    if isinstance(bases, (int, np.integer)) or _is_torch(bases) or _is_cupy(bases):
+        return [_addr(bases, what)], [bases]
+    if isinstance(bases, np.ndarray):
+        return [int(a) for a in bases.ravel()], []
+    items = list(bases)
+    return [_addr(b, f"{what}[{i}]") for i, b in enumerate(items)], items
+
+
+def _device_of(objs: Sequence[Any], bases_sources: Sequence[Any], device: int | None) -> int:
+    if device is not None:
+        return int(device)
+    for src in bases_sources:
+        dev = getattr(src, "device", None)
+        if isinstance(dev, int) and hasattr(src, "owners") and dev >= 0:
+            return dev
+    for x in objs:
+        if _is_torch(x):
+            return int(x.device.index if x.device.index is not None else 0)
+        if _is_cupy(x):
+            return int(x.device.id)
+    return int(_cupy().cuda.runtime.getDevice())
+
+
+def _stream_ptr(stream: Any, objs: Sequence[Any], device: int) -> int:
+    if stream is not None:
+        if isinstance(stream, (int, np.integer)):
+            return int(stream)
+        for attr in ("cuda_stream", "ptr"):  # torch.cuda.Stream, cupy Stream
+            if hasattr(stream, attr):
+                return int(getattr(stream, attr))
+        raise LayoutError(f"stream must be an int handle, a torch or a cupy stream; got {type(stream).__name__}")
+    if any(_is_torch(x) for x in objs):
+        torch = sys.modules["torch"]
+        return int(torch.cuda.current_stream(device).cuda_stream)
+    return int(_cupy().cuda.get_current_stream().ptr)
+
+
+_streams: dict[tuple[int, int], Any] = {}
+
+
+def _cupy_stream(ptr: int, device: int) -> Any:
+    s = _streams.get((device, ptr))
+    if s is None:
+        s = _streams[(device, ptr)] = _cupy().cuda.ExternalStream(ptr, device)
+    return s
+
+
+# -- launch geometry ---------------------------------------------------------------------------
+
+def _threads(spec: KernelSpec) -> int:
+    return dict(spec.defines).get("KVX_THREADS", 256)
+
+
+_per_sm: dict[tuple[KernelSpec, int], tuple[int, int]] = {}
+
+
+def _ctas_for(spec: KernelSpec, device: int, total: int, ctas_per_sm: int | None) -> int:
+    """One wave of CTAs (as many as fit on the GPU at once), fewer for small copies."""
+    key = (spec, device)
+    if key not in _per_sm:
+        props = _cupy().cuda.runtime.getDeviceProperties(device)
+        threads = _threads(spec)
+        regs = max(int(get_kernel(spec, device).num_regs), 1)
+        by_regs = int(props["regsPerMultiprocessor"]) // (((regs + 7) // 8 * 8) * threads)
+        by_threads = int(props["maxThreadsPerMultiProcessor"]) // threads
+        _per_sm[key] = (int(props["multiProcessorCount"]), max(1, min(by_regs, by_threads, 32)))
+    sms, fit = _per_sm[key]
+    return max(1, min(sms * (ctas_per_sm or fit), -(-total // _MIN_CTA_BYTES)))
+
+
+def _payload(djobs: np.ndarray, spans: np.ndarray) -> tuple[np.ndarray, int]:
+    """Spans then jobs in one byte array (jobs 64-byte aligned); returns it and the jobs' offset."""
+    head = -(-spans.nbytes // 64) * 64
+    buf = np.zeros(head + djobs.nbytes, dtype=np.uint8)
+    buf[: spans.nbytes] = spans.view(np.uint8)
+    buf[head:] = djobs.view(np.uint8)
+    return buf, head
+
+
+class _Resolved:
+    __slots__ = ("djobs", "spans", "ctas", "device", "nbytes")
+
+    def __init__(self, jobs: np.ndarray, src: list[int], dst: list[int], device: int, spec: KernelSpec,
+                 ctas_per_sm: int | None):
+        self.device = device
+        self.djobs = _jobs.device_jobs(jobs, src, dst)
+        self.nbytes = int(self.djobs["nbytes"].sum()) if self.djobs.size else 0
+        self.ctas = _ctas_for(spec, device, self.nbytes, ctas_per_sm) if self.nbytes else 0
+        self.spans = _jobs.partition(self.djobs, self.ctas) if self.nbytes else None
+
+
+def _launch(spec: KernelSpec, device: int, ctas: int, dev_ptr: int, jobs_off: int, stream_ptr: int) -> None:
+    cupy = _cupy()
+    fn = get_kernel(spec, device)
+    try:
+        with cupy.cuda.Device(device):
+            fn((ctas,), (_threads(spec),), (np.uint64(dev_ptr), np.uint64(dev_ptr + jobs_off)),
+               stream=_cupy_stream(stream_ptr, device))
+    except Exception as exc:
+        raise TransportError(f"kv_copy launch failed on cuda:{device}: {exc}") from exc
+
+
+# -- prepared copies --------------------------------------------------------------------------
+
+class PreparedCopy:
+    """Jobs resolved and resident on the GPU; :meth:`launch` runs them with no upload.
+
+    The job records hold absolute addresses: the tensors and buffers they were prepared for must
+    outlive every launch. A launch allocates nothing and does not synchronise (graph-capturable).
+    """
+
+    __slots__ = ("device", "nbytes", "njobs", "ctas", "spec", "_mem", "_jobs_off", "__weakref__")
+
+    def __init__(self, resolved: _Resolved, spec: KernelSpec):
+        self.device = resolved.device
+        self.nbytes = resolved.nbytes
+        self.njobs = int(resolved.djobs.size)
+        self.ctas = resolved.ctas
+        self.spec = spec
+        self._mem = None
+        self._jobs_off = 0
+        if self.nbytes:
+            cupy = _cupy()
+            buf, self._jobs_off = _payload(resolved.djobs, resolved.spans)
+            with cupy.cuda.Device(self.device):
+                self._mem = cupy.cuda.alloc(buf.nbytes)
+                cupy.cuda.runtime.memcpy(int(self._mem.ptr), buf.ctypes.data, buf.nbytes, _H2D)
+
+    def launch(self, stream: Any = None) -> None:
+        """Run the copy on ``stream`` (int handle, torch or cupy stream; default cupy's current).
+
+        Raises:
+            TransportError: the kernel launch failed, or the copy was closed.
+        """
+        if self._mem is None:
+            if self.nbytes:
+                raise TransportError("this PreparedCopy was closed")
+            return
+        _launch(self.spec, self.device, self.ctas, int(self._mem.ptr), self._jobs_off,
+                _stream_ptr(stream, (), self.device))
+
+    def close(self) -> None:
+        """Release the device-resident jobs (idempotent); later launches raise."""
+        self._mem = None
+
+    def __enter__(self) -> PreparedCopy:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PreparedCopy({self.njobs} jobs, {self.nbytes} B, {self.ctas} CTAs on cuda:{self.device})"
+
+
+def prepare(jobs: np.ndarray, src_bases: Any, dst_bases: Any, *, device: int | None = None,
+            spec: KernelSpec = KERNEL, ctas_per_sm: int | None = None) -> PreparedCopy:
+    """Resolve ``jobs`` (JOB_DTYPE) against base addresses and upload them once (synchronously).
+
+    ``src_bases``/``dst_bases``: a KVLayout, or a sequence of per-tensor device addresses, torch
+    tensors or cupy arrays (tensor ``t`` of the jobs is entry ``t``).
+
+    Raises:
+        LayoutError: malformed jobs or bases.
+        KernelCompileError: the kernel does not build.
+        BackendUnavailableError: CuPy is missing.
+    """
+    src, src_objs = _flatten_bases(src_bases, "src_bases")
+    dst, dst_objs = _flatten_bases(dst_bases, "dst_bases")
+    dev = _device_of(src_objs + dst_objs, (src_bases, dst_bases), device)
+    return PreparedCopy(_Resolved(jobs, src, dst, dev, spec, ctas_per_sm), spec)
+
+
+def prepare_gather(plan: TransferPlan, src: Any, out: Any, **kw: Any) -> PreparedCopy:
+    """:func:`prepare` the gather of ``plan``'s source side into buffer ``out``."""
+    _check_buffer(out, plan, "gather output")
+    return prepare(_jobs.gather_jobs(plan), src, [out], **kw)
+
+
+def prepare_scatter(plan: TransferPlan, buf: Any, dst: Any, **kw: Any) -> PreparedCopy:
+    """:func:`prepare` the scatter of buffer ``buf`` into ``plan``'s destination side."""
+    _check_buffer(buf, plan, "scatter input")
+    return prepare(_jobs.scatter_jobs(plan), [buf], dst, **kw)
+
+
+# -- one-shot copies ----------------------------------------------------------------------------
+
+class _StreamState:
+    """Per (device, stream): a device buffer reused in stream order, and pinned staging slots."""
+
+    __slots__ = ("mem", "retired", "slots", "lock")
+
+    def __init__(self) -> None:
+        self.mem: Any = None
+        self.retired: list[tuple[Any, Any]] = []  # (old device buffer, event after its last use)
+        self.slots: list[list[Any]] = []  # [pinned memory, numpy view, event or None]
+        self.lock = threading.Lock()
+
+
+_states: dict[tuple[int, int], _StreamState] = {}
+_states_lock = threading.Lock()
+
+
+def _state(device: int, stream_ptr: int) -> _StreamState:
+    with _states_lock:
+        st = _states.get((device, stream_ptr))
+        if st is None:
+            st = _states[(device, stream_ptr)] = _StreamState()
+        return st
+
+
+def _staging(st: _StreamState, n: int) -> list[Any]:
+    cupy = _cupy()
+    for slot in st.slots:
+        if slot[2] is None or slot[2].done:
+            if slot[1].nbytes < n:
+                size = 1 << max(20, (n - 1).bit_length())
+                slot[0] = cupy.cuda.alloc_pinned_memory(size)
+                slot[1] = np.frombuffer(slot[0], dtype=np.uint8, count=size)
+            slot[2] = None
+            return slot
+    if len(st.slots) < _STAGING_SLOTS:
+        size = 1 << max(20, (n - 1).bit_length())
+        mem = cupy.cuda.alloc_pinned_memory(size)
+        slot = [mem, np.frombuffer(mem, dtype=np.uint8, count=size), None]
+        st.slots.append(slot)
+        return slot
+    oldest = st.slots[0]  # every slot is in flight: wait for the oldest copy, reuse its slot
+    oldest[2].synchronize()
+    st.slots.append(st.slots.pop(0))
+    oldest[2] = None
+    return _staging(st, n)
+
+
+def _device_buffer(st: _StreamState, n: int, stream: Any) -> Any:
+    cupy = _cupy()
+    st.retired = [(m, e) for m, e in st.retired if not e.done]
+    if st.mem is None or st.mem.mem.size < n:
+        if st.mem is not None:  # earlier launches on this stream may still read it
+            ev = cupy.cuda.Event(disable_timing=True)
+            ev.record(stream)
+            st.retired.append((st.mem, ev))
+        st.mem = cupy.cuda.alloc(1 << max(16, (n - 1).bit_length()))
+    return st.mem
+
+
+def copy_jobs(jobs: np.ndarray, src_bases: Any, dst_bases: Any, *, stream: Any = None,
+              device: int | None = None, spec: KernelSpec = KERNEL) -> None:
+    """Copy every job (JOB_DTYPE) from the source tensors to the destination tensors, one launch.
+
+    ``src_bases``/``dst_bases`` as in :func:`prepare`. Asynchronous on the launch stream; the
+    job upload is stream-ordered before the kernel. Zero jobs: nothing is launched. Not for use
+    while the stream is being captured into a CUDA graph: :func:`prepare` first, then launch.
+
+    Raises:
+        LayoutError: malformed jobs or bases.
+        TransportError: the stream is capturing, or the upload or launch failed.
+        KernelCompileError: the kernel does not build.
+        BackendUnavailableError: CuPy is missing.
+    """
+    src, src_objs = _flatten_bases(src_bases, "src_bases")
+    dst, dst_objs = _flatten_bases(dst_bases, "dst_bases")
+    objs = src_objs + dst_objs
+    dev = _device_of(objs, (src_bases, dst_bases), device)
+    res = _Resolved(jobs, src, dst, dev, spec, None)
+    if not res.nbytes:
+        return
+    cupy = _cupy()
+    sptr = _stream_ptr(stream, objs, dev)
+    st = _state(dev, sptr)
+    buf, jobs_off = _payload(res.djobs, res.spans)
+    with st.lock, cupy.cuda.Device(dev):
+        cstream = _cupy_stream(sptr, dev)
+        is_capturing = getattr(cupy.cuda.runtime, "streamIsCapturing", None)
+        if is_capturing is not None and is_capturing(sptr):
+            raise TransportError("copy_jobs cannot upload jobs while the stream is capturing a CUDA graph; "
+                                 "call prepare() before capture and launch() inside it")
+        slot = _staging(st, buf.nbytes)
+        slot[1][: buf.nbytes] = buf
+        mem = _device_buffer(st, buf.nbytes, cstream)
+        try:
+            cupy.cuda.runtime.memcpyAsync(int(mem.ptr), slot[1].ctypes.data, buf.nbytes, _H2D, sptr)
+        except Exception as exc:
+            raise TransportError(f"job upload to cuda:{dev} failed: {exc}") from exc
+        ev = cupy.cuda.Event(disable_timing=True)
+        ev.record(cstream)
+        slot[2] = ev
+        _launch(spec, dev, res.ctas, int(mem.ptr), jobs_off, sptr)
+
+
+def _check_buffer(buf: Any, plan: TransferPlan, what: str) -> None:
+    n = _nbytes(buf)
+    if n is not None and n < plan.nbytes:
+        raise LayoutError(f"{what} holds {n} bytes; the plan moves {plan.nbytes}")
+
+
+def gather(plan: TransferPlan, src: Any, out: Any, *, stream: Any = None, device: int | None = None) -> None:
+    """Copy ``plan``'s source side (tensors ``src``: KVLayout or per-tensor addresses/arrays) into
+    the contiguous buffer ``out`` (address or array) in stream order. See :func:`copy_jobs`.
+
+    Raises:
+        LayoutError: ``out`` is smaller than the plan, or malformed arguments.
+        TransportError, KernelCompileError, BackendUnavailableError: as :func:`copy_jobs`.
+    """
+    _check_buffer(out, plan, "gather output")
+    copy_jobs(_jobs.gather_jobs(plan), src, [out], stream=stream, device=device)
+
+
+def scatter(plan: TransferPlan, buf: Any, dst: Any, *, stream: Any = None, device: int | None = None) -> None:
+    """Copy the stream-ordered buffer ``buf`` into ``plan``'s destination side (tensors ``dst``).
+
+    Raises:
+        LayoutError: ``buf`` is smaller than the plan, or malformed arguments.
+        TransportError, KernelCompileError, BackendUnavailableError: as :func:`copy_jobs`.
+    """
+    _check_buffer(buf, plan, "scatter input")
+    copy_jobs(_jobs.scatter_jobs(plan), [buf], dst, stream=stream, device=device)
+
+
+def copy_blocks(plan: TransferPlan, src: Any, dst: Any, *, stream: Any = None, device: int | None = None) -> None:
+    """Block-to-block copy of ``plan`` from tensors ``src`` to tensors ``dst`` (e.g. peer pointers
+    opened through CUDA IPC); one launch, no intermediate buffer.
+
+    Raises:
+        LayoutError, TransportError, KernelCompileError, BackendUnavailableError: as :func:`copy_jobs`.
+    """
+    copy_jobs(plan.jobs, src, dst, stream=stream, device=device)
+
