@@ -35,7 +35,7 @@ def make_stream_side(plan: TransferPlan, side: str, layout: KVLayout | None, con
     if layout is None:
         raise LayoutError("no KV layout is registered on this connector")
     if layout.memory is MemoryKind.HOST:
-        return HostStreamSide(plan, side, host_tensor_views(layout))
+        return HostStreamSide(plan, side, host_tensor_views(layout), layout.addrs)
     from .gpu_staging import GpuStreamSide
 
     return GpuStreamSide(plan, side, layout, config)

@@ -39,6 +39,10 @@ class StreamSide:
         """Writable/readable buffers covering stream bytes [a, b), in order."""
         raise NotImplementedError
 
+    def iov(self, a: int, b: int) -> np.ndarray:
+        """``(n, 2)`` uint64 (address, length) runs covering stream bytes [a, b), in order."""
+        raise NotImplementedError
+
     def before_send(self, a: int, b: int) -> None:
         """Make stream bytes [a, b) readable through :meth:`views` (e.g. pack a GPU chunk)."""
 
@@ -52,9 +56,24 @@ class StreamSide:
 class HostStreamSide(StreamSide):
     """A stream side over host memory: views point straight into the KV tensors."""
 
-    def __init__(self, plan: TransferPlan, side: str, tensor_views: Sequence[memoryview]):
+    def __init__(self, plan: TransferPlan, side: str, tensor_views: Sequence[memoryview],
+                 tensor_addrs: np.ndarray | None = None):
         super().__init__(plan, side)
         self._tv = tensor_views
+        self._addr = None if tensor_addrs is None else tensor_addrs[self.tensor].astype(np.uint64) + self.offset.astype(np.uint64)
+
+    def iov(self, a: int, b: int) -> np.ndarray:
+        if self._addr is None:
+            raise NotImplementedError("this stream side was built without tensor addresses")
+        i0, i1 = self.run_range(a, b)
+        out = np.empty((i1 - i0, 2), dtype=np.uint64)
+        out[:, 0] = self._addr[i0:i1]
+        out[:, 1] = self.length[i0:i1]
+        head = a - int(self.pos[i0])
+        out[0, 0] += np.uint64(head)
+        out[0, 1] -= np.uint64(head)
+        out[-1, 1] -= np.uint64(int(self.pos[i1]) - b)
+        return out
 
     def views(self, a: int, b: int) -> list[memoryview]:
         i0, i1 = self.run_range(a, b)

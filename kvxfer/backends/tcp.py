@@ -10,6 +10,7 @@ reason while the listener keeps serving other peers.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import queue
@@ -35,6 +36,7 @@ from ..handle import Op, TransferHandle
 from ..metadata import PeerMetadata
 from ..plan import TransferPlan
 from ..protocol.frames import FRAME_PREFIX_SIZE, FrameType, decode_header, encode_frame, parse_prefix
+from ._iov import readv_full, writev_full
 from .base import Backend, BackendLink, LocalSide, TransferRequest, plan_for_responder, remote_error
 from .staging import make_stream_side
 from .stream import StreamSide, chunk_bounds
@@ -274,7 +276,12 @@ class TcpLink(BackendLink):
             x.side.before_send(a, b)
             flags = FLAG_FROM_INITIATOR if x.initiated_here else 0
             hdr = encode_frame(FrameType.DATA, {"x": x.xfer_id, "o": a}, payload_len=b - a, flags=flags)
-            _send_views(sock, [hdr, *x.side.views(a, b)])
+            hbuf = ctypes.create_string_buffer(hdr, len(hdr))
+            iov = x.side.iov(a, b)
+            full = np.empty((iov.shape[0] + 1, 2), dtype=np.uint64)
+            full[0] = (ctypes.addressof(hbuf), len(hdr))
+            full[1:] = iov
+            writev_full(sock.fileno(), full)
 
     def submit(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle) -> None:
         side_name = "src" if req.op is Op.WRITE else "dst"
@@ -406,7 +413,8 @@ class TcpLink(BackendLink):
                 continue
             if off < 0 or off + n > x.plan.nbytes:
                 raise RemoteProtocolError(f"DATA [{off}, {off + n}) outside transfer {xid} of {x.plan.nbytes} B")
-            _recv_into_views(sock, x.side.views(off, off + n))
+            if n:
+                readv_full(sock.fileno(), x.side.iov(off, off + n))
             x.side.after_receive(off, off + n)
             with self._lock:
                 x.received += n
