@@ -1,0 +1,81 @@
+"""UCX backend settings: a frozen config read from ``KVXFER_UCX_*`` variables.
+
+Layer: backends (configuration of ucx.py). Precedence as everywhere in kvxfer: an explicit
+argument, then the ``KVXFER_UCX_<FIELD>`` variable (read by :func:`kvxfer.config.from_env`),
+then the default. UCX's own ``UCX_*`` variables (transports, devices) are read by UCX itself;
+see ``docs/ucx.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from ..config import from_env
+from ..errors import ConfigError
+
+__all__ = ["ErrorHandling", "TransferMode", "UcxConfig", "ucx_config"]
+
+
+class ErrorHandling(Enum):
+    """How a lost peer is detected.
+
+    PEER: UCX peer error handling on every endpoint (needs a transport with a peer-failure
+    handler for active messages: tcp, verbs; shared memory alone has none). NONE: UCX error
+    handling off; a peer on the same host is watched by its pid. AUTO: PEER, and NONE (with the
+    pid watch) for a same-host peer that UCX cannot reach with error handling on.
+    """
+
+    AUTO = "auto"
+    PEER = "peer"
+    NONE = "none"
+
+
+class TransferMode(Enum):
+    """How a plan's ranges move: one RMA per coalesced range, or packed into one buffer."""
+
+    AUTO = "auto"
+    DIRECT = "direct"
+    PACKED = "packed"
+
+
+@dataclass(frozen=True, slots=True)
+class UcxConfig:
+    """UCX backend settings (``KVXFER_UCX_<FIELD>`` variables)."""
+
+    error_handling: ErrorHandling = ErrorHandling.AUTO
+    mode: TransferMode = TransferMode.AUTO
+    pack_below: int = 32 << 10  # AUTO packs when the mean range is smaller than this (bytes) ...
+    pack_min_ranges: int = 256  # ... and there are at least this many ranges
+    staging_max: int = 1 << 30  # AUTO never packs more than this many bytes per transfer
+    staging_cache: int = 4  # registered staging buffers kept for reuse
+    wakeup_ms: int = 50  # progress thread's epoll timeout: a safety net, not a poll
+    liveness_interval: float = 0.5  # seconds between pid checks of same-host peers (NONE)
+    close_timeout: float = 2.0  # seconds an endpoint close may take
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.error_handling, ErrorHandling) or not isinstance(self.mode, TransferMode):
+            raise ConfigError(
+                f"ucx error_handling must be one of {[e.value for e in ErrorHandling]} and mode one of "
+                f"{[m.value for m in TransferMode]}"
+            )
+        if self.pack_below < 0 or self.pack_min_ranges < 1 or self.staging_max < 4096 or self.staging_cache < 0:
+            raise ConfigError("ucx pack_below >= 0, pack_min_ranges >= 1, staging_max >= 4096, staging_cache >= 0")
+        if not 1 <= self.wakeup_ms <= 10_000:
+            raise ConfigError(f"ucx wakeup_ms={self.wakeup_ms}; expected 1..10000")
+        if not self.liveness_interval > 0 or not self.close_timeout > 0:
+            raise ConfigError("ucx liveness_interval and close_timeout must be positive seconds")
+
+
+def ucx_config(**overrides: object) -> UcxConfig:
+    """Defaults, then ``KVXFER_UCX_*`` variables, then ``overrides``.
+
+    Raises:
+        ConfigError: a bad value (names the variable and what is valid).
+    """
+    try:
+        return from_env(UcxConfig, "KVXFER_UCX_", **overrides)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad KVXFER_UCX_* setting: {exc}") from None
