@@ -13,6 +13,7 @@ memory), with a message saying what is available.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import multiprocessing
 import sys
@@ -167,6 +168,8 @@ def run(opts: BenchOptions, argv: Sequence[str]) -> int:
         except KeyboardInterrupt:
             pass
         return EXIT_OK
+    if opts.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("--plot needs matplotlib, which is not installed (pip install kvxfer[bench])")
     selection = _select_backends(opts)
     devices = _devices(opts)
     _check_memory(opts, selection.backends, devices)

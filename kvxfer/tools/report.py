@@ -71,8 +71,9 @@ _HEADERS = ["backend", "op", "workload", "piece", "blocks", "layers", "bytes", "
             "baseline", "base GB/s", "ratio", "NIXL GB/s", "check"]
 
 
-def _use_rich(stream: TextIO) -> bool:
-    if not stream.isatty():
+def _use_rich(stream: TextIO | None) -> bool:
+    """Whether to draw with rich: installed, and ``stream`` (when given) is a terminal."""
+    if stream is not None and not stream.isatty():
         return False
     try:
         import rich  # noqa: F401
@@ -98,7 +99,7 @@ class Progress:
     def __init__(self, total: int, enabled: bool | None, stream: TextIO = sys.stderr):
         self.total = total
         self.stream = stream
-        live = _use_rich(sys.stdout) if enabled is None else enabled
+        live = _use_rich(sys.stdout) if enabled is None else enabled and _use_rich(None)
         self._rich: Any = None
         self._task: Any = None
         self._done = 0
@@ -124,7 +125,9 @@ class Progress:
     def stage(self, label: str, text: str) -> None:
         """What the current point is doing."""
         if self._rich is not None:
-            self._rich.update(self._task, description=label, stage=text)
+            from rich.markup import escape
+
+            self._rich.update(self._task, description=escape(label), stage=escape(text))
 
     def note(self, text: str) -> None:
         """A line that stays (skipped backends, warnings)."""
