@@ -26,7 +26,13 @@ import time
 import numpy as np
 
 
-def kv_tensors(layers: int, num_blocks: int, fill: bool) -> list[np.ndarray]:
+def kv_tensors(layers: int, num_blocks: int, fill: bool, device: str = "host") -> list:
+    """The llama8b cache in host memory, or (device 'cuda:N') as torch tensors on that GPU."""
+    if device != "host":
+        import torch
+
+        host = kv_tensors(layers, num_blocks, fill)
+        return [torch.from_numpy(t).to(device) for t in host]
     ts = [np.empty((2, num_blocks, 16, 8, 128), np.uint16) for _ in range(layers)]
     if fill:
         rng = np.random.default_rng(0)
@@ -46,10 +52,10 @@ def _recv_all(sock: socket.socket, view: memoryview) -> None:
         view = view[n:]
 
 
-def _peer(conn, args) -> None:
+def _peer(conn, args, device: str) -> None:
     import kvxfer
 
-    tensors = kv_tensors(args.layers, args.num_blocks, fill=True)
+    tensors = kv_tensors(args.layers, args.num_blocks, fill=True, device=device)
     with kvxfer.Connector("peer", backend="tcp", tcp=kvxfer.TcpConfig(streams=args.streams)) as c:
         c.register(tensors, block_dim=1)
         lsock = socket.create_server(("127.0.0.1", 0))
@@ -105,40 +111,49 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--memory", choices=("host", "cuda", "both"), default="host")
+    ap.add_argument("--local-device", default="cuda:0")
+    ap.add_argument("--peer-device", default="cuda:0")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     import kvxfer
 
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_peer, args=(child, args), daemon=True)
-    proc.start()
-    meta, raw_port = parent.recv()
-    tensors = kv_tensors(args.layers, args.num_blocks, fill=False)
+    memories = ["host", "cuda"] if args.memory == "both" else [args.memory]
     nbytes = args.blocks * args.layers * 2 * 32768
     raw_buf = np.random.default_rng(1).integers(0, 255, nbytes, dtype=np.uint8)
-    rng = np.random.default_rng(42)
-    results: dict[str, list[float]] = {"raw_socket": [], "kvxfer_write": [], "kvxfer_read": []}
-    with kvxfer.Connector("bench", backend="tcp", tcp=kvxfer.TcpConfig(streams=args.streams)) as c:
-        c.register(tensors, block_dim=1)
-        peer = c.connect(meta)
-        for it in range(args.iters + 1):  # first round is warm-up
-            src = rng.choice(args.num_blocks, args.blocks, replace=False)
-            dst = rng.choice(args.num_blocks, args.blocks, replace=False)
-            parent.send("raw")
-            t_raw = _raw_send(raw_port, raw_buf, args.streams)
-            t_read = c.read(peer, src, dst).wait(120).seconds
-            t_write = c.write(peer, dst, src).wait(120).seconds
-            if it:
-                results["raw_socket"].append(nbytes / t_raw / 1e9)
-                results["kvxfer_read"].append(nbytes / t_read / 1e9)
-                results["kvxfer_write"].append(nbytes / t_write / 1e9)
-        # correctness of the last read (every byte)
-        ref = kv_tensors(args.layers, args.num_blocks, fill=True)
-        assert all(np.array_equal(t[:, dst], r[:, src]) for t, r in zip(tensors, ref)), "read corrupted data"
-    parent.send("exit")
-    proc.join(30)
+    results: dict[str, list[float]] = {"raw_socket": []}
+    ctx = mp.get_context("spawn")
+    for mem in memories:
+        local_dev = "host" if mem == "host" else args.local_device
+        peer_dev = "host" if mem == "host" else args.peer_device
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_peer, args=(child, args, peer_dev), daemon=True)
+        proc.start()
+        meta, raw_port = parent.recv()
+        tensors = kv_tensors(args.layers, args.num_blocks, fill=False, device=local_dev)
+        rng = np.random.default_rng(42)
+        rd, wr = results.setdefault(f"{mem}_read", []), results.setdefault(f"{mem}_write", [])
+        with kvxfer.Connector("bench", backend="tcp", tcp=kvxfer.TcpConfig(streams=args.streams)) as c:
+            c.register(tensors, block_dim=1)
+            peer = c.connect(meta)
+            for it in range(args.iters + 1):  # first round is warm-up
+                src = rng.choice(args.num_blocks, args.blocks, replace=False)
+                dst = rng.choice(args.num_blocks, args.blocks, replace=False)
+                parent.send("raw")
+                t_raw = _raw_send(raw_port, raw_buf, args.streams)
+                t_read = c.read(peer, src, dst).wait(120).seconds
+                t_write = c.write(peer, dst, src).wait(120).seconds
+                if it:
+                    results["raw_socket"].append(nbytes / t_raw / 1e9)
+                    rd.append(nbytes / t_read / 1e9)
+                    wr.append(nbytes / t_write / 1e9)
+            # correctness of the last read (every byte)
+            ref = kv_tensors(args.layers, args.num_blocks, fill=True)
+            got = [np.asarray(t.cpu()) if mem == "cuda" else t for t in tensors]
+            assert all(np.array_equal(g[:, dst], r[:, src]) for g, r in zip(got, ref)), f"{mem} read corrupted data"
+        parent.send("exit")
+        proc.join(30)
 
     med = {k: statistics.median(v) for k, v in results.items()}
     out = {
@@ -149,16 +164,19 @@ def main() -> None:
         "iters": args.iters,
         "gbps_median": med,
         "gbps_all": results,
-        "ratio_write_vs_raw": med["kvxfer_write"] / med["raw_socket"],
-        "ratio_read_vs_raw": med["kvxfer_read"] / med["raw_socket"],
+        "ratios_vs_raw": {k: v / med["raw_socket"] for k, v in med.items()},
+        "ratios_cuda_vs_host": {op: med[f"cuda_{op}"] / med[f"host_{op}"] for op in ("read", "write")}
+        if args.memory == "both" else None,
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
     }
     print(f"{'path':<16}{'GB/s (median)':>15}{'vs raw':>9}")
-    for k in ("raw_socket", "kvxfer_write", "kvxfer_read"):
-        print(f"{k:<16}{med[k]:>15.2f}{med[k] / med['raw_socket']:>9.1%}")
+    for k, v in med.items():
+        print(f"{k:<16}{v:>15.2f}{v / med['raw_socket']:>9.1%}")
+    if out["ratios_cuda_vs_host"]:
+        print("GPU memory vs host memory over TCP:", {k: f"{v:.1%}" for k, v in out["ratios_cuda_vs_host"].items()})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

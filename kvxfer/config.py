@@ -47,6 +47,7 @@ class ConnectorConfig:
 
     timeout: float = 60.0  # default deadline of a transfer, seconds
     connect_timeout: float = 10.0
+    prefer_ucx: bool = False  # auto backend: UCX before TCP for host memory (RDMA-capable UCX)
 
     def __post_init__(self) -> None:
         if not self.timeout > 0 or not self.connect_timeout > 0:

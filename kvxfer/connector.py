@@ -197,7 +197,15 @@ class Connector:
         return self.local_metadata().to_bytes()
 
     def _choose_backend(self, peer: PeerMetadata) -> Backend:
-        order = [self.backend_choice] if self.backend_choice != "auto" else ["cuda_ipc", "ucx", "tcp"]
+        if self.backend_choice != "auto":
+            order = [self.backend_choice]
+        elif self._layout is not None and (self._layout.memory is MemoryKind.CUDA
+                                           or (peer.geometry is not None and peer.geometry.memory is MemoryKind.CUDA)):
+            order = ["cuda_ipc", "ucx", "tcp"]
+        else:
+            # host memory on both sides: our TCP path beats UCX's tcp transport (bench/bench_ucx.py);
+            # KVXFER_PREFER_UCX=1 picks UCX first, e.g. where a system UCX brings RDMA verbs
+            order = ["ucx", "tcp"] if self.config.prefer_ucx else ["tcp", "ucx"]
         for kind in order:
             b = self._backends.get(kind)
             if b is not None and b.can_reach(peer):

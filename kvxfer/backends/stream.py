@@ -46,8 +46,14 @@ class StreamSide:
     def before_send(self, a: int, b: int) -> None:
         """Make stream bytes [a, b) readable through :meth:`views` (e.g. pack a GPU chunk)."""
 
+    def after_send(self, a: int, b: int) -> None:
+        """Stream bytes [a, b) have been handed to the transport; staging may be reused."""
+
     def after_receive(self, a: int, b: int) -> None:
         """Stream bytes [a, b) have arrived in :meth:`views`; move them home (e.g. unpack)."""
+
+    def finish(self) -> None:
+        """Every byte of the stream has arrived; complete the destination (e.g. unpack)."""
 
     def close(self) -> None:
         """Release staging resources."""

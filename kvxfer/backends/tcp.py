@@ -273,15 +273,22 @@ class TcpLink(BackendLink):
             x, a, b = item
             if x.finished:
                 continue
-            x.side.before_send(a, b)
-            flags = FLAG_FROM_INITIATOR if x.initiated_here else 0
-            hdr = encode_frame(FrameType.DATA, {"x": x.xfer_id, "o": a}, payload_len=b - a, flags=flags)
-            hbuf = ctypes.create_string_buffer(hdr, len(hdr))
-            iov = x.side.iov(a, b)
-            full = np.empty((iov.shape[0] + 1, 2), dtype=np.uint64)
-            full[0] = (ctypes.addressof(hbuf), len(hdr))
-            full[1:] = iov
-            writev_full(sock.fileno(), full)
+            try:
+                x.side.before_send(a, b)
+            except KvxferError as exc:
+                self._fail_local(x, exc)
+                continue
+            try:
+                flags = FLAG_FROM_INITIATOR if x.initiated_here else 0
+                hdr = encode_frame(FrameType.DATA, {"x": x.xfer_id, "o": a}, payload_len=b - a, flags=flags)
+                hbuf = ctypes.create_string_buffer(hdr, len(hdr))
+                iov = x.side.iov(a, b)
+                full = np.empty((iov.shape[0] + 1, 2), dtype=np.uint64)
+                full[0] = (ctypes.addressof(hbuf), len(hdr))
+                full[1:] = iov
+                writev_full(sock.fileno(), full)
+            finally:
+                x.side.after_send(a, b)
 
     def submit(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle) -> None:
         side_name = "src" if req.op is Op.WRITE else "dst"
@@ -430,8 +437,22 @@ class TcpLink(BackendLink):
             _recv_exact_into(sock, _DISCARD[:k])
             n -= k
 
+    def _fail_local(self, x: _Xfer, exc: KvxferError) -> None:
+        """This side cannot go on with ``x`` (staging failed): fail it and close the link, since
+        the peer would wait for bytes that never come."""
+        log.warning("transfer %d with %r failed locally: %s", x.xfer_id, self.peer.name, exc)
+        if x.handle is not None:
+            x.handle.set_failed(exc)
+        self.close(PeerLostError(f"link to {self.peer.name!r} closed after a local failure: {exc}"))
+
     def _complete_receive(self, x: _Xfer) -> None:
         x.finished = True
+        try:
+            x.side.finish()
+        except KvxferError as exc:
+            x.side.close()
+            self._fail_local(x, exc)
+            return
         x.side.close()
         if x.initiated_here:  # our read finished: done, and confirm to the peer
             with self._lock:
