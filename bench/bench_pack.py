@@ -39,12 +39,16 @@ from kvxfer.plan import plan_transfer  # noqa: E402
 SAMPLES = 15
 WARMUP = 3
 
+def _spec(**defines: int) -> KernelSpec:
+    return KernelSpec("kv_copy.cu", "kv_copy_jobs", tuple(sorted(defines.items())))
+
+
 VARIANTS = {
     "default": ops.KERNEL,
-    "streaming": KernelSpec("kv_copy.cu", "kv_copy_jobs", (("KVX_STREAMING", 1),)),
-    "mb4": KernelSpec("kv_copy.cu", "kv_copy_jobs", (("KVX_MIN_BLOCKS", 4),)),
-    "u8mb2": KernelSpec("kv_copy.cu", "kv_copy_jobs", (("KVX_UNROLL", 8), ("KVX_MIN_BLOCKS", 2))),
-    "t512": KernelSpec("kv_copy.cu", "kv_copy_jobs", (("KVX_THREADS", 512), ("KVX_MIN_BLOCKS", 2))),
+    "no_stream_hint": _spec(KVX_STREAMING=0),
+    "mb3u4": _spec(KVX_MIN_BLOCKS=3, KVX_UNROLL=4),
+    "t128u16": _spec(KVX_THREADS=128, KVX_MIN_BLOCKS=2, KVX_UNROLL=16),
+    "mb1u8": _spec(KVX_MIN_BLOCKS=1),
 }
 
 
@@ -136,7 +140,7 @@ def run_workload(wl, variants: dict[str, KernelSpec]) -> dict:
         g_ms = cuda_ms(lambda: g.launch(torch.cuda.current_stream()), reps)
         s_ms = cuda_ms(lambda: s.launch(torch.cuda.current_stream()), reps)
         res[f"{vname}"] = {"gather_GBps": gbps(n, g_ms), "scatter_GBps": gbps(n, s_ms), "ctas": g.ctas,
-                           "prepare_ms": round(prep_ms, 2)}
+                           "warps": g.warps, "prepare_ms": round(prep_ms, 2)}
         if vname == "default":
             # sanity: the gather equals index_select's bytes (stream order: per layer, block, K/V)
             out.zero_()

@@ -2,18 +2,19 @@
 //
 // Built at run time by kvxfer/ops/_loader.py (NVRTC) and compile-checked by CI with nvcc.
 // The host side (kvxfer/ops/jobs.py) turns a plan's jobs into KvJob records with absolute
-// addresses and splits the byte stream into one contiguous share per CTA (KvSpan). A job moves
+// addresses and splits the byte stream into one contiguous share per warp (KvTask). A job moves
 // `nbytes`: the source is runs of `src_run` bytes, `src_stride` apart; the destination is runs of
 // `dst_run` bytes, `dst_stride` apart; bytes keep their order (the "stream" order).
 //
 // Why this shape:
-//  * Per-CTA shares are computed on the host, so no CTA searches the job list.
+//  * Per-warp shares are computed on the host, so no warp searches the job list; a warp's
+//    record carries its first job, so its first loads wait for one round trip, not two.
 //  * Each job is copied in units of 2^unit bytes (unit = 4 gives 16-byte vectors), the widest
 //    access that every address, run and stride of that job allows; any alignment is correct.
-//  * Threads step through a job with a fixed stride; the run/offset bookkeeping advances by
-//    precomputed quotient and remainder, so the hot loop holds no division.
-//  * Loads of UNROLL units are issued before their stores, so each thread keeps several
-//    memory requests in flight; the next job's record is fetched while the current one copies.
+//  * A warp walks its share piece by piece (a piece is contiguous on both sides) with
+//    warp-uniform bookkeeping: no division in the hot loop, few registers per lane.
+//  * Loads of KVX_UNROLL units per lane are issued before their stores, so each lane keeps
+//    several requests in flight; the next job's record is fetched while the current one copies.
 //  * No host synchronisation, no allocation: a launch can be captured in a CUDA graph.
 
 typedef long long i64;
@@ -23,13 +24,13 @@ typedef unsigned long long u64;
 #define KVX_THREADS 256
 #endif
 #ifndef KVX_MIN_BLOCKS
-#define KVX_MIN_BLOCKS 3
+#define KVX_MIN_BLOCKS 2
 #endif
 #ifndef KVX_UNROLL
-#define KVX_UNROLL 4
+#define KVX_UNROLL 8
 #endif
 #ifndef KVX_STREAMING
-#define KVX_STREAMING 0
+#define KVX_STREAMING 1
 #endif
 
 // Layout must match DEVICE_JOB_DTYPE in kvxfer/ops/jobs.py (64 bytes).
@@ -44,11 +45,16 @@ struct KvJob {
     i64 unit;        // log2 of the access width in bytes, 0..4
 };
 
-// Layout must match the span table in kvxfer/ops/jobs.py: CTA b copies from (job, off) of
-// entry b up to (job, off) of entry b + 1; offsets are multiples of that job's access width.
-struct KvSpan {
+// Layout must match DEVICE_TASK_DTYPE in kvxfer/ops/jobs.py (96 bytes): one per warp. The warp
+// copies from (job, off) up to (end_job, end_off); `first` is a copy of jobs[job], so that the
+// warp's first copy waits for one memory round trip, not two. Offsets are multiples of the
+// job's access width.
+struct KvTask {
     i64 job;
     i64 off;
+    i64 end_job;
+    i64 end_off;
+    KvJob first;
 };
 
 template <typename T>
@@ -86,109 +92,104 @@ __device__ __forceinline__ void kvx_divmod(i64 a, i64 b, i64& q, i64& r) {
     }
 }
 
-// One side of a job: where the current thread's unit lives, and how to step.
+// Copy `n` units from `src` to `dst` (both contiguous) with one warp: lane-interleaved, so each
+// of the KVX_UNROLL accesses per lane is one coalesced warp access; all loads before stores.
 template <typename U>
-struct KvxCursor {
-    char* ptr;  // byte address of the thread's current unit
-    i64 in;     // units into the current run
-    i64 run;    // units per run
-    i64 adv;    // bytes to add per step (whole runs skipped plus the remainder)
-    i64 rem;    // units added to `in` per step
-    i64 wrap;   // extra bytes to add when `in` passes the end of a run
-
-    __device__ __forceinline__ void init(u64 base, i64 run_bytes, i64 stride_bytes, i64 pos, i64 step) {
-        run = run_bytes / (i64)sizeof(U);
-        i64 q, r;
-        kvx_divmod(pos, run, q, r);
-        ptr = (char*)base + q * stride_bytes + r * (i64)sizeof(U);
-        in = r;
-        i64 sq, sr;
-        kvx_divmod(step, run, sq, sr);
-        adv = sq * stride_bytes + sr * (i64)sizeof(U);
-        rem = sr;
-        wrap = stride_bytes - run_bytes;
-    }
-
-    __device__ __forceinline__ void step() {
-        ptr += adv;
-        in += rem;
-        if (in >= run) {
-            in -= run;
-            ptr += wrap;
-        }
-    }
-};
-
-// Copy bytes [lo, hi) of `job` with the whole CTA, in units of U (lo, hi multiples of sizeof(U)).
-template <typename U>
-__device__ __forceinline__ void kvx_copy_span(const KvJob& job, i64 lo, i64 hi) {
-    const i64 end = hi / (i64)sizeof(U);
-    i64 p = lo / (i64)sizeof(U) + threadIdx.x;
-    if (p >= end) return;
-    const i64 step = blockDim.x;
-    KvxCursor<U> s, d;
-    s.init(job.src, job.src_run, job.src_stride, p, step);
-    d.init(job.dst, job.dst_run, job.dst_stride, p, step);
-    while (p < end) {
+__device__ __forceinline__ void kvx_copy_piece(const char* src, char* dst, int n, int lane) {
+    const U* s = (const U*)src;
+    U* d = (U*)dst;
+    for (int i = lane; i < n; i += 32 * KVX_UNROLL) {
         U v[KVX_UNROLL];
-        const U* sp[KVX_UNROLL];
-        U* dp[KVX_UNROLL];
 #pragma unroll
         for (int k = 0; k < KVX_UNROLL; ++k) {
-            sp[k] = (const U*)s.ptr;
-            dp[k] = (U*)d.ptr;
-            s.step();
-            d.step();
+            if (i + 32 * k < n) v[k] = kvx_load(s + i + 32 * k);
         }
 #pragma unroll
         for (int k = 0; k < KVX_UNROLL; ++k) {
-            if (p + k * step < end) v[k] = kvx_load(sp[k]);
+            if (i + 32 * k < n) kvx_store(d + i + 32 * k, v[k]);
         }
-#pragma unroll
-        for (int k = 0; k < KVX_UNROLL; ++k) {
-            if (p + k * step < end) kvx_store(dp[k], v[k]);
-        }
-        p += KVX_UNROLL * step;
     }
 }
 
-__device__ __forceinline__ KvJob kvx_load_job(const KvJob* jobs, i64 j) {
-    const ulonglong2* p = (const ulonglong2*)(jobs + j);
-    const ulonglong2 a = __ldg(p), b = __ldg(p + 1), c = __ldg(p + 2), e = __ldg(p + 3);
+// Copy bytes [lo, hi) of `job` with one warp, in units of U (lo, hi multiples of sizeof(U)).
+// The span is walked piece by piece, a piece being contiguous on both sides; all bookkeeping is
+// warp-uniform, and the only divisions place `lo` at the start.
+template <typename U>
+__device__ __forceinline__ void kvx_copy_span(const KvJob& job, i64 lo, i64 hi, int lane) {
+    i64 sq, sr, dq, dr;
+    kvx_divmod(lo, job.src_run, sq, sr);
+    kvx_divmod(lo, job.dst_run, dq, dr);
+    const char* sp = (const char*)job.src + sq * job.src_stride + sr;
+    char* dp = (char*)job.dst + dq * job.dst_stride + dr;
+    i64 s_left = job.src_run - sr;
+    i64 d_left = job.dst_run - dr;
+    for (i64 pos = lo; pos < hi;) {
+        // at most 1 GiB per piece keeps the per-lane index in 32 bits
+        const i64 n = min(min(min(s_left, d_left), hi - pos), (i64)1 << 30);
+        kvx_copy_piece<U>(sp, dp, (int)(n / (i64)sizeof(U)), lane);
+        pos += n;
+        sp += n;
+        dp += n;
+        s_left -= n;
+        d_left -= n;
+        if (s_left == 0) {
+            sp += job.src_stride - job.src_run;
+            s_left = job.src_run;
+        }
+        if (d_left == 0) {
+            dp += job.dst_stride - job.dst_run;
+            d_left = job.dst_run;
+        }
+    }
+}
+
+// A job record is spread over the warp: lane i holds field i % 8, so the record being
+// prefetched costs each lane one register pair instead of eight. kvx_job() gathers it back.
+__device__ __forceinline__ i64 kvx_job_field(const KvJob* job_ptr, int lane) {
+    return __ldg((const i64*)job_ptr + (lane & 7));
+}
+
+__device__ __forceinline__ KvJob kvx_job(i64 f) {
     KvJob job;
-    job.src = a.x;
-    job.dst = a.y;
-    job.nbytes = (i64)b.x;
-    job.src_run = (i64)b.y;
-    job.src_stride = (i64)c.x;
-    job.dst_run = (i64)c.y;
-    job.dst_stride = (i64)e.x;
-    job.unit = (i64)e.y;
+    job.src = (u64)__shfl_sync(0xffffffffu, f, 0);
+    job.dst = (u64)__shfl_sync(0xffffffffu, f, 1);
+    job.nbytes = __shfl_sync(0xffffffffu, f, 2);
+    job.src_run = __shfl_sync(0xffffffffu, f, 3);
+    job.src_stride = __shfl_sync(0xffffffffu, f, 4);
+    job.dst_run = __shfl_sync(0xffffffffu, f, 5);
+    job.dst_stride = __shfl_sync(0xffffffffu, f, 6);
+    job.unit = __shfl_sync(0xffffffffu, f, 7);
     return job;
 }
 
+// Each warp is an independent worker over its own share of the stream (no block-wide sync),
+// so a warp that finishes a job starts the next while its neighbours are still copying.
 extern "C" __global__ void __launch_bounds__(KVX_THREADS, KVX_MIN_BLOCKS)
-kv_copy_jobs(const KvSpan* __restrict__ spans, const KvJob* __restrict__ jobs) {
-    const KvSpan a = spans[blockIdx.x];
-    const KvSpan b = spans[blockIdx.x + 1];
-    i64 j = a.job;
-    i64 lo = a.off;
-    if (j > b.job || (j == b.job && lo >= b.off)) return;
-    KvJob cur = kvx_load_job(jobs, j);
+kv_copy_jobs(const KvTask* __restrict__ tasks, const KvJob* __restrict__ jobs, i64 ntasks) {
+    const i64 w = (i64)blockIdx.x * (KVX_THREADS / 32) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (w >= ntasks) return;
+    const KvTask* t = tasks + w;
+    const ulonglong2 head0 = __ldg((const ulonglong2*)t), head1 = __ldg((const ulonglong2*)t + 1);
+    i64 j = (i64)head0.x;
+    i64 lo = (i64)head0.y;
+    const i64 end_job = (i64)head1.x;
+    const i64 end_off = (i64)head1.y;
+    if (j > end_job || (j == end_job && lo >= end_off)) return;  // warp-uniform
+    i64 field = kvx_job_field(&t->first, lane);
     for (;;) {
-        const i64 hi = (j == b.job) ? b.off : cur.nbytes;
-        const bool more = (j + 1 < b.job) || (j + 1 == b.job && b.off > 0);
-        KvJob nxt;
-        if (more) nxt = kvx_load_job(jobs, j + 1);  // in flight while `cur` copies
+        const KvJob cur = kvx_job(field);
+        const i64 hi = (j == end_job) ? end_off : cur.nbytes;
+        const bool more = (j + 1 < end_job) || (j + 1 == end_job && end_off > 0);
+        if (more) field = kvx_job_field(jobs + j + 1, lane);  // in flight while `cur` copies
         switch (cur.unit) {
-            case 4: kvx_copy_span<uint4>(cur, lo, hi); break;
-            case 3: kvx_copy_span<u64>(cur, lo, hi); break;
-            case 2: kvx_copy_span<unsigned int>(cur, lo, hi); break;
-            case 1: kvx_copy_span<unsigned short>(cur, lo, hi); break;
-            default: kvx_copy_span<unsigned char>(cur, lo, hi); break;
+            case 4: kvx_copy_span<uint4>(cur, lo, hi, lane); break;
+            case 3: kvx_copy_span<u64>(cur, lo, hi, lane); break;
+            case 2: kvx_copy_span<unsigned int>(cur, lo, hi, lane); break;
+            case 1: kvx_copy_span<unsigned short>(cur, lo, hi, lane); break;
+            default: kvx_copy_span<unsigned char>(cur, lo, hi, lane); break;
         }
         if (!more) break;
-        cur = nxt;
         ++j;
         lo = 0;
     }

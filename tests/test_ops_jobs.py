@@ -1,8 +1,8 @@
 """Device job records and per-CTA shares (kvxfer.ops.jobs), checked on CPU.
 
-A small Python emulation of csrc/kv_copy.cu (same span walk, same cursor arithmetic: initial
-divmod, then constant steps with one wrap) copies within one host arena, so the rules the kernel
-relies on are tested without a GPU.
+A small Python emulation of csrc/kv_copy.cu (same per-warp task walk, same piece-by-piece
+bookkeeping) copies within one host arena, so the rules the kernel relies on are tested without
+a GPU.
 """
 
 from __future__ import annotations
@@ -12,56 +12,47 @@ import pytest
 
 from kvxfer.errors import LayoutError
 from kvxfer.ops import reference
-from kvxfer.ops.jobs import DEVICE_JOB_DTYPE, as_plan, device_jobs, gather_jobs, partition, scatter_jobs
+from kvxfer.ops.jobs import DEVICE_JOB_DTYPE, as_plan, device_jobs, gather_jobs, partition, scatter_jobs, tasks
 from kvxfer.plan import JOB_DTYPE
 
 
-class _Cursor:
-    def __init__(self, base, run_b, stride_b, pos, step, u):
-        self.run = run_b // u
-        q, r = divmod(pos, self.run)
-        self.ptr = base + q * stride_b + r * u
-        self.inn = r
-        sq, sr = divmod(step, self.run)
-        self.adv = sq * stride_b + sr * u
-        self.rem = sr
-        self.wrap = stride_b - run_b
+def _copy_span(arena, job, lo, hi):
+    """kvx_copy_span: walk [lo, hi) piece by piece (contiguous on both sides)."""
+    u = 1 << int(job["unit"])
+    srun, sstr, drun, dstr = (int(job[k]) for k in ("src_run", "src_stride", "dst_run", "dst_stride"))
+    sq, sr = divmod(lo, srun)
+    dq, dr = divmod(lo, drun)
+    sp, dp = int(job["src"]) + sq * sstr + sr, int(job["dst"]) + dq * dstr + dr
+    s_left, d_left = srun - sr, drun - dr
+    pos = lo
+    while pos < hi:
+        n = min(s_left, d_left, hi - pos, 1 << 30)
+        assert n % u == 0
+        arena[dp : dp + n] = arena[sp : sp + n]
+        pos, sp, dp, s_left, d_left = pos + n, sp + n, dp + n, s_left - n, d_left - n
+        if s_left == 0:
+            sp, s_left = sp + sstr - srun, srun
+        if d_left == 0:
+            dp, d_left = dp + dstr - drun, drun
 
-    def step(self):
-        self.ptr += self.adv
-        self.inn += self.rem
-        if self.inn >= self.run:
-            self.inn -= self.run
-            self.ptr += self.wrap
 
-
-def emulate(arena: np.ndarray, djobs: np.ndarray, spans: np.ndarray, threads: int = 8, unroll: int = 2) -> None:
-    """What kv_copy_jobs does, with addresses as offsets into ``arena``."""
-    for b in range(spans.size - 1):
-        ja, lo = int(spans[b]["job"]), int(spans[b]["off"])
-        jb, ob = int(spans[b + 1]["job"]), int(spans[b + 1]["off"])
-        j = ja
-        while j < jb or (j == jb and lo < ob):
-            job = djobs[j]
-            hi = ob if j == jb else int(job["nbytes"])
-            u = 1 << int(job["unit"])
+def emulate(arena: np.ndarray, djobs: np.ndarray, task_table: np.ndarray) -> None:
+    """What kv_copy_jobs does per warp, with addresses as offsets into ``arena``."""
+    for t in task_table:
+        j, lo, ej, eo = (int(t[k]) for k in ("job", "off", "end_job", "end_off"))
+        if j > ej or (j == ej and lo >= eo):
+            continue
+        cur = t["first"]
+        while True:
+            hi = eo if j == ej else int(cur["nbytes"])
+            more = j + 1 < ej or (j + 1 == ej and eo > 0)
+            u = 1 << int(cur["unit"])
             assert lo % u == 0 and hi % u == 0
-            end = hi // u
-            for tid in range(threads):
-                p = lo // u + tid
-                if p >= end:
-                    continue
-                s = _Cursor(int(job["src"]), int(job["src_run"]), int(job["src_stride"]), p, threads, u)
-                d = _Cursor(int(job["dst"]), int(job["dst_run"]), int(job["dst_stride"]), p, threads, u)
-                while p < end:
-                    for k in range(unroll):
-                        if p + k * threads < end:
-                            arena[d.ptr : d.ptr + u] = arena[s.ptr : s.ptr + u]
-                        s.step()
-                        d.step()
-                    p += unroll * threads
-            j += 1
-            lo = 0
+            _copy_span(arena, cur, lo, hi)
+            if not more:
+                break
+            j, lo = j + 1, 0
+            cur = djobs[j]
 
 
 def _random_jobs(rng, n, max_run=40, align=1):
@@ -97,7 +88,7 @@ def test_emulated_kernel_matches_reference(align, base_shift, ctas):
     plan = as_plan(jobs)
     reference.copy_blocks(plan, [want[src_base:]], [want[dst_base:]])
     dj = device_jobs(jobs, [src_base], [dst_base])
-    emulate(arena, dj, partition(dj, ctas))
+    emulate(arena, dj, tasks(dj, partition(dj, ctas)))
     np.testing.assert_array_equal(arena, want)
 
 

@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 KERNEL = KernelSpec("kv_copy.cu", "kv_copy_jobs")
-_MIN_CTA_BYTES = 8192  # below this per CTA, launch fewer CTAs
+_MIN_WARP_BYTES = 2048  # below this per warp, launch fewer warps
 _STAGING_SLOTS = 4
 _H2D = 1  # cudaMemcpyHostToDevice
 
@@ -155,8 +155,8 @@ def _threads(spec: KernelSpec) -> int:
 _per_sm: dict[tuple[KernelSpec, int], tuple[int, int]] = {}
 
 
-def _ctas_for(spec: KernelSpec, device: int, total: int, ctas_per_sm: int | None) -> int:
-    """One wave of CTAs (as many as fit on the GPU at once), fewer for small copies."""
+def _workers_for(spec: KernelSpec, device: int, total: int, ctas_per_sm: int | None) -> tuple[int, int]:
+    """(warps, CTAs): one wave of CTAs (as many as fit on the GPU at once), fewer for small copies."""
     key = (spec, device)
     if key not in _per_sm:
         props = _cupy().cuda.runtime.getDeviceProperties(device)
@@ -166,36 +166,39 @@ def _ctas_for(spec: KernelSpec, device: int, total: int, ctas_per_sm: int | None
         by_threads = int(props["maxThreadsPerMultiProcessor"]) // threads
         _per_sm[key] = (int(props["multiProcessorCount"]), max(1, min(by_regs, by_threads, 32)))
     sms, fit = _per_sm[key]
-    return max(1, min(sms * (ctas_per_sm or fit), -(-total // _MIN_CTA_BYTES)))
+    warps_per_cta = _threads(spec) // 32
+    warps = max(1, min(sms * (ctas_per_sm or fit) * warps_per_cta, -(-total // _MIN_WARP_BYTES)))
+    return warps, -(-warps // warps_per_cta)
 
 
-def _payload(djobs: np.ndarray, spans: np.ndarray) -> tuple[np.ndarray, int]:
-    """Spans then jobs in one byte array (jobs 64-byte aligned); returns it and the jobs' offset."""
-    head = -(-spans.nbytes // 64) * 64
+def _payload(djobs: np.ndarray, tasks: np.ndarray) -> tuple[np.ndarray, int]:
+    """Tasks then jobs in one byte array (jobs 64-byte aligned); returns it and the jobs' offset."""
+    head = -(-tasks.nbytes // 64) * 64
     buf = np.zeros(head + djobs.nbytes, dtype=np.uint8)
-    buf[: spans.nbytes] = spans.view(np.uint8)
+    buf[: tasks.nbytes] = tasks.view(np.uint8)
     buf[head:] = djobs.view(np.uint8)
     return buf, head
 
 
 class _Resolved:
-    __slots__ = ("djobs", "spans", "ctas", "device", "nbytes")
+    __slots__ = ("djobs", "spans", "ctas", "warps", "device", "nbytes")
 
     def __init__(self, jobs: np.ndarray, src: list[int], dst: list[int], device: int, spec: KernelSpec,
                  ctas_per_sm: int | None):
         self.device = device
         self.djobs = _jobs.device_jobs(jobs, src, dst)
         self.nbytes = int(self.djobs["nbytes"].sum()) if self.djobs.size else 0
-        self.ctas = _ctas_for(spec, device, self.nbytes, ctas_per_sm) if self.nbytes else 0
-        self.spans = _jobs.partition(self.djobs, self.ctas) if self.nbytes else None
+        self.warps, self.ctas = _workers_for(spec, device, self.nbytes, ctas_per_sm) if self.nbytes else (0, 0)
+        self.spans = _jobs.tasks(self.djobs, _jobs.partition(self.djobs, self.warps)) if self.nbytes else None
 
 
-def _launch(spec: KernelSpec, device: int, ctas: int, dev_ptr: int, jobs_off: int, stream_ptr: int) -> None:
+def _launch(spec: KernelSpec, device: int, ctas: int, warps: int, dev_ptr: int, jobs_off: int,
+            stream_ptr: int) -> None:
     cupy = _cupy()
     fn = get_kernel(spec, device)
     try:
         with cupy.cuda.Device(device):
-            fn((ctas,), (_threads(spec),), (np.uint64(dev_ptr), np.uint64(dev_ptr + jobs_off)),
+            fn((ctas,), (_threads(spec),), (np.uint64(dev_ptr), np.uint64(dev_ptr + jobs_off), np.int64(warps)),
                stream=_cupy_stream(stream_ptr, device))
     except Exception as exc:
         raise TransportError(f"kv_copy launch failed on cuda:{device}: {exc}") from exc
@@ -210,13 +213,14 @@ class PreparedCopy:
     outlive every launch. A launch allocates nothing and does not synchronise (graph-capturable).
     """
 
-    __slots__ = ("device", "nbytes", "njobs", "ctas", "spec", "_mem", "_jobs_off", "__weakref__")
+    __slots__ = ("device", "nbytes", "njobs", "ctas", "warps", "spec", "_mem", "_jobs_off", "__weakref__")
 
     def __init__(self, resolved: _Resolved, spec: KernelSpec):
         self.device = resolved.device
         self.nbytes = resolved.nbytes
         self.njobs = int(resolved.djobs.size)
         self.ctas = resolved.ctas
+        self.warps = resolved.warps
         self.spec = spec
         self._mem = None
         self._jobs_off = 0
@@ -237,7 +241,7 @@ class PreparedCopy:
             if self.nbytes:
                 raise TransportError("this PreparedCopy was closed")
             return
-        _launch(self.spec, self.device, self.ctas, int(self._mem.ptr), self._jobs_off,
+        _launch(self.spec, self.device, self.ctas, self.warps, int(self._mem.ptr), self._jobs_off,
                 _stream_ptr(stream, (), self.device))
 
     def close(self) -> None:
@@ -251,7 +255,7 @@ class PreparedCopy:
         self.close()
 
     def __repr__(self) -> str:
-        return f"PreparedCopy({self.njobs} jobs, {self.nbytes} B, {self.ctas} CTAs on cuda:{self.device})"
+        return f"PreparedCopy({self.njobs} jobs, {self.nbytes} B, {self.warps} warps in {self.ctas} CTAs on cuda:{self.device})"
 
 
 def prepare(jobs: np.ndarray, src_bases: Any, dst_bases: Any, *, device: int | None = None,
@@ -386,7 +390,7 @@ def copy_jobs(jobs: np.ndarray, src_bases: Any, dst_bases: Any, *, stream: Any =
         ev = cupy.cuda.Event(disable_timing=True)
         ev.record(cstream)
         slot[2] = ev
-        _launch(spec, dev, res.ctas, int(mem.ptr), jobs_off, sptr)
+        _launch(spec, dev, res.ctas, res.warps, int(mem.ptr), jobs_off, sptr)
 
 
 def _check_buffer(buf: Any, plan: TransferPlan, what: str) -> None:

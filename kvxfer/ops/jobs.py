@@ -7,8 +7,9 @@ keeping it here lets CPU tests check every rule the kernel relies on.
   whose other side is one contiguous buffer (tensor 0, laid out in stream order).
 - :func:`device_jobs` resolves ``src_t``/``dst_t`` against per-tensor base addresses and picks
   each job's access width (16-byte vectors when everything in the job is 16-byte aligned).
-- :func:`partition` cuts the byte stream into one contiguous share per CTA, so that no CTA
-  searches the job list and every CTA moves about the same number of bytes.
+- :func:`partition` cuts the byte stream into one contiguous share per worker (a warp), so that
+  no warp searches the job list and every warp moves about the same number of bytes;
+  :func:`tasks` packs the shares as the kernel reads them.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from ..plan import JOB_DTYPE, TransferPlan
 __all__ = [
     "DEVICE_JOB_DTYPE",
     "SPAN_DTYPE",
+    "TASK_DTYPE",
     "MAX_UNIT_LOG2",
     "gather_jobs",
     "scatter_jobs",
     "as_plan",
     "device_jobs",
     "partition",
+    "tasks",
 ]
 
 # Must match `struct KvJob` in csrc/kv_copy.cu.
@@ -46,8 +49,14 @@ DEVICE_JOB_DTYPE = np.dtype(
 )
 assert DEVICE_JOB_DTYPE.itemsize == 64
 
-# Must match `struct KvSpan` in csrc/kv_copy.cu.
+# What partition() returns: where each worker's share starts (job index, byte offset).
 SPAN_DTYPE = np.dtype([("job", np.int64), ("off", np.int64)])
+
+# Must match `struct KvTask` in csrc/kv_copy.cu: one per warp, carrying its first job.
+TASK_DTYPE = np.dtype(
+    [("job", np.int64), ("off", np.int64), ("end_job", np.int64), ("end_off", np.int64), ("first", DEVICE_JOB_DTYPE)]
+)
+assert TASK_DTYPE.itemsize == 96
 
 MAX_UNIT_LOG2 = 4  # 16-byte accesses
 
@@ -154,9 +163,9 @@ def device_jobs(jobs: np.ndarray, src_bases: Sequence[int] | np.ndarray, dst_bas
 
 
 def partition(djobs: np.ndarray, n_ctas: int) -> np.ndarray:
-    """Cut the stream of ``djobs`` into ``n_ctas`` contiguous shares of about equal bytes.
+    """Cut the stream of ``djobs`` into ``n_ctas`` contiguous shares (one per worker) of about equal bytes.
 
-    Returns ``n_ctas + 1`` SPAN_DTYPE entries: CTA ``b`` copies from entry ``b`` up to entry
+    Returns ``n_ctas + 1`` SPAN_DTYPE entries: worker ``b`` copies from entry ``b`` up to entry
     ``b + 1`` (job index, byte offset in that job). Every cut falls on a multiple of its job's
     access width; the last entry is ``(len(djobs), 0)``.
 
@@ -184,3 +193,14 @@ def partition(djobs: np.ndarray, n_ctas: int) -> np.ndarray:
     spans["job"] = job
     spans["off"] = off
     return spans
+
+
+def tasks(djobs: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """One TASK_DTYPE record per worker (warp) from :func:`partition`'s spans: its share and a
+    copy of its first job (zeros for an empty share at the end of the stream)."""
+    out = np.zeros(spans.size - 1, dtype=TASK_DTYPE)
+    out["job"], out["off"] = spans["job"][:-1], spans["off"][:-1]
+    out["end_job"], out["end_off"] = spans["job"][1:], spans["off"][1:]
+    has = out["job"] < djobs.size
+    out["first"][has] = djobs[out["job"][has]]
+    return out
