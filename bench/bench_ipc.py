@@ -186,6 +186,7 @@ def main() -> int:
     ap.add_argument("--src", type=int, default=0)
     ap.add_argument("--dst", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--commit", default=None, help="git commit to record (when the tree has no .git)")
     a = ap.parse_args()
     ctx = mp.get_context("spawn")
     pc, cc = ctx.Pipe()
@@ -204,7 +205,7 @@ def main() -> int:
         "card": _card(a.dst),
         "gpus": f"producer cuda:{a.src}, consumer cuda:{a.dst}",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": a.commit or _git_commit(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "results": dict(res),
     }

@@ -161,6 +161,20 @@ class _State:
         return bad
 
 
+_SPIN = r"""
+extern "C" __global__ void spin(long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while ((long long)(t - t0) < ns);
+}"""
+
+
+def _spin(cp, stream_ptr: int, seconds: float) -> None:
+    """Keep ``stream`` busy for ``seconds`` (wall clock, independent of SM clocks)."""
+    k = cp.RawKernel(_SPIN, "spin")
+    k((1,), (1,), (np.int64(seconds * 1e9),), stream=cp.cuda.ExternalStream(stream_ptr))
+
+
 def _agent_main(conn, device: int, env: dict) -> None:
     os.environ.update(env)
     st = _State(device)
@@ -196,12 +210,14 @@ def _agent_main(conn, device: int, env: dict) -> None:
             elif cmd == "stalled_reads":  # reads queued behind a long kernel on the caller's stream
                 import torch
 
-                peer, n, timeout = args
+                peer, n, timeout, explicit = args
                 torch.cuda.set_device(device)
-                torch.cuda._sleep(int(4e9))
-                t0 = time.monotonic()
-                st.pending = [(st.conn.read(st.peers[peer], [i], [i], timeout=timeout), t0) for i in range(n)]
-                out = [h.status.value for h, _ in st.pending]
+                stream = torch.cuda.Stream(device) if explicit else torch.cuda.current_stream(device)
+                with torch.cuda.stream(stream):
+                    _spin(st.cp, int(stream.cuda_stream), 2.0)
+                    t0 = time.monotonic()
+                    st.pending = [(st.conn.read(st.peers[peer], [i], [i], timeout=timeout), t0) for i in range(n)]
+                out = ([h.status.value for h, _ in st.pending], int(stream.cuda_stream), not stream.query())
             elif cmd == "wait_pending":
                 res = []
                 for h, t0 in st.pending:
@@ -374,14 +390,23 @@ def test_producer_killed_mid_run_fails_pending_and_consumer_goes_on():
         i1, _ = cons("connect", md1)
         i2, _ = cons("connect", md2)
         mapped_both = cons("mappings")
+        problems = []
+        # ordering: copies wait for work queued before on the caller's (default) stream
+        states, sptr, busy = cons("stalled_reads", i2, 2, 8.0, False)
+        if states != ["pending"] * 2:
+            problems.append(f"default stream {sptr} (busy={busy}): copies did not wait for it: {states}")
+        if [k for k, _ in cons("wait_pending", 10.0)] != ["done", "done"]:
+            problems.append("reads behind the default stream did not complete")
+        # producer killed while reads are pending (queued behind a busy explicit stream)
         timeout = 8.0
-        states = cons("stalled_reads", i1, 4, timeout)
-        assert states == ["pending"] * 4, states
+        states, sptr, busy = cons("stalled_reads", i1, 4, timeout, True)
+        if states != ["pending"] * 4:
+            problems.append(f"explicit stream {sptr} (busy={busy}): copies did not wait for it: {states}")
         p1.kill()
         res = cons("wait_pending", timeout + 5)
         for kind, elapsed in res:
-            assert kind == "PeerLostError", res
-            assert elapsed < timeout, res
+            if kind != "PeerLostError" or elapsed >= timeout:
+                problems.append(f"pending read on the killed producer ended {kind} after {elapsed:.2f} s")
         # the consumer keeps working with the other producer
         cons("poison")
         cons("read", i2, [1, 2], [3, 4], {})
@@ -391,6 +416,7 @@ def test_producer_killed_mid_run_fails_pending_and_consumer_goes_on():
         while cons("mappings") >= mapped_both and time.monotonic() < deadline:
             time.sleep(0.5)
         assert cons("mappings") < mapped_both
+        assert not problems, problems
     finally:
         for a in (cons, p2, p1):
             a.close()
