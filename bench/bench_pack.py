@@ -45,7 +45,7 @@ def _spec(**defines: int) -> KernelSpec:
 
 VARIANTS = {
     "default": ops.KERNEL,
-    "no_stream_hint": _spec(KVX_STREAMING=0),
+    "stream_hint": _spec(KVX_STREAMING=1),
     "mb3u4": _spec(KVX_MIN_BLOCKS=3, KVX_UNROLL=4),
     "t128u16": _spec(KVX_THREADS=128, KVX_MIN_BLOCKS=2, KVX_UNROLL=16),
     "mb1u8": _spec(KVX_MIN_BLOCKS=1),

@@ -202,7 +202,7 @@ def test_cupy_arrays_on_an_explicit_stream():
 def test_cuda_graph_capture_and_replay():
     src = [_rand((2, 64, 16, 8, 128), torch.bfloat16) for _ in range(4)]
     layout = KVLayout.from_tensors(src, block_dim=1)
-    sb, db = np.arange(0, 64, 3), np.arange(21)
+    sb, db = np.arange(0, 64, 3), np.arange(22)
     plan = plan_transfer(layout.geometry, layout.geometry, sb, db)
     out = torch.empty(plan.nbytes, dtype=torch.uint8, device="cuda")
     prepared = ops.prepare_gather(plan, layout, out)

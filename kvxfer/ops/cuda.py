@@ -142,7 +142,13 @@ _streams: dict[tuple[int, int], Any] = {}
 def _cupy_stream(ptr: int, device: int) -> Any:
     s = _streams.get((device, ptr))
     if s is None:
-        s = _streams[(device, ptr)] = _cupy().cuda.ExternalStream(ptr, device)
+        cuda = _cupy().cuda
+        from_external = getattr(cuda.Stream, "from_external", None)
+        try:  # CuPy 14 deprecates ExternalStream in favour of Stream.from_external
+            s = from_external(ptr, device) if from_external is not None else cuda.ExternalStream(ptr, device)
+        except TypeError:
+            s = cuda.ExternalStream(ptr, device)
+        _streams[(device, ptr)] = s
     return s
 
 
