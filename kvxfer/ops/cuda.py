@@ -144,9 +144,13 @@ def _cupy_stream(ptr: int, device: int) -> Any:
     if s is None:
         cuda = _cupy().cuda
         from_external = getattr(cuda.Stream, "from_external", None)
-        try:  # CuPy 14 deprecates ExternalStream in favour of Stream.from_external
-            s = from_external(ptr, device) if from_external is not None else cuda.ExternalStream(ptr, device)
-        except TypeError:
+        s = None
+        if from_external is not None:  # CuPy 14 deprecates ExternalStream for Stream.from_external
+            try:
+                s = from_external(ptr, device)
+            except Exception:  # other signature (stream-protocol objects only): use the old class
+                s = None
+        if s is None or int(getattr(s, "ptr", -1)) != ptr:
             s = cuda.ExternalStream(ptr, device)
         _streams[(device, ptr)] = s
     return s
