@@ -55,9 +55,8 @@ class AsyncServerClient(AsyncRegistry):
         self._instance = new_instance_id()
         self._call_timeout = call_timeout_s
         self._seq = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[RegResult]] = {}
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task | None = None
+        self._pending: dict[int, tuple[asyncio.Future[RegResult], asyncio.TimerHandle]] = {}
+        self._proto: _ClientProtocol | None = None
         self._bg: set[asyncio.Task] = set()
         self._registration: tuple[bytes, float] | None = None
         self._lease_s = DEFAULT_LEASE_S
@@ -83,54 +82,48 @@ class AsyncServerClient(AsyncRegistry):
 
     # -- link ---------------------------------------------------------------------------
     async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.url.host, self.url.port),
-                                                    timeout=self._call_timeout)
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(lambda: _ClientProtocol(self), self.url.host, self.url.port),
+                timeout=self._call_timeout)
         except (OSError, TimeoutError) as exc:
             raise RegistryUnavailableError(f"registry {self.url} unreachable: {exc}") from None
-        self._writer = writer
-        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop(reader, writer))
+        self._proto = proto
         try:
             await self._call(Hello(self._token, self.name))
         except RegistryAuthError:
-            self._drop_link("token refused")
+            self._drop_link(proto, "token refused")
             raise
 
-    async def _read_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        decoder = FrameDecoder()
-        reason = "registry closed the connection"
+    def _on_frames(self, proto: _ClientProtocol, data: bytes) -> None:
+        proto.decoder.feed(data)
         try:
-            while True:
-                data = await reader.read(1 << 16)
-                if not data:
-                    break
-                decoder.feed(data)
-                for frame in decoder.frames():
-                    if frame.type is FrameType.REG_REPLY:
-                        seq, result = decode_reply(frame)
-                        fut = self._pending.pop(seq, None)
-                        if fut is not None and not fut.done():
+            for frame in proto.decoder.frames():
+                if frame.type is FrameType.REG_REPLY:
+                    seq, result = decode_reply(frame)
+                    entry = self._pending.pop(seq, None)
+                    if entry is not None:
+                        fut, timer = entry
+                        timer.cancel()
+                        if not fut.done():
                             fut.set_result(result)
-                    elif frame.type is FrameType.REG_EVENT:
-                        self._emit_event(decode_event(frame))
-                    else:
-                        raise RemoteProtocolError(f"registry sent an unexpected {frame.type.name} frame")
+                elif frame.type is FrameType.REG_EVENT:
+                    self._emit_event(decode_event(frame))
+                else:
+                    raise RemoteProtocolError(f"registry sent an unexpected {frame.type.name} frame")
         except RemoteProtocolError as exc:
-            reason = f"protocol error from the registry: {exc}"
-            log.warning("kvxfer registry client %s: %s", self.name, reason)
-        except (ConnectionError, OSError) as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-        except asyncio.CancelledError:
-            reason = "client closing"
-        if self._writer is writer:
-            self._drop_link(reason)
+            log.warning("kvxfer registry client %s: protocol error from the registry: %s", self.name, exc)
+            self._drop_link(proto, f"protocol error from the registry: {exc}")
 
-    def _drop_link(self, reason: str) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
+    def _drop_link(self, proto: _ClientProtocol | None, reason: str) -> None:
+        if proto is None or proto is not self._proto:
+            return
+        self._proto = None
+        proto.close()
         pending, self._pending = self._pending, {}
-        for fut in pending.values():
+        for fut, timer in pending.values():
+            timer.cancel()
             if not fut.done():
                 fut.set_exception(RegistryUnavailableError(f"connection to registry {self.url} lost ({reason})"))
         if self._closed or not self._ready:
@@ -153,9 +146,9 @@ class AsyncServerClient(AsyncRegistry):
                 return
             except RegistryError as exc:
                 log.debug("kvxfer registry client %s: reconnect attempt %d failed: %s", self.name, attempt, exc)
-                if self._writer is not None:  # connected, but re-registering failed: try again
-                    self._writer.close()
-                    self._writer = None
+                if self._proto is not None:  # connected, but re-registering failed: try again
+                    proto, self._proto = self._proto, None
+                    proto.close()
                 continue
             log.info("kvxfer registry client %s: reconnected to %s", self.name, self.url)
             self._emit_link(LinkState.RECONNECTED)
@@ -167,22 +160,25 @@ class AsyncServerClient(AsyncRegistry):
         task.add_done_callback(self._bg.discard)
         return task
 
+    def _expire(self, seq: int, limit: float, what: str) -> None:
+        entry = self._pending.pop(seq, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_exception(RegistryTimeoutError(
+                f"registry {self.url} did not answer {what} within {limit:g} s"))
+
     async def _call(self, msg: RegRequest, timeout: float | None = None) -> RegResult:
         if self._closed:
             raise RegistryUnavailableError("registry client is closed")
-        writer = self._writer
-        if writer is None:
+        proto = self._proto
+        if proto is None:
             raise RegistryUnavailableError(f"not connected to registry {self.url} (reconnecting)")
+        loop = asyncio.get_running_loop()
         seq = next(self._seq)
-        fut: asyncio.Future[RegResult] = asyncio.get_running_loop().create_future()
-        self._pending[seq] = fut
-        writer.write(encode_request(seq, msg))
+        fut: asyncio.Future[RegResult] = loop.create_future()
         limit = self._call_timeout if timeout is None else timeout
-        try:
-            result = await asyncio.wait_for(fut, timeout=limit)
-        except TimeoutError:
-            self._pending.pop(seq, None)
-            raise RegistryTimeoutError(f"registry {self.url} did not answer {type(msg).__name__} within {limit:g} s") from None
+        self._pending[seq] = (fut, loop.call_later(limit, self._expire, seq, limit, type(msg).__name__))
+        proto.send(encode_request(seq, msg))
+        result = await fut
         if isinstance(result, Failure):
             raise error_from_code(result.code, result.message)
         return result
@@ -205,7 +201,7 @@ class AsyncServerClient(AsyncRegistry):
     async def _heartbeat_loop(self) -> None:
         while not self._closed and self._registration is not None:
             await asyncio.sleep(self._lease_s / 3)
-            if self._writer is None:
+            if self._proto is None:
                 continue
             try:
                 await self._call(Heartbeat(self.name, self._instance), timeout=self._lease_s)
@@ -262,7 +258,7 @@ class AsyncServerClient(AsyncRegistry):
     async def close(self) -> None:
         if self._closed:
             return
-        if self._registration is not None and self._writer is not None:
+        if self._registration is not None and self._proto is not None:
             try:
                 await self.unregister()
             except RegistryError:
@@ -270,10 +266,46 @@ class AsyncServerClient(AsyncRegistry):
         self._closed = True
         for task in list(self._bg):
             task.cancel()
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-        self._drop_link("client closing")
-        await asyncio.gather(*self._bg, *( [self._reader_task] if self._reader_task else []), return_exceptions=True)
+        self._drop_link(self._proto, "client closing")
+        await asyncio.gather(*self._bg, return_exceptions=True)
+
+
+class _ClientProtocol(asyncio.Protocol):
+    """The client's socket: hands bytes to the client, coalesces writes made in one loop turn."""
+
+    def __init__(self, client: AsyncServerClient):
+        self.client = client
+        self.decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+        self.outbox: list[bytes] = []
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.client._on_frames(self, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.client._drop_link(self, f"{type(exc).__name__}: {exc}" if exc else "registry closed the connection")
+
+    def send(self, data: bytes) -> None:
+        if not self.outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.outbox.append(data)
+
+    def _flush(self) -> None:
+        if self.transport is not None and not self.closed and self.outbox:
+            self.transport.write(b"".join(self.outbox))
+        self.outbox.clear()
+
+    def close(self) -> None:
+        self._flush()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
 
 
 def _ints(blocks: Sequence[int]) -> tuple[int, ...]:

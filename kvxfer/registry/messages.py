@@ -25,7 +25,7 @@ from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
 from ..errors import LocalProtocolError, RemoteProtocolError
 import msgpack
 
-from ..protocol.frames import FRAME_PREFIX_SIZE, MAX_HEADER_BYTES, Frame, FrameType, encode_frame, parse_prefix
+from ..protocol.frames import FRAME_PREFIX_SIZE, MAGIC, MAX_HEADER_BYTES, Frame, FrameType, encode_frame, parse_prefix
 from .errors import ErrorCode
 
 __all__ = [
@@ -529,6 +529,8 @@ class FrameDecoder:
         """
         buf = self._buf
         pos = 0
+        if 4 <= len(buf) < FRAME_PREFIX_SIZE and buf[:4] != MAGIC:  # refuse garbage before a whole prefix
+            raise RemoteProtocolError(f"bad frame magic {bytes(buf[:4])!r}; expected {MAGIC!r}")
         try:
             while len(buf) - pos >= FRAME_PREFIX_SIZE:
                 prefix = parse_prefix(bytes(buf[pos:pos + FRAME_PREFIX_SIZE]), max_payload=0)

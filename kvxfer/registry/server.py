@@ -31,7 +31,6 @@ __all__ = ["ServerConfig", "AsyncRegistryServer", "RegistryServer"]
 
 log = logging.getLogger(__name__)
 
-_READ_CHUNK = 1 << 16
 _UNDELIVERED_PER_NAME = 4096
 
 
@@ -48,16 +47,71 @@ class ServerConfig:
     core: CoreConfig = field(default_factory=CoreConfig)
 
 
-class _Conn:
-    __slots__ = ("writer", "peer", "names", "waits", "outbox", "closed")
+class _Conn(asyncio.Protocol):
+    """One client connection: bytes in through the sans-I/O decoder, replies out in batches."""
 
-    def __init__(self, writer: asyncio.StreamWriter, peer: str):
-        self.writer = writer
-        self.peer = peer
+    def __init__(self, server: AsyncRegistryServer):
+        self.server = server
+        self.decoder = FrameDecoder(server.config.max_header_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
         self.names: set[str] = set()
         self.waits: set[int] = set()
         self.outbox: list[bytes] = []
         self.closed = False
+        self.greeted = False
+        self.hello_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peername = transport.get_extra_info("peername")
+        self.peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        self.server._conns.add(self)
+        self.hello_timer = asyncio.get_running_loop().call_later(self.server.config.hello_timeout_s, self._no_hello)
+
+    def _no_hello(self) -> None:
+        if not self.greeted and not self.closed:
+            log.warning("kvxfer registry: dropping %s: no hello within %.1f s", self.peer,
+                        self.server.config.hello_timeout_s)
+            self.server._abort(self, "no hello")
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.decoder.feed(data)
+        server = self.server
+        try:
+            for frame in self.decoder.frames():
+                seq, msg = decode_request(frame)
+                if not self.greeted:
+                    if not self._greet(seq, msg):
+                        return
+                    continue
+                server._on_request(self, seq, msg)
+        except RemoteProtocolError as exc:
+            log.warning("kvxfer registry: dropping connection from %s: %s", self.peer, exc)
+            server._abort(self, f"protocol error: {exc}", hard=True)
+        server._schedule_flush()
+
+    def _greet(self, seq: int, msg: object) -> bool:
+        if not isinstance(msg, Hello):
+            raise RemoteProtocolError(f"first registry request must be hello, got {type(msg).__name__}")
+        if not self.server._token_ok(msg.token):
+            log.warning("kvxfer registry: refused %s (%s): wrong or missing token", self.peer, msg.client)
+            assert self.transport is not None
+            self.transport.write(encode_reply(seq, Failure(ErrorCode.AUTH, "registry refused the token "
+                                                           "(missing or wrong shared token)")))
+            self.server._abort(self, "token refused")  # close() sends what is buffered first
+            return False
+        self.greeted = True
+        if self.hello_timer is not None:
+            self.hello_timer.cancel()
+        self.server._send(self, encode_reply(seq, Ack()))
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._abort(self, f"connection lost: {exc}" if exc else "connection closed by the client")
 
 
 class AsyncRegistryServer:
@@ -76,9 +130,9 @@ class AsyncRegistryServer:
         self._wait_ids = itertools.count(1)
         self._undelivered: dict[str, deque[bytes]] = {}
         self._dirty: set[_Conn] = set()
+        self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
-        self._tasks: set[asyncio.Task] = set()
 
     @property
     def port(self) -> int:
@@ -93,8 +147,8 @@ class AsyncRegistryServer:
 
     async def start(self) -> None:
         """Bind and start accepting. Raises OSError when the address cannot be bound."""
-        self._server = await asyncio.start_server(self._serve, self.config.host, self.config.port,
-                                                  limit=_READ_CHUNK)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Conn(self), self.config.host, self.config.port)
         log.info("kvxfer registry listening on %s", self.url)
 
     async def close(self) -> None:
@@ -103,10 +157,7 @@ class AsyncRegistryServer:
             return
         self._server.close()
         for conn in list(self._conns):
-            self._abort(conn, "server closing")
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._abort(conn, "server closing", hard=True)
         await self._server.wait_closed()
         if self._timer is not None:
             self._timer.cancel()
@@ -119,85 +170,20 @@ class AsyncRegistryServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # -- connections --------------------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        peername = writer.get_extra_info("peername")
-        conn = _Conn(writer, f"{peername[0]}:{peername[1]}" if peername else "?")
-        self._conns.add(conn)
-        decoder = FrameDecoder(self.config.max_header_bytes)
-        reason = "connection closed by the client"
-        try:
-            if not await self._handshake(conn, reader, decoder):
-                return
-            while not conn.closed:
-                data = await reader.read(_READ_CHUNK)
-                if not data:
-                    break
-                decoder.feed(data)
-                for frame in decoder.frames():
-                    seq, msg = decode_request(frame)
-                    self._on_request(conn, seq, msg)
-                self._flush()
-                if conn.writer.transport.get_write_buffer_size() > self.config.max_write_buffer // 2:
-                    await asyncio.wait_for(conn.writer.drain(), timeout=30.0)
-        except RemoteProtocolError as exc:
-            reason = f"protocol error: {exc}"
-            log.warning("kvxfer registry: dropping connection from %s: %s", conn.peer, exc)
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-        except asyncio.CancelledError:
-            reason = "server closing"
-        finally:
-            self._abort(conn, reason)
-            self._tasks.discard(task)
-
-    async def _handshake(self, conn: _Conn, reader: asyncio.StreamReader, decoder: FrameDecoder) -> bool:
-        deadline = time.monotonic() + self.config.hello_timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                log.warning("kvxfer registry: dropping %s: no hello within %.1f s", conn.peer, self.config.hello_timeout_s)
-                return False
-            data = await asyncio.wait_for(reader.read(_READ_CHUNK), timeout=remaining)
-            if not data:
-                return False
-            decoder.feed(data)
-            frames = decoder.frames()
-            frame = next(frames, None)
-            if frame is None:
-                continue
-            seq, msg = decode_request(frame)
-            if not isinstance(msg, Hello):
-                raise RemoteProtocolError(f"first registry request must be hello, got {type(msg).__name__}")
-            if not self._token_ok(msg.token):
-                log.warning("kvxfer registry: refused %s (%s): wrong or missing token", conn.peer, msg.client)
-                conn.writer.write(encode_reply(seq, Failure(ErrorCode.AUTH, "registry refused the token "
-                                                            "(missing or wrong shared token)")))
-                await asyncio.wait_for(conn.writer.drain(), timeout=1.0)
-                return False
-            conn.outbox.append(encode_reply(seq, Ack()))
-            self._dirty.add(conn)
-            for frame in frames:  # requests pipelined right behind the hello
-                seq, req = decode_request(frame)
-                self._on_request(conn, seq, req)
-            self._flush()
-            return True
-
     def _token_ok(self, token: str | None) -> bool:
         expected = self.config.token
         if expected is None:
             return True
         return token is not None and hmac.compare_digest(token.encode(), expected.encode())
 
-    def _abort(self, conn: _Conn, reason: str) -> None:
+    def _abort(self, conn: _Conn, reason: str, hard: bool = False) -> None:
         if conn.closed:
             return
         conn.closed = True
         self._conns.discard(conn)
         self._dirty.discard(conn)
+        if conn.hello_timer is not None:
+            conn.hello_timer.cancel()
         self.core.forget_waits(list(conn.waits))
         for wid in conn.waits:
             self._wait_owner.pop(wid, None)
@@ -205,7 +191,8 @@ class AsyncRegistryServer:
             if self._by_name.get(name) is conn:
                 del self._by_name[name]
         log.debug("kvxfer registry: connection %s closed: %s", conn.peer, reason)
-        conn.writer.transport.abort() if reason.startswith("protocol") else conn.writer.close()
+        if conn.transport is not None:
+            conn.transport.abort() if hard else conn.transport.close()
 
     # -- requests -----------------------------------------------------------------------
     def _on_request(self, conn: _Conn, seq: int, msg: object) -> None:
@@ -241,7 +228,13 @@ class AsyncRegistryServer:
         conn.outbox.append(data)
         self._dirty.add(conn)
 
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
+        self._flush_scheduled = False
         for out in self.core.drain():
             if isinstance(out, WaitResolved):
                 owner = self._wait_owner.pop(out.wait_id, None)
@@ -262,11 +255,12 @@ class AsyncRegistryServer:
                 continue
             data = b"".join(conn.outbox) if len(conn.outbox) > 1 else conn.outbox[0]
             conn.outbox.clear()
-            conn.writer.write(data)
-            if conn.writer.transport.get_write_buffer_size() > self.config.max_write_buffer:
+            assert conn.transport is not None
+            conn.transport.write(data)
+            if conn.transport.get_write_buffer_size() > self.config.max_write_buffer:
                 log.warning("kvxfer registry: dropping %s: it stopped reading (%d B unsent)", conn.peer,
-                            conn.writer.transport.get_write_buffer_size())
-                self._abort(conn, "slow reader")
+                            conn.transport.get_write_buffer_size())
+                self._abort(conn, "slow reader", hard=True)
         self._arm_timer()
 
     # -- time ---------------------------------------------------------------------------

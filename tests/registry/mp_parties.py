@@ -1,0 +1,111 @@
+"""Producer and consumer processes for the multi-process registry tests (spawn targets)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+NUM_BLOCKS = 24
+LAYERS = 4
+LEASE_S = 1.0
+
+
+def make_kv(seed: int | None) -> list[np.ndarray]:
+    """4 layers of [blocks, K/V, 16 tokens, 64] bytes: random for a producer, zeros for a consumer."""
+    shape = (NUM_BLOCKS, 2, 16, 64)
+    if seed is None:
+        return [np.zeros(shape, dtype=np.uint8) for _ in range(LAYERS)]
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=shape, dtype=np.uint8) for _ in range(LAYERS)]
+
+
+def _connector(name: str, url: str, token: str | None, kv: list[np.ndarray]) -> Any:
+    from kvxfer.connector import Connector
+    from kvxfer.registry.agent import RequestAgent
+
+    conn = Connector(name, registry=url, registry_token=token)
+    conn.register(kv)
+    # a short lease so that failures show within seconds (the Connector's own agent uses the default)
+    conn._agent = RequestAgent(conn, url, token, lease_s=LEASE_S)
+    return conn
+
+
+def producer(url: str, token: str | None, name: str, rid: str, blocks: list[int], mode: str, ttl: float,
+             out: Any) -> None:
+    """Publish (pull mode) or push every layer (push mode); report how the request finished."""
+    from kvxfer.errors import KvxferError
+    from kvxfer.registry.errors import UnknownRequestError
+
+    try:
+        conn = _connector(name, url, token, make_kv(1))
+    except KvxferError as exc:
+        out.put(("error", type(exc).__name__, str(exc)))
+        return
+    agent = conn.requests
+    if mode == "pull":
+        conn.publish(rid, blocks, ttl=ttl)
+        out.put(("published", rid))
+    else:
+        out.put(("published", rid))
+        handles = [conn.push(rid, blocks, layers=[i], last=i == LAYERS - 1, timeout=ttl) for i in range(LAYERS)]
+        try:
+            for h in handles:
+                h.wait(ttl + 5)
+        except KvxferError as exc:
+            out.put(("push_error", type(exc).__name__, str(exc)))
+    try:
+        fin = agent.wait_finished(timeout=ttl + 10)
+        out.put(("finished", fin.kind.value, fin.reason))
+    except KvxferError as exc:
+        out.put(("error", type(exc).__name__, str(exc)))
+    try:
+        agent._client.query(rid)
+        out.put(("entry", "present"))
+    except UnknownRequestError:
+        out.put(("entry", "gone"))
+    conn.close()
+
+
+def consumer(url: str, token: str | None, name: str, rid: str, src: list[int], dst: list[int], mode: str,
+             timeout: float, out: Any) -> None:
+    """Pull or expect ``rid`` into ``dst``; check every byte against the producer's ``src`` blocks."""
+    from kvxfer.errors import KvxferError
+
+    kv = make_kv(None)
+    try:
+        conn = _connector(name, url, token, kv)
+    except KvxferError as exc:
+        out.put(("error", type(exc).__name__, str(exc), 0.0))
+        return
+    t0 = time.monotonic()
+    try:
+        h = conn.pull(rid, dst, timeout=timeout) if mode == "pull" else conn.expect(rid, dst, timeout=timeout)
+        out.put(("started", time.monotonic() - t0))
+        h.wait(timeout + 10)
+    except KvxferError as exc:
+        out.put(("error", type(exc).__name__, str(exc), time.monotonic() - t0))
+        conn.close()
+        return
+    want = make_kv(1)
+    mask = np.zeros(NUM_BLOCKS, dtype=bool)
+    mask[dst] = True
+    same = all(np.array_equal(kv[i][dst], want[i][src]) for i in range(LAYERS))
+    untouched = all(not kv[i][~mask].any() for i in range(LAYERS))
+    out.put(("ok", same, untouched, time.monotonic() - t0))
+    conn.close()
+
+
+def claim_and_die(url: str, token: str | None, name: str, rid: str, out: Any) -> None:
+    """A consumer that claims a request and dies before reading it (no unregister, no complete)."""
+    from kvxfer.registry.client import connect_registry
+
+    c = connect_registry(url, name=name, token=token)
+    c.register(b"doomed", LEASE_S)
+    claim = c.pull(rid, 10)
+    out.put(("claimed", claim.producer))
+    out.close()
+    out.join_thread()  # the message must leave before the hard exit
+    os._exit(0)

@@ -1,0 +1,211 @@
+"""Producer, consumer and registry, each its own process, on the embedded server and on Redis.
+
+Bytes arrive (every byte compared), the producer is told, entries disappear; and the failures:
+producer dead before or during a pull, consumer dead, registry restarted, wrong token, bad
+frames at the registry port.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mp_parties import LEASE_S, claim_and_die, consumer, producer
+from regutil import RedisProcess, free_port, need_redis
+
+pytestmark = pytest.mark.timeout(120)
+CTX = mp.get_context("spawn")
+
+
+class RegistryProcess:
+    """``kvxfer-registry`` (python -m kvxfer.registry.cli) on a fixed free port, restartable."""
+
+    def __init__(self, token: str | None = None):
+        self.port = free_port()
+        self.token = token
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"kvxfer://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        args = [sys.executable, "-m", "kvxfer.registry.cli", "--port", str(self.port), "--log-level", "WARNING"]
+        if self.token:
+            args += ["--token", self.token]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        assert "serving" in line, line
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture(params=["kvxfer", "redis"])
+def kind(request) -> str:
+    if request.param == "redis":
+        need_redis()
+    return request.param
+
+
+def _registry(kind: str, tmp_path: Path, token: str | None = None):
+    reg = RegistryProcess(token) if kind == "kvxfer" else RedisProcess(tmp_path, password=token)
+    reg.start()
+    return reg
+
+
+@pytest.fixture
+def registry(kind, tmp_path) -> Iterator:
+    reg = _registry(kind, tmp_path)
+    yield reg
+    reg.stop()
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.procs: list[mp.Process] = []
+
+    def start(self, target, *args) -> tuple[mp.Process, mp.Queue]:
+        q = CTX.Queue()
+        p = CTX.Process(target=target, args=(*args, q), daemon=True)
+        p.start()
+        self.procs.append(p)
+        return p, q
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+            p.join(10)
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    ps = Procs()
+    yield ps
+    ps.cleanup()
+
+
+def _get(q, timeout: float = 30.0):
+    return q.get(timeout=timeout)
+
+
+SRC = [3, 4, 5, 9, 17]
+DST = [0, 1, 2, 20, 7]
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_transfer_bytes_arrive_producer_told_entry_gone(registry, procs, mode):
+    _, pq = procs.start(producer, registry.url, None, "prod", "req-1", SRC, mode, 20.0)
+    assert _get(pq)[0] == "published"
+    _, cq = procs.start(consumer, registry.url, None, "cons", "req-1", SRC, DST, mode, 20.0)
+    assert _get(cq)[0] == "started"
+    result = _get(cq)
+    assert result[:3] == ("ok", True, True), result   # every byte equal, other blocks untouched
+    assert _get(pq)[:2] == ("finished", "consumed")
+    assert _get(pq) == ("entry", "gone")
+
+
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_producer_dies_before_or_during_pull(registry, procs, how):
+    pp, pq = procs.start(producer, registry.url, None, "prod", "req-2", SRC, "pull", 60.0)
+    assert _get(pq)[0] == "published"
+    # killed: the process is gone (its TCP endpoint refuses); frozen: it hangs mid-way (no
+    # heartbeats, a connect to it never completes), as a host that died under a transfer
+    os.kill(pp.pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+    _, cq = procs.start(consumer, registry.url, None, "cons", "req-2", SRC, DST, "pull", 60.0)
+    assert _get(cq)[0] == "started"
+    result = _get(cq)
+    assert result[0] == "error", result
+    assert result[3] < 2 * LEASE_S + 0.5, result      # within two lease periods, not the 60 s timeout
+    assert "prod" in result[2] or "lease" in result[2], result
+
+
+def test_consumer_dies_producer_told(registry, procs):
+    _, pq = procs.start(producer, registry.url, None, "prod", "req-3", SRC, "pull", 60.0)
+    assert _get(pq)[0] == "published"
+    cp, cq = procs.start(claim_and_die, registry.url, None, "doomed", "req-3")
+    assert _get(cq) == ("claimed", "prod")
+    t0 = time.monotonic()
+    fin = _get(pq)
+    assert fin[:2] == ("finished", "failed") and "doomed" in fin[2], fin
+    assert time.monotonic() - t0 < 2 * LEASE_S + 1.0
+    assert _get(pq) == ("entry", "gone")
+
+
+def test_unclaimed_entry_expires_producer_told(registry, procs):
+    _, pq = procs.start(producer, registry.url, None, "prod", "req-4", SRC, "pull", 1.0)
+    assert _get(pq)[0] == "published"
+    assert _get(pq)[:2] == ("finished", "expired")
+    assert _get(pq) == ("entry", "gone")
+
+
+def test_registry_restart_clear_error_then_reconnect(kind, registry, procs):
+    _, pq = procs.start(producer, registry.url, None, "prod", "req-5", SRC, "pull", 60.0)
+    assert _get(pq)[0] == "published"
+    _, early = procs.start(consumer, registry.url, None, "early", "never-published", SRC, DST, "pull", 60.0)
+    assert _get(early)[0] == "started"
+    time.sleep(0.3)
+    registry.stop()
+    result = _get(early)   # a pending pull fails at once with a clear error, not after 60 s
+    assert result[:2] == ("error", "RegistryUnavailableError"), result
+    registry.start()
+    # the producer reconnects, re-registers and publishes req-5 again; a consumer then gets it
+    _, cq = procs.start(consumer, registry.url, None, "cons", "req-5", SRC, DST, "pull", 20.0)
+    assert _get(cq)[0] == "started"
+    result = _get(cq, 40)
+    assert result[:3] == ("ok", True, True), result
+    assert _get(pq)[:2] == ("finished", "consumed")
+
+
+def test_wrong_token_refused(kind, tmp_path, procs):
+    reg = _registry(kind, tmp_path, token="sesame")
+    try:
+        _, q = procs.start(producer, reg.url, "wrong", "prod", "req-6", SRC, "pull", 5.0)
+        result = _get(q)
+        assert result[:2] == ("error", "RegistryAuthError"), result
+        _, q = procs.start(producer, reg.url, None, "prod", "req-6", SRC, "pull", 5.0)
+        assert _get(q)[:2] == ("error", "RegistryAuthError")
+        _, pq = procs.start(producer, reg.url, "sesame", "prod", "req-6", SRC, "pull", 20.0)
+        assert _get(pq)[0] == "published"
+        _, cq = procs.start(consumer, reg.url, "sesame", "cons", "req-6", SRC, DST, "pull", 20.0)
+        _get(cq)
+        assert _get(cq)[:3] == ("ok", True, True)
+    finally:
+        reg.stop()
+
+
+def test_malformed_and_oversized_frames_to_registry_port(procs, tmp_path):
+    reg = _registry("kvxfer", tmp_path)
+    try:
+        bad = [b"\x00" * 64, b"KVXF" + bytes([1, 32, 0, 0]) + (1 << 30).to_bytes(4, "big") + bytes(8),
+               b"KVXF" + bytes([1, 32, 0, 0]) + (4).to_bytes(4, "big") + (1 << 40).to_bytes(8, "big"),
+               b"GET / HTTP/1.1\r\n\r\n"]
+        for payload in bad:
+            with socket.create_connection(("127.0.0.1", reg.port), timeout=5) as s:
+                s.sendall(payload)
+                s.settimeout(5)
+                try:
+                    assert s.recv(100) == b""        # the registry drops the connection
+                except ConnectionResetError:
+                    pass
+        _, pq = procs.start(producer, reg.url, None, "prod", "req-7", SRC, "pull", 20.0)
+        assert _get(pq)[0] == "published"
+        _, cq = procs.start(consumer, reg.url, None, "cons", "req-7", SRC, DST, "pull", 20.0)
+        _get(cq)
+        assert _get(cq)[:3] == ("ok", True, True)    # and it keeps serving
+        assert reg.proc.poll() is None
+    finally:
+        reg.stop()
