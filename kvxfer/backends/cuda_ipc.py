@@ -15,8 +15,10 @@ notification over the control link and completes the handle: the peer hears abou
 only once every byte is in place.
 
 Control: a TCP control connection (no data streams) to the peer's TCP endpoint carries
-notifications and tells us when the peer goes away; a lost peer fails every pending transfer at
-once, and its mappings are closed as soon as no launched kernel can still touch them.
+notifications and tells us when the peer goes away; a lost peer fails every pending transfer
+as soon as its kernel is done (a queued kernel cannot be recalled; failing later would
+let it write blocks the caller already reused), or at their deadline; the peer's mappings are
+closed as soon as no launched kernel can still touch them.
 
 Validation: every remote block id is checked against the peer's geometry by the planner, and
 every job's byte range against the peer's registered tensor spans, which were checked against
@@ -181,6 +183,7 @@ class CudaIpcLink(BackendLink):
         self._inflight = 0  # launched kernels not yet seen complete
         self._pending: set[TransferHandle] = set()
         self.ctrl: _ControlLink | None = None
+        self.lost_error: PeerLostError | None = None
 
     @property
     def closed(self) -> bool:
@@ -192,7 +195,8 @@ class CudaIpcLink(BackendLink):
         return not self._released
 
     def close(self, exc: KvxferError | None = None) -> None:
-        """Disconnect: pending transfers fail with ``exc``; mappings close once no kernel uses them."""
+        """Disconnect: pending transfers fail with ``exc`` once their kernels are done (or at their
+        deadline); mappings close once no kernel uses them. Idempotent."""
         err = exc or PeerLostError(f"link to {self.peer.name!r} closed")
         ctrl = self.ctrl
         if ctrl is not None and not ctrl.closed:
@@ -200,17 +204,17 @@ class CudaIpcLink(BackendLink):
         self._lost(err)
 
     def _lost(self, exc: KvxferError) -> None:
+        if not isinstance(exc, PeerLostError):
+            exc = PeerLostError(f"link to {self.peer.name!r} lost: {exc}")
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            pending = list(self._pending)
-            self._pending.clear()
+            self.lost_error = exc
             release = self._inflight == 0
-        if not isinstance(exc, PeerLostError):
-            exc = PeerLostError(f"link to {self.peer.name!r} lost: {exc}")
-        for h in pending:
-            h.set_failed(exc)
+        # Pending transfers already have kernels in the queue, which cannot be recalled: each one
+        # fails when its kernel is done (or at its deadline), so that once a handle reports the
+        # failure, nothing writes its destination blocks any more.
         if release:
             self._release()
         self.backend._forget(self)
@@ -313,6 +317,7 @@ class CudaIpcBackend(Backend):
         self._local_addrs = np.zeros(0, dtype=np.uint64)
         self._local_spans = np.zeros(0, dtype=np.int64)
         self._torch_owner = False
+        self._torch_stream: Any = None
         #: when True, each transfer's kernel time (seconds, CUDA events) is appended to device_times
         self.record_device_time = False
         self.device_times: collections.deque[float] = collections.deque(maxlen=4096)
@@ -513,10 +518,19 @@ class CudaIpcBackend(Backend):
             raise
         return handle
 
-    def _caller_stream(self) -> int:
-        if self._torch_owner:
-            return int(sys.modules["torch"].cuda.current_stream(self.device).cuda_stream)
-        return int(self._cp.cuda.get_current_stream().ptr)
+    def _wait_for_caller(self, events: list[int]) -> None:
+        """Make our stream wait for the work queued so far on the caller's current stream."""
+        if self._torch_owner:  # through torch itself, so torch's stream semantics hold exactly
+            torch = sys.modules["torch"]
+            if self._torch_stream is None:
+                self._torch_stream = torch.cuda.ExternalStream(self._stream, device=torch.device("cuda", self.device))
+            self._torch_stream.wait_stream(torch.cuda.current_stream(self.device))
+            return
+        gate = self._event()
+        events.append(gate)
+        rt = self._cp.cuda.runtime
+        rt.eventRecord(gate, int(self._cp.cuda.get_current_stream().ptr))
+        rt.streamWaitEvent(self._stream, gate, 0)
 
     def _event(self, timing: bool = False) -> int:
         pool = self._free_timing if timing else self._free_events
@@ -544,10 +558,7 @@ class CudaIpcBackend(Backend):
             try:
                 with cp.cuda.Device(self.device):
                     if jobs is not None:
-                        gate = self._event()
-                        events.append(gate)
-                        rt.eventRecord(gate, self._caller_stream())
-                        rt.streamWaitEvent(self._stream, gate, 0)
+                        self._wait_for_caller(events)
                     t0 = 0
                     if timing:
                         t0 = self._event(True)
@@ -606,6 +617,8 @@ class CudaIpcBackend(Backend):
                 except (OSError, KvxferError) as exc:
                     log.info("notification to %r not delivered: %s", link.peer.name, exc)
             return
+        if err is None and link.lost_error is not None:
+            err = link.lost_error
         if err is not None:
             handle.set_failed(err)
             return
