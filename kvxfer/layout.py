@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -78,6 +78,14 @@ class LayoutGeometry:
 
     tensors: tuple[TensorGeometry, ...]
     memory: MemoryKind
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # planning caches per pair of geometries; hashing 100s of nested tuples each call is slow
+        object.__setattr__(self, "_hash", hash((self.tensors, self.memory)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def num_blocks(self) -> int:

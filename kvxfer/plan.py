@@ -12,6 +12,7 @@ byte; this is the two-level strided descriptor that the CUDA kernels in csrc/ co
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,6 +96,44 @@ def validate_block_ids(ids: np.ndarray, num_blocks: int, what: str, *, unique: b
             raise BlockIdError(f"{what} has duplicates: {uniq[counts > 1][:8].tolist()}; each destination block may be written once")
 
 
+_PAIR_DTYPE = np.dtype(
+    [
+        ("t", np.int64),
+        ("coal", np.bool_),
+        ("src_bstride", np.int64),
+        ("dst_bstride", np.int64),
+        ("src_off", np.int64),
+        ("dst_off", np.int64),
+        ("src_run", np.int64),
+        ("dst_run", np.int64),
+        ("src_count", np.int64),
+        ("dst_count", np.int64),
+        ("src_stride", np.int64),
+        ("dst_stride", np.int64),
+    ]
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _segment_pairs(src: LayoutGeometry, dst: LayoutGeometry, layers: tuple[int, ...] | None) -> np.ndarray:
+    """(tensor, src segment, dst segment) pairs of two compatible layouts, in stream order.
+
+    Cached: an engine moves blocks between the same two layouts again and again.
+    Raises LayoutMismatchError when the selected tensors' blocks are not interchangeable.
+    """
+    src.check_compatible(dst, None if layers is None else np.asarray(layers, dtype=np.int64))
+    rows = []
+    for t in range(len(src.tensors)) if layers is None else layers:
+        st, dt = src.tensors[t], dst.tensors[t]
+        for ss, ds in zip(st.segments, dt.segments):
+            coal = st.block_stride == ss.run and dt.block_stride == ds.run
+            rows.append((t, coal, st.block_stride, dt.block_stride, ss.offset, ds.offset, ss.run, ds.run,
+                         ss.count, ds.count, ss.stride, ds.stride))
+    out = np.array(rows, dtype=_PAIR_DTYPE)
+    out.flags.writeable = False
+    return out
+
+
 def plan_transfer(
     src: LayoutGeometry,
     dst: LayoutGeometry,
@@ -122,8 +161,7 @@ def plan_transfer(
         layers = np.asarray(layers, dtype=np.int64)
         if layers.size and (layers.min() < 0 or layers.max() >= len(src.tensors)):
             raise BlockIdError(f"layers {layers.tolist()} out of range; valid are 0..{len(src.tensors) - 1}")
-    src.check_compatible(dst, layers)
-    tensor_ids = range(len(src.tensors)) if layers is None else layers.tolist()
+    pairs = _segment_pairs(src, dst, None if layers is None else tuple(layers.tolist()))
 
     if s.size:
         brk = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
@@ -132,28 +170,30 @@ def plan_transfer(
     else:
         starts = lengths = np.zeros(0, dtype=np.int64)
 
-    parts: list[np.ndarray] = []
-    for t in tensor_ids:
-        st, dt = src.tensors[t], dst.tensors[t]
-        for ss, ds in zip(st.segments, dt.segments):
-            coalesce = st.block_stride == ss.run and dt.block_stride == ds.run
-            if coalesce:
-                sb, db, nblk = s[starts], d[starts], lengths
-            else:
-                sb, db, nblk = s, d, np.ones(s.size, dtype=np.int64)
-            job = np.empty(sb.size, dtype=JOB_DTYPE)
-            job["src_t"] = t
-            job["dst_t"] = t
-            job["src_off"] = sb * st.block_stride + ss.offset
-            job["dst_off"] = db * dt.block_stride + ds.offset
-            job["src_run"] = nblk * ss.run
-            job["dst_run"] = nblk * ds.run
-            job["src_count"] = ss.count
-            job["dst_count"] = ds.count
-            job["src_stride"] = ss.stride
-            job["dst_stride"] = ds.stride
-            parts.append(job)
-    jobs = np.concatenate(parts) if parts else np.zeros(0, dtype=JOB_DTYPE)
+    # one job per (segment pair, coalesced run) where both tensors keep blocks back to back,
+    # else one per (segment pair, block); vectorized over every pair at once
+    coal = pairs["coal"]
+    per_pair = np.where(coal, starts.size, s.size)
+    total = int(per_pair.sum())
+    pi = np.repeat(np.arange(pairs.size), per_pair)
+    k = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(per_pair) - per_pair, per_pair)
+    pc = coal[pi]
+    kr = np.where(pc, k, 0)
+    sb = np.where(pc, s[starts[kr]] if starts.size else 0, s[k] if s.size else 0)
+    db = np.where(pc, d[starts[kr]] if starts.size else 0, d[k] if d.size else 0)
+    nblk = np.where(pc, lengths[kr] if starts.size else 0, 1)
+    pp = pairs[pi]
+    jobs = np.empty(total, dtype=JOB_DTYPE)
+    jobs["src_t"] = pp["t"]
+    jobs["dst_t"] = pp["t"]
+    jobs["src_off"] = sb * pp["src_bstride"] + pp["src_off"]
+    jobs["dst_off"] = db * pp["dst_bstride"] + pp["dst_off"]
+    jobs["src_run"] = nblk * pp["src_run"]
+    jobs["dst_run"] = nblk * pp["dst_run"]
+    jobs["src_count"] = pp["src_count"]
+    jobs["dst_count"] = pp["dst_count"]
+    jobs["src_stride"] = pp["src_stride"]
+    jobs["dst_stride"] = pp["dst_stride"]
     sizes = jobs["src_run"] * jobs["src_count"]
     offsets = np.zeros(jobs.size + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
