@@ -38,6 +38,7 @@ T = TypeVar("T")
 
 _CALL_TIMEOUT_S = 10.0
 _WAIT_MARGIN_S = 5.0
+_SWEEP_S = 0.25
 _BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 
@@ -55,7 +56,8 @@ class AsyncServerClient(AsyncRegistry):
         self._instance = new_instance_id()
         self._call_timeout = call_timeout_s
         self._seq = itertools.count(1)
-        self._pending: dict[int, tuple[asyncio.Future[RegResult], asyncio.TimerHandle]] = {}
+        self._pending: dict[int, tuple[asyncio.Future[RegResult], float, str]] = {}
+        self._sweep_handle: asyncio.TimerHandle | None = None
         self._proto: _ClientProtocol | None = None
         self._bg: set[asyncio.Task] = set()
         self._registration: tuple[bytes, float] | None = None
@@ -103,11 +105,8 @@ class AsyncServerClient(AsyncRegistry):
                 if frame.type is FrameType.REG_REPLY:
                     seq, result = decode_reply(frame)
                     entry = self._pending.pop(seq, None)
-                    if entry is not None:
-                        fut, timer = entry
-                        timer.cancel()
-                        if not fut.done():
-                            fut.set_result(result)
+                    if entry is not None and not entry[0].done():
+                        entry[0].set_result(result)
                 elif frame.type is FrameType.REG_EVENT:
                     self._emit_event(decode_event(frame))
                 else:
@@ -122,8 +121,7 @@ class AsyncServerClient(AsyncRegistry):
         self._proto = None
         proto.close()
         pending, self._pending = self._pending, {}
-        for fut, timer in pending.values():
-            timer.cancel()
+        for fut, _, _ in pending.values():
             if not fut.done():
                 fut.set_exception(RegistryUnavailableError(f"connection to registry {self.url} lost ({reason})"))
         if self._closed or not self._ready:
@@ -160,11 +158,18 @@ class AsyncServerClient(AsyncRegistry):
         task.add_done_callback(self._bg.discard)
         return task
 
-    def _expire(self, seq: int, limit: float, what: str) -> None:
-        entry = self._pending.pop(seq, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_exception(RegistryTimeoutError(
-                f"registry {self.url} did not answer {what} within {limit:g} s"))
+    def _sweep_deadlines(self) -> None:
+        # One coarse timer for every pending call instead of one timer per call: calls are
+        # many and short, their limits are seconds, so a quarter-second of slack is fine.
+        self._sweep_handle = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for seq in [s for s, (_, deadline, _) in self._pending.items() if deadline <= now]:
+            fut, _, what = self._pending.pop(seq)
+            if not fut.done():
+                fut.set_exception(RegistryTimeoutError(f"registry {self.url} did not answer {what} in time"))
+        if self._pending:
+            self._sweep_handle = loop.call_later(_SWEEP_S, self._sweep_deadlines)
 
     async def _call(self, msg: RegRequest, timeout: float | None = None) -> RegResult:
         if self._closed:
@@ -176,7 +181,9 @@ class AsyncServerClient(AsyncRegistry):
         seq = next(self._seq)
         fut: asyncio.Future[RegResult] = loop.create_future()
         limit = self._call_timeout if timeout is None else timeout
-        self._pending[seq] = (fut, loop.call_later(limit, self._expire, seq, limit, type(msg).__name__))
+        self._pending[seq] = (fut, loop.time() + limit, f"{type(msg).__name__} within {limit:g} s")
+        if self._sweep_handle is None:
+            self._sweep_handle = loop.call_later(_SWEEP_S, self._sweep_deadlines)
         proto.send(encode_request(seq, msg))
         result = await fut
         if isinstance(result, Failure):
@@ -267,6 +274,9 @@ class AsyncServerClient(AsyncRegistry):
         for task in list(self._bg):
             task.cancel()
         self._drop_link(self._proto, "client closing")
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
         await asyncio.gather(*self._bg, return_exceptions=True)
 
 

@@ -16,7 +16,7 @@ Every field that comes from the wire is type- and range-checked here; anything e
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import struct
 from dataclasses import dataclass, fields
 from enum import Enum
 from types import UnionType
@@ -25,7 +25,8 @@ from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
 from ..errors import LocalProtocolError, RemoteProtocolError
 import msgpack
 
-from ..protocol.frames import FRAME_PREFIX_SIZE, MAGIC, MAX_HEADER_BYTES, Frame, FrameType, encode_frame, parse_prefix
+from ..protocol.frames import (FRAME_PREFIX_SIZE, MAGIC, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, FrameType,
+                               encode_frame, parse_prefix)
 from .errors import ErrorCode
 
 __all__ = [
@@ -219,6 +220,7 @@ _REQUEST_OF_OP: dict[Op, type] = {
     Op.AWAIT_EXPECT: AwaitExpect, Op.COMPLETE: Complete, Op.CANCEL: Cancel, Op.QUERY: Query,
 }
 _OP_OF_REQUEST = {cls: op for op, cls in _REQUEST_OF_OP.items()}
+_REQUEST_OF_VALUE: dict[Any, type] = {op.value: cls for op, cls in _REQUEST_OF_OP.items()}
 
 
 # --- results -------------------------------------------------------------------------------
@@ -281,6 +283,7 @@ _RESULT_OF_KIND: dict[ResultKind, type] = {
     ResultKind.FAILURE: Failure,
 }
 _KIND_OF_RESULT = {cls: kind for kind, cls in _RESULT_OF_KIND.items()}
+_RESULT_OF_VALUE: dict[Any, type] = {kind.value: cls for kind, cls in _RESULT_OF_KIND.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +302,7 @@ def _fail(cls: type, name: str, why: str) -> RemoteProtocolError:
 
 
 def _check_str(cls: type, name: str, v: Any) -> str:
-    if not isinstance(v, str):
+    if type(v) is not str and not isinstance(v, str):
         raise _fail(cls, name, f"expected a string, got {type(v).__name__}")
     if len(v) > MAX_ID_LEN:
         raise _fail(cls, name, f"string of {len(v)} characters exceeds {MAX_ID_LEN}")
@@ -338,8 +341,10 @@ def _check_blocks(cls: type, name: str, v: Any) -> tuple[int, ...]:
     if len(v) > MAX_BLOCKS:
         raise _fail(cls, name, f"{len(v)} block ids exceed {MAX_BLOCKS}")
     for b in v:
-        if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < _MAX_BLOCK_ID:
+        if type(b) is not int:  # bool is not int here, and neither is float
             raise _fail(cls, name, f"bad block id {b!r:.40}")
+    if v and (min(v) < 0 or max(v) >= _MAX_BLOCK_ID):
+        raise _fail(cls, name, f"block id out of range [0, {_MAX_BLOCK_ID})")
     return tuple(v)
 
 
@@ -401,12 +406,14 @@ def from_wire(cls: type, obj: Any) -> Any:
     """
     if not isinstance(obj, dict):
         raise RemoteProtocolError(f"registry {cls.__name__}: expected a map, got {type(obj).__name__}")
-    kwargs = {}
+    args = []
     for name, check in _SPECS[cls]:
-        if name not in obj:
-            raise _fail(cls, name, "missing")
-        kwargs[name] = check(cls, name, obj[name])
-    return cls(**kwargs)
+        try:
+            v = obj[name]
+        except KeyError:
+            raise _fail(cls, name, "missing") from None
+        args.append(check(cls, name, v))
+    return cls(*args)
 
 
 # --- frames --------------------------------------------------------------------------------
@@ -441,10 +448,10 @@ def decode_request(frame: Frame) -> tuple[int, RegRequest]:
     _frame_check(frame, FrameType.REG_REQUEST)
     h = frame.header
     seq = _check_int(Frame, "id", h.get("id"))
-    try:
-        cls = _REQUEST_OF_OP[Op(h.get("op"))]
-    except (ValueError, TypeError):
-        raise RemoteProtocolError(f"unknown registry op {h.get('op')!r:.40}") from None
+    op = h.get("op")
+    cls = _REQUEST_OF_VALUE.get(op) if isinstance(op, str) else None
+    if cls is None:
+        raise RemoteProtocolError(f"unknown registry op {op!r:.40}")
     return seq, from_wire(cls, h)
 
 
@@ -465,10 +472,10 @@ def decode_reply(frame: Frame) -> tuple[int, RegResult]:
     _frame_check(frame, FrameType.REG_REPLY)
     h = frame.header
     seq = _check_int(Frame, "id", h.get("id"))
-    try:
-        cls = _RESULT_OF_KIND[ResultKind(h.get("r"))]
-    except (ValueError, TypeError):
-        raise RemoteProtocolError(f"unknown registry result kind {h.get('r')!r:.40}") from None
+    kind = h.get("r")
+    cls = _RESULT_OF_VALUE.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise RemoteProtocolError(f"unknown registry result kind {kind!r:.40}")
     return seq, from_wire(cls, h)
 
 
@@ -488,6 +495,9 @@ def decode_event(frame: Frame) -> RequestEvent:
 
 
 # --- byte stream -> frames -----------------------------------------------------------------
+_PREFIX = struct.Struct("!4sBBHIQ")  # the layout kvxfer.protocol.frames documents
+_TYPES = {int(t): t for t in FrameType}
+assert _PREFIX.size == FRAME_PREFIX_SIZE
 def decode_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     """Decode a registry frame's msgpack header (a map with string keys).
 
@@ -500,7 +510,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise RemoteProtocolError(f"frame header is not valid msgpack: {type(exc).__name__}: {exc}") from None
-    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+    if type(obj) is not dict or not all(type(k) is str for k in obj):
         raise RemoteProtocolError(f"frame header must be a map with string keys; got {type(obj).__name__}")
     return obj
 
@@ -521,28 +531,28 @@ class FrameDecoder:
     def feed(self, data: bytes) -> None:
         self._buf += data
 
-    def frames(self) -> Iterator[Frame]:
-        """Yield every complete frame buffered so far.
+    def frames(self) -> list[Frame]:
+        """Every complete frame buffered so far (consumed from the buffer).
 
         Raises:
             RemoteProtocolError: malformed or oversized input.
         """
         buf = self._buf
-        pos = 0
         if 4 <= len(buf) < FRAME_PREFIX_SIZE and buf[:4] != MAGIC:  # refuse garbage before a whole prefix
             raise RemoteProtocolError(f"bad frame magic {bytes(buf[:4])!r}; expected {MAGIC!r}")
-        try:
-            while len(buf) - pos >= FRAME_PREFIX_SIZE:
-                prefix = parse_prefix(bytes(buf[pos:pos + FRAME_PREFIX_SIZE]), max_payload=0)
-                if prefix.header_len > self._max_header:
-                    raise RemoteProtocolError(
-                        f"registry frame header of {prefix.header_len} B exceeds the {self._max_header} B limit")
-                end = pos + FRAME_PREFIX_SIZE + prefix.header_len
-                if len(buf) < end:
-                    break
-                header = decode_header(bytes(buf[pos + FRAME_PREFIX_SIZE:end]))
-                pos = end
-                yield Frame(prefix.type, header)
-        finally:
-            if pos:
-                del buf[:pos]
+        out: list[Frame] = []
+        pos, n = 0, len(buf)
+        while n - pos >= FRAME_PREFIX_SIZE:
+            magic, version, ftype, _flags, hlen, plen = _PREFIX.unpack_from(buf, pos)
+            if magic != MAGIC or version != PROTOCOL_VERSION or plen or ftype not in _TYPES:
+                parse_prefix(bytes(buf[pos:pos + FRAME_PREFIX_SIZE]), max_payload=0)  # raises, saying why
+            if hlen > self._max_header:
+                raise RemoteProtocolError(f"registry frame header of {hlen} B exceeds the {self._max_header} B limit")
+            end = pos + FRAME_PREFIX_SIZE + hlen
+            if n < end:
+                break
+            out.append(Frame(_TYPES[ftype], decode_header(buf[pos + FRAME_PREFIX_SIZE:end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return out
