@@ -34,7 +34,7 @@ from ..errors import KvxferError, RegistryError, TransferTimeoutError
 from ..handle import Op, TransferHandle
 from .base import DEFAULT_LEASE_S, AsyncRegistry, LinkState
 from .client import RegistryClient
-from .errors import RequestFailedError, UnknownRequestError
+from .errors import RegistryTimeoutError, RequestFailedError, UnknownRequestError
 from .messages import EventKind, RequestEvent, Role
 
 __all__ = ["RequestAgent", "FinishedRequest"]
@@ -209,6 +209,12 @@ class RequestAgent:
                 await impl.expect(request_id, [int(b) for b in dst], timeout)
             except KvxferError as exc:
                 handle.set_failed(exc)
+                return
+            # The registry's TTL normally ends it (EXPIRED event); this bounds the wait even if
+            # the registry itself is lost meanwhile.
+            grace = timeout + 2 * self._lease_s + 1.0
+            asyncio.get_running_loop().call_later(grace, lambda: handle.set_failed(RegistryTimeoutError(
+                f"request {request_id!r}: no push completed within {grace:g} s")))
         self._client.submit(run)
         return handle
 
