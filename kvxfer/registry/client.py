@@ -25,7 +25,7 @@ from .base import (DEFAULT_LEASE_S, AsyncRegistry, LinkState, RegistryURL, Schem
                    parse_registry_url)
 from .errors import (RegistryAuthError, RegistryTimeoutError, RegistryUnavailableError, UnknownConnectorError,
                      error_from_code)
-from .messages import (Ack, AwaitExpect, Cancel, Claim, Complete, Expect, Expectation, Failure, FrameDecoder,
+from .messages import (AwaitExpect, Cancel, Claim, Complete, Expect, Expectation, Failure, FrameDecoder,
                        Heartbeat, Hello, Lease, Lookup, Publish, Pull, Query, Register, RegRequest, RegResult,
                        RequestEvent, RequestInfo, Unregister, decode_event, decode_reply, encode_request,
                        ConnectorInfo)

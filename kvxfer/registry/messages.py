@@ -23,10 +23,8 @@ from types import UnionType
 from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
 
 from ..errors import LocalProtocolError, RemoteProtocolError
-import msgpack
-
 from ..protocol.frames import (FRAME_PREFIX_SIZE, MAGIC, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, FrameType,
-                               encode_frame, parse_prefix)
+                               decode_header, encode_frame, parse_prefix)
 from .errors import ErrorCode
 
 __all__ = [
@@ -498,23 +496,6 @@ def decode_event(frame: Frame) -> RequestEvent:
 _PREFIX = struct.Struct("!4sBBHIQ")  # the layout kvxfer.protocol.frames documents
 _TYPES = {int(t): t for t in FrameType}
 assert _PREFIX.size == FRAME_PREFIX_SIZE
-def decode_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
-    """Decode a registry frame's msgpack header (a map with string keys).
-
-    Raises:
-        RemoteProtocolError: not msgpack, trailing bytes, or not a map with string keys.
-    """
-    # Not kvxfer.protocol.frames.decode_header: that one passes ``max_buffer_size`` to
-    # msgpack.unpackb, which msgpack 1.x rejects, so it refuses every header.
-    try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise RemoteProtocolError(f"frame header is not valid msgpack: {type(exc).__name__}: {exc}") from None
-    if type(obj) is not dict or not all(type(k) is str for k in obj):
-        raise RemoteProtocolError(f"frame header must be a map with string keys; got {type(obj).__name__}")
-    return obj
-
-
 class FrameDecoder:
     """Incremental bytes -> :class:`Frame` decoder for the registry (frames carry no payload).
 

@@ -24,7 +24,7 @@ from ..errors import RegistryError, RemoteProtocolError
 from ..protocol.frames import MAX_HEADER_BYTES
 from .core import CoreConfig, Notice, RegistryCore, WaitResolved
 from .errors import ErrorCode
-from .messages import (Ack, AwaitExpect, Failure, FrameDecoder, Hello, Pull, Register, RegResult, decode_request,
+from .messages import (Ack, AwaitExpect, Failure, FrameDecoder, Hello, Pull, Register, decode_request,
                        encode_event, encode_reply)
 
 __all__ = ["ServerConfig", "AsyncRegistryServer", "RegistryServer"]

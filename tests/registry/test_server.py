@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import msgpack
 import pytest
 
 from kvxfer.protocol.frames import FrameType, encode_frame
