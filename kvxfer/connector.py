@@ -35,6 +35,7 @@ from .handle import Op, TransferHandle
 from .layout import KVLayout
 from .metadata import PeerMetadata, boot_id
 from .plan import as_block_ids
+from .reshard import HeadReshard
 
 __all__ = ["Connector", "Peer", "Notification", "BACKEND_NAMES"]
 
@@ -124,6 +125,7 @@ class Connector:
         self._registry_url = registry
         self._registry_token = registry_token
         self._agent: Any = None
+        self._agent_lock = threading.Lock()
         from .backends.tcp import TcpBackend
 
         # TCP is always present: it is the fallback and carries control for the others
@@ -215,12 +217,16 @@ class Connector:
             f"this side runs {sorted(self._backends)})"
         )
 
-    def connect(self, metadata: bytes, *, timeout: float | None = None) -> Peer:
+    def connect(self, metadata: bytes, *, timeout: float | None = None, allow_layout_change: bool = False) -> Peer:
         """Connect to the peer described by ``metadata`` (its :meth:`metadata` bytes).
+
+        ``allow_layout_change`` connects to a peer whose blocks differ from ours in heads or
+        head order (heterogeneous tensor parallelism); its transfers then pass ``reshard=``.
 
         Raises:
             RemoteProtocolError: malformed metadata.
-            LayoutMismatchError: the peer's KV blocks are not interchangeable with ours.
+            LayoutMismatchError: the peer's KV blocks are not interchangeable with ours (and
+                ``allow_layout_change`` is off), or it registered a different number of tensors.
             BackendUnavailableError: no common backend.
             PeerLostError, TransferTimeoutError: the peer cannot be reached.
         """
@@ -230,7 +236,12 @@ class Connector:
         peer = PeerMetadata.from_bytes(metadata)
         if peer.geometry is None:
             raise LayoutError(f"peer {peer.name!r} has not registered a KV layout")
-        if peer.fingerprint != self._layout.fingerprint:
+        if allow_layout_change:
+            if len(peer.geometry.tensors) != self._layout.num_tensors:
+                raise LayoutMismatchError(
+                    f"peer {peer.name!r} registered {len(peer.geometry.tensors)} tensors, we have {self._layout.num_tensors}"
+                )
+        elif peer.fingerprint != self._layout.fingerprint:
             try:
                 self._layout.geometry.check_compatible(peer.geometry)
             except LayoutMismatchError as exc:
@@ -246,7 +257,7 @@ class Connector:
         return p
 
     def _transfer(self, op: Op, peer: Peer, src_blocks: Any, dst_blocks: Any, layers: Sequence[int | str] | None,
-                  notify: bytes | None, timeout: float | None) -> TransferHandle:
+                  notify: bytes | None, timeout: float | None, reshard: HeadReshard | None) -> TransferHandle:
         self._check_open()
         if self._layout is None:
             raise LayoutError("register a KV layout before transferring")
@@ -263,6 +274,7 @@ class Connector:
             dst_blocks=as_block_ids(dst_blocks, "destination block ids"),
             layers=self._layout.resolve_layers(layers),
             notify=None if notify is None else bytes(notify),
+            reshard=reshard,
         )
         plan = plan_for_initiator(self._layout, peer.metadata, req)
         handle = TransferHandle(op, peer.name, plan.nbytes, peer.backend, req.dst_blocks)
@@ -272,29 +284,30 @@ class Connector:
 
     def write(self, peer: Peer, src_blocks: Sequence[int] | np.ndarray, dst_blocks: Sequence[int] | np.ndarray, *,
               layers: Sequence[int | str] | None = None, notify: bytes | None = None,
-              timeout: float | None = None) -> TransferHandle:
+              timeout: float | None = None, reshard: HeadReshard | None = None) -> TransferHandle:
         """Copy our ``src_blocks`` into the peer's ``dst_blocks``; returns at once.
 
         ``layers`` selects registered tensors (positions or names); ``notify`` is delivered to
         the peer once every byte is in place there. The handle fails after ``timeout`` seconds
-        (default: the connector's).
+        (default: the connector's). ``reshard`` (a :class:`~kvxfer.reshard.HeadReshard`) moves a
+        slice of heads and/or converts NHD <-> HND between unlike layouts (heterogeneous TP).
 
         Raises:
             BlockIdError: ids out of range on either side, unequal lengths, duplicate destinations.
             LayoutMismatchError, LayoutError: incompatible or missing layouts, unknown layers.
             PeerLostError: the peer is disconnected.
         """
-        return self._transfer(Op.WRITE, peer, src_blocks, dst_blocks, layers, notify, timeout)
+        return self._transfer(Op.WRITE, peer, src_blocks, dst_blocks, layers, notify, timeout, reshard)
 
     def read(self, peer: Peer, src_blocks: Sequence[int] | np.ndarray, dst_blocks: Sequence[int] | np.ndarray, *,
              layers: Sequence[int | str] | None = None, notify: bytes | None = None,
-             timeout: float | None = None) -> TransferHandle:
+             timeout: float | None = None, reshard: HeadReshard | None = None) -> TransferHandle:
         """Copy the peer's ``src_blocks`` into our ``dst_blocks``; returns at once.
 
         ``notify`` is delivered to the peer once the bytes are in place here. Raises as
         :meth:`write`.
         """
-        return self._transfer(Op.READ, peer, src_blocks, dst_blocks, layers, notify, timeout)
+        return self._transfer(Op.READ, peer, src_blocks, dst_blocks, layers, notify, timeout, reshard)
 
     def notify(self, peer: Peer, payload: bytes) -> None:
         """Send ``payload`` to the peer's notification queue (after transfers sent before it)."""
@@ -344,7 +357,12 @@ class Connector:
                 raise ConfigError("this connector has no registry; pass registry='kvxfer://host:port' or 'redis://...'")
             from .registry.agent import RequestAgent
 
-            self._agent = RequestAgent(self, self._registry_url, token=self._registry_token)
+            # two threads asking at once must not build two agents: the second would find the
+            # connector's name taken in the registry (NameTakenError) and leak a client
+            with self._agent_lock:
+                if self._agent is None:
+                    self._check_open()
+                    self._agent = RequestAgent(self, self._registry_url, token=self._registry_token)
         return self._agent
 
     def publish(self, request_id: str, blocks: Sequence[int], *, ttl: float = 60.0) -> None:
