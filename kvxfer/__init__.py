@@ -26,15 +26,19 @@ from .errors import (
 from .handle import Op, TransferHandle, TransferStats, TransferStatus
 from .layout import KVLayout, LayoutGeometry, Segment, TensorGeometry
 from .plan import TransferPlan, plan_transfer
+from .reshard import BlockFormat, HeadOrder, HeadReshard, tp_head_range
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "BlockFormat",
     "BlockIdError",
     "ConfigError",
     "Connector",
     "ConnectorConfig",
+    "HeadOrder",
+    "HeadReshard",
     "KVLayout",
     "KernelCompileError",
     "KvxferError",
@@ -61,4 +65,5 @@ __all__ = [
     "TransferTimeoutError",
     "TransportError",
     "plan_transfer",
+    "tp_head_range",
 ]

@@ -28,7 +28,7 @@ from .errors import BlockIdError, LayoutError
 from .layout import LayoutGeometry, TensorGeometry
 from .plan import JOB_DTYPE, TransferPlan, as_block_ids, validate_block_ids
 
-__all__ = ["HeadOrder", "BlockFormat", "tp_head_range", "plan_reshard"]
+__all__ = ["HeadOrder", "BlockFormat", "HeadReshard", "tp_head_range", "plan_reshard"]
 
 
 class HeadOrder(enum.Enum):
@@ -178,3 +178,47 @@ def plan_reshard(
     offsets = np.zeros(jobs.size + 1, dtype=np.int64)
     np.cumsum(jobs["src_run"] * jobs["src_count"], out=offsets[1:])
     return TransferPlan(jobs=jobs, stream_offsets=offsets, dst_blocks=d)
+
+
+@dataclass(frozen=True, slots=True)
+class HeadReshard:
+    """A transfer that changes head sharding or order: heads ``src_heads`` of the source's
+    blocks (formatted as ``src_format``) go to heads from ``dst_head_start`` on of the
+    destination's blocks (``dst_format``). Pass to ``Connector.read``/``write`` as ``reshard=``.
+    """
+
+    src_format: BlockFormat
+    dst_format: BlockFormat
+    src_heads: tuple[int, int] | None = None
+    dst_head_start: int = 0
+
+    def plan(self, src: LayoutGeometry, dst: LayoutGeometry, src_blocks: np.ndarray, dst_blocks: np.ndarray,
+             layers: np.ndarray | None) -> TransferPlan:
+        """The copy jobs of this reshard (see :func:`plan_reshard`, which says what is raised)."""
+        return plan_reshard(src, self.src_format, dst, self.dst_format, src_blocks, dst_blocks,
+                            src_heads=self.src_heads, dst_head_start=self.dst_head_start, layers=layers)
+
+    def to_wire(self) -> list:
+        f = lambda b: [b.order.value, b.block_size, b.num_heads, b.head_dim, b.itemsize]  # noqa: E731
+        return [f(self.src_format), f(self.dst_format), None if self.src_heads is None else list(self.src_heads),
+                self.dst_head_start]
+
+    @classmethod
+    def from_wire(cls, obj: object) -> HeadReshard:
+        """Parse a peer's reshard description. Raises LayoutError when malformed."""
+
+        def fmt(v: object) -> BlockFormat:
+            if not (isinstance(v, list) and len(v) == 5 and all(type(x) is int and 0 < x < 1 << 31 for x in v[1:])):
+                raise LayoutError("malformed block format in a reshard request")
+            try:
+                order = HeadOrder(v[0])
+            except ValueError:
+                raise LayoutError(f"unknown head order {v[0]!r} in a reshard request") from None
+            return BlockFormat(order, *v[1:])
+
+        if not (isinstance(obj, list) and len(obj) == 4 and type(obj[3]) is int and obj[3] >= 0):
+            raise LayoutError("malformed reshard request")
+        heads = obj[2]
+        if heads is not None and not (isinstance(heads, list) and len(heads) == 2 and all(type(h) is int for h in heads)):
+            raise LayoutError("malformed head range in a reshard request")
+        return cls(fmt(obj[0]), fmt(obj[1]), None if heads is None else (heads[0], heads[1]), obj[3])

@@ -20,6 +20,7 @@ from ..handle import Op, TransferHandle
 from ..layout import KVLayout
 from ..metadata import PeerMetadata
 from ..plan import TransferPlan, plan_transfer
+from ..reshard import HeadReshard
 
 __all__ = [
     "Backend",
@@ -68,6 +69,7 @@ class TransferRequest:
     dst_blocks: np.ndarray
     layers: np.ndarray | None
     notify: bytes | None
+    reshard: HeadReshard | None = None  # head slicing / NHD<->HND between unlike layouts
 
     @property
     def local_blocks(self) -> np.ndarray:
@@ -84,9 +86,16 @@ def plan_for_initiator(layout: KVLayout, peer: PeerMetadata, req: TransferReques
     """Plan a transfer this side starts; the peer's ids are checked against its geometry too."""
     if peer.geometry is None:
         raise LayoutError(f"peer {peer.name!r} registered no KV layout")
-    if req.op is Op.WRITE:
-        return plan_transfer(layout.geometry, peer.geometry, req.src_blocks, req.dst_blocks, req.layers)
-    return plan_transfer(peer.geometry, layout.geometry, req.src_blocks, req.dst_blocks, req.layers)
+    return _plan(layout, peer, req, initiator=True)
+
+
+def _plan(layout: KVLayout, peer: PeerMetadata, req: TransferRequest, *, initiator: bool) -> TransferPlan:
+    local_is_src = (req.op is Op.WRITE) == initiator
+    src, dst = (layout.geometry, peer.geometry) if local_is_src else (peer.geometry, layout.geometry)
+    assert dst is not None and src is not None
+    if req.reshard is not None:
+        return req.reshard.plan(src, dst, req.src_blocks, req.dst_blocks, req.layers)
+    return plan_transfer(src, dst, req.src_blocks, req.dst_blocks, req.layers)
 
 
 def plan_for_responder(layout: KVLayout | None, peer: PeerMetadata, req: TransferRequest) -> TransferPlan:
@@ -97,9 +106,7 @@ def plan_for_responder(layout: KVLayout | None, peer: PeerMetadata, req: Transfe
         raise LayoutError(f"peer {peer.name!r} registered no KV layout")
     if req.layers is not None and req.layers.size and (req.layers.min() < 0 or req.layers.max() >= layout.num_tensors):
         raise BlockIdError(f"layers {req.layers.tolist()} out of range; valid are 0..{layout.num_tensors - 1}")
-    if req.op is Op.WRITE:
-        return plan_transfer(peer.geometry, layout.geometry, req.src_blocks, req.dst_blocks, req.layers)
-    return plan_transfer(layout.geometry, peer.geometry, req.src_blocks, req.dst_blocks, req.layers)
+    return _plan(layout, peer, req, initiator=False)
 
 
 _REMOTE_KINDS: dict[str, type[KvxferError]] = {}

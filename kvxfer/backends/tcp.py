@@ -35,6 +35,7 @@ from ..errors import (
 from ..handle import Op, TransferHandle
 from ..metadata import PeerMetadata
 from ..plan import TransferPlan
+from ..reshard import HeadReshard
 from ..protocol.frames import FRAME_PREFIX_SIZE, FrameType, decode_header, encode_frame, parse_prefix
 from ._iov import readv_full, writev_full
 from .base import Backend, BackendLink, LocalSide, TransferRequest, plan_for_responder, remote_error
@@ -127,7 +128,15 @@ def request_from_wire(h: dict) -> TransferRequest:
         dst_blocks=_ids_from_wire(h, "d"),
         layers=None if layers is None else _ids_from_wire(h, "l"),
         notify=notify,
+        reshard=None if h.get("rs") is None else _reshard_from_wire(h["rs"]),
     )
+
+
+def _reshard_from_wire(obj: object) -> HeadReshard:
+    try:
+        return HeadReshard.from_wire(obj)
+    except LayoutError as exc:
+        raise RemoteProtocolError(str(exc)) from None
 
 
 def request_to_wire(req: TransferRequest) -> dict:
@@ -138,6 +147,7 @@ def request_to_wire(req: TransferRequest) -> dict:
         "d": req.dst_blocks.astype("<i8").tobytes(),
         "l": None if req.layers is None else req.layers.astype("<i8").tobytes(),
         "n": req.notify,
+        "rs": None if req.reshard is None else req.reshard.to_wire(),
     }
 
 

@@ -86,6 +86,7 @@ from ..handle import Op, TransferHandle
 from ..layout import KVLayout
 from ..metadata import PeerMetadata
 from ..plan import TransferPlan
+from ..reshard import HeadReshard
 from .base import Backend, BackendLink, LocalSide, TransferRequest, plan_for_responder, remote_error
 from .ucx_config import ErrorHandling, TransferMode, UcxConfig, ucx_config
 
@@ -285,7 +286,10 @@ class UcxLink(BackendLink):
             if not isinstance(regions, list) or geom is None or len(regions) != len(geom.tensors):
                 raise RemoteProtocolError(f"peer {self.peer.name!r} advertises no valid UCX regions")
             keys = []
-            for (addr, length, packed), t in zip(regions, geom.tensors):
+            for region, t in zip(regions, geom.tensors):
+                if not isinstance(region, list) or len(region) != 3:
+                    raise RemoteProtocolError(f"peer {self.peer.name!r} advertises a malformed UCX region")
+                addr, length, packed = region
                 if type(addr) is not int or type(length) is not int or not isinstance(packed, bytes) or length < t.span:
                     raise RemoteProtocolError(f"peer {self.peer.name!r} advertises a malformed UCX region")
                 keys.append(_ucp.RemoteKey(addr, length, self.backend.ucp.rkey_unpack(self.ep_handle, packed)))
@@ -381,6 +385,7 @@ class UcxLink(BackendLink):
             "x": r.xfer_id, "op": "w" if r.op is Op.WRITE else "r", "sb": _pack_ids(r.src_blocks),
             "db": _pack_ids(r.dst_blocks), "l": None if r.layers is None else _pack_ids(r.layers),
             "n": r.notify, "a": x.staging.address, "k": x.staging.rkey, "b": x.plan.nbytes,
+            "rs": None if r.reshard is None else r.reshard.to_wire(),
         })
 
     def _on_done(self, xid: int) -> None:
@@ -430,8 +435,12 @@ class UcxLink(BackendLink):
                 or type(addr) is not int or not isinstance(key, bytes) or type(nbytes) is not int):
             raise RemoteProtocolError("malformed REQ")
         layers = h.get("l")
+        try:
+            reshard = None if h.get("rs") is None else HeadReshard.from_wire(h["rs"])
+        except LayoutError as exc:
+            raise RemoteProtocolError(str(exc)) from None
         req = TransferRequest(xid, Op.READ if op == "r" else Op.WRITE, _ids(h.get("sb"), "sb"), _ids(h.get("db"), "db"),
-                              None if layers is None else _ids(layers, "l"), notify)
+                              None if layers is None else _ids(layers, "l"), notify, reshard)
         try:
             plan = plan_for_responder(self.backend.layout, self.peer, req)
             if plan.nbytes != nbytes:
