@@ -48,9 +48,10 @@ class ConnectorConfig:
     timeout: float = 60.0  # default deadline of a transfer, seconds
     connect_timeout: float = 10.0
     prefer_ucx: bool = False  # auto backend: UCX before TCP for host memory (RDMA-capable UCX)
+    registry_lease: float = 5.0  # seconds a registry entry lives without a heartbeat
 
     def __post_init__(self) -> None:
-        if not self.timeout > 0 or not self.connect_timeout > 0:
+        if not self.timeout > 0 or not self.connect_timeout > 0 or not self.registry_lease > 0:
             raise ConfigError("timeouts must be positive numbers of seconds")
 
 

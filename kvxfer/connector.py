@@ -89,6 +89,8 @@ class Connector:
         listen: "host:port" the TCP endpoint listens on (port 0 picks a free one).
         registry: "kvxfer://host:port" or "redis://host:port/db" for publish/pull/expect/push.
         timeout: default deadline of each transfer in seconds (``KVXFER_TIMEOUT``).
+        registry_lease: seconds the registry keeps our entries without a heartbeat
+            (``KVXFER_REGISTRY_LEASE``, default 5); a lost party fails its requests after it.
         tcp: TCP backend settings (defaults from ``KVXFER_TCP_*``).
 
     Raises:
@@ -105,13 +107,14 @@ class Connector:
         registry: str | None = None,
         registry_token: str | None = None,
         timeout: float | None = None,
+        registry_lease: float | None = None,
         tcp: TcpConfig | None = None,
     ):
         if backend not in BACKEND_NAMES:
             raise ConfigError(f"backend {backend!r} is unknown; expected one of {BACKEND_NAMES}")
         self.name = name
         self.backend_choice = backend
-        self.config = from_env(ConnectorConfig, "KVXFER_", timeout=timeout)
+        self.config = from_env(ConnectorConfig, "KVXFER_", timeout=timeout, registry_lease=registry_lease)
         self._tcp_config = tcp or from_env(TcpConfig, "KVXFER_TCP_")
         self._session = PeerMetadata.new_session()
         self._layout: KVLayout | None = None
@@ -362,7 +365,8 @@ class Connector:
             with self._agent_lock:
                 if self._agent is None:
                     self._check_open()
-                    self._agent = RequestAgent(self, self._registry_url, token=self._registry_token)
+                    self._agent = RequestAgent(self, self._registry_url, token=self._registry_token,
+                                       lease_s=self.config.registry_lease)
         return self._agent
 
     def publish(self, request_id: str, blocks: Sequence[int], *, ttl: float = 60.0) -> None:

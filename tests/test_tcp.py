@@ -260,3 +260,29 @@ def test_zero_blocks_completes():
         assert a.write(p, [], [], notify=b"empty").wait(5).nbytes == 0
         assert a.read(p, [], []).wait(5).nbytes == 0
         assert b.wait_notification(5).payload == b"empty"
+
+
+def test_concurrent_connects_to_one_peer_keep_their_connections_apart(local_factory):
+    import threading
+
+    spec = LayoutSpec("kv_first", 32)
+    server, s_tensors, bd = local_factory("server", spec, 1)
+    client, c_tensors, _ = local_factory("client", spec, 2)
+    peers, errors = [], []
+
+    def connect():
+        try:
+            peers.append(client.connect(server.metadata()))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=connect) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and len(peers) == 4
+    handles = [client.write(p, [i], [10 + i]) for i, p in enumerate(peers)]
+    for h in handles:
+        h.wait(10)
+    assert block_bytes(s_tensors, bd, [10, 11, 12, 13]) == block_bytes(c_tensors, bd, [0, 1, 2, 3])

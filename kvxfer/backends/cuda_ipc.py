@@ -429,7 +429,7 @@ class CudaIpcBackend(Backend):
                 addrs[i] = ptr + off
                 spans[i] = geom.span
             link = CudaIpcLink(self, peer, opened, addrs, spans, peer_dev)
-            sock = self.tcp._open(peer, 0, timeout)
+            sock = self.tcp._open(peer, 0, timeout, self.tcp.new_link_id())
         except BaseException:
             for h in opened:
                 ipc.release_handle(h)

@@ -499,6 +499,7 @@ class TcpBackend(Backend):
         self._pending_links: dict[str, TcpLink] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._link_ids = itertools.count()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="kvxfer-tcp-accept", daemon=True)
         self._accept_thread.start()
 
@@ -512,7 +513,7 @@ class TcpBackend(Backend):
         return "tcp" in peer.backends
 
     # -- outgoing ----------------------------------------------------------------------------
-    def _open(self, peer: PeerMetadata, channel: int, timeout: float) -> socket.socket:
+    def _open(self, peer: PeerMetadata, channel: int, timeout: float, link_id: str) -> socket.socket:
         ep = peer.backends["tcp"]
         host, port = ep.get("host"), ep.get("port")
         if not isinstance(host, str) or type(port) is not int:
@@ -525,7 +526,7 @@ class TcpBackend(Backend):
             raise PeerLostError(f"cannot connect to {peer.name!r} at {host}:{port}: {exc}") from None
         self._tune(sock)
         me = self.local.local_metadata()
-        sock.sendall(encode_frame(FrameType.HELLO, {"session": me.session, "ch": channel, "meta": me.to_bytes()}))
+        sock.sendall(encode_frame(FrameType.HELLO, {"session": link_id, "ch": channel, "meta": me.to_bytes()}))
         prefix, h = _read_frame_header(sock, memoryview(bytearray(FRAME_PREFIX_SIZE)), 0)
         if prefix.type is not FrameType.HELLO_ACK:
             raise RemoteProtocolError(f"expected HELLO_ACK from {peer.name!r}, got {prefix.type.name}")
@@ -535,12 +536,18 @@ class TcpBackend(Backend):
         sock.settimeout(None)
         return sock
 
+    def new_link_id(self) -> str:
+        """A session id for one link: the peer groups that link's connections by it."""
+        return f"{self.local.local_metadata().session}/{next(self._link_ids)}"
+
     def connect(self, peer: PeerMetadata, timeout: float) -> TcpLink:
-        ctrl = self._open(peer, 0, timeout)
+        # each link has its own id, so that concurrent connects to one peer never mix connections
+        link_id = self.new_link_id()
+        ctrl = self._open(peer, 0, timeout, link_id)
         link = TcpLink(self, peer, ctrl, initiator=True)
         try:
             for ch in range(1, self.config.streams + 1):
-                link.add_data_socket(self._open(peer, ch, timeout))
+                link.add_data_socket(self._open(peer, ch, timeout, link_id))
         except BaseException:
             link.close()
             raise
