@@ -161,6 +161,9 @@ def plan_transfer(
         layers = np.asarray(layers, dtype=np.int64)
         if layers.size and (layers.min() < 0 or layers.max() >= len(src.tensors)):
             raise BlockIdError(f"layers {layers.tolist()} out of range; valid are 0..{len(src.tensors) - 1}")
+        if np.unique(layers).size != layers.size:
+            # a peer naming a layer twice would have the same destination bytes written twice
+            raise BlockIdError(f"layers {layers.tolist()} name a tensor more than once")
     pairs = _segment_pairs(src, dst, None if layers is None else tuple(layers.tolist()))
 
     if s.size:
