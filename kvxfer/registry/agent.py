@@ -173,9 +173,11 @@ class RequestAgent:
             if not isinstance(exc, KvxferError):  # a bug must still fail the handle rather than hang it
                 log.exception("pull of %r failed", rid)
                 exc = RequestFailedError(f"pull of {rid!r} failed: {type(exc).__name__}: {exc}")
+            # fail the caller's handle first: reporting to an unreachable registry may take its
+            # whole call timeout, and the handle must fail within the transfer's own
+            handle.set_failed(exc)
             if claimed:
                 await self._complete(impl, rid, False, f"{type(exc).__name__}: {exc}")
-            handle.set_failed(exc)
 
     def _spawn_finish(self, impl: AsyncRegistry, rid: str, inner: TransferHandle, outer: TransferHandle) -> None:
         asyncio.get_running_loop().create_task(self._finish_read(impl, rid, inner, outer))
@@ -186,8 +188,8 @@ class RequestAgent:
             await self._complete(impl, rid, True, "")
             outer.set_done()
         else:
+            outer.set_failed(exc)  # before the report, which may wait on an unreachable registry
             await self._complete(impl, rid, False, f"{type(exc).__name__}: {exc}")
-            outer.set_failed(exc)
 
     # -- consumer, push mode ------------------------------------------------------------
     def expect(self, request_id: str, dst_blocks: Sequence[int], *, timeout: float = 60.0) -> TransferHandle:
@@ -276,10 +278,10 @@ class RequestAgent:
 
     async def _fail_push(self, impl: AsyncRegistry, rid: str, exc: KvxferError, *, registry_knows: bool) -> None:
         state = self._pushes.pop(rid, None)
-        if not registry_knows:
-            await self._complete(impl, rid, False, f"{type(exc).__name__}: {exc}")
         for h in state.handles if state is not None else ():
             h.set_failed(exc)
+        if not registry_knows:
+            await self._complete(impl, rid, False, f"{type(exc).__name__}: {exc}")
 
     # -- both ---------------------------------------------------------------------------
     def cancel(self, request_id: str, reason: str = "cancelled by the caller") -> None:
