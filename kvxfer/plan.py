@@ -174,29 +174,30 @@ def plan_transfer(
         starts = lengths = np.zeros(0, dtype=np.int64)
 
     # one job per (segment pair, coalesced run) where both tensors keep blocks back to back,
-    # else one per (segment pair, block); vectorized over every pair at once
+    # else one per (segment pair, block); built as a (pairs x jobs-per-pair) grid when every
+    # pair agrees (the usual case), else row by row
     coal = pairs["coal"]
-    per_pair = np.where(coal, starts.size, s.size)
-    total = int(per_pair.sum())
-    pi = np.repeat(np.arange(pairs.size), per_pair)
-    k = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(per_pair) - per_pair, per_pair)
-    pc = coal[pi]
-    kr = np.where(pc, k, 0)
-    sb = np.where(pc, s[starts[kr]] if starts.size else 0, s[k] if s.size else 0)
-    db = np.where(pc, d[starts[kr]] if starts.size else 0, d[k] if d.size else 0)
-    nblk = np.where(pc, lengths[kr] if starts.size else 0, 1)
-    pp = pairs[pi]
-    jobs = np.empty(total, dtype=JOB_DTYPE)
-    jobs["src_t"] = pp["t"]
-    jobs["dst_t"] = pp["t"]
-    jobs["src_off"] = sb * pp["src_bstride"] + pp["src_off"]
-    jobs["dst_off"] = db * pp["dst_bstride"] + pp["dst_off"]
-    jobs["src_run"] = nblk * pp["src_run"]
-    jobs["dst_run"] = nblk * pp["dst_run"]
-    jobs["src_count"] = pp["src_count"]
-    jobs["dst_count"] = pp["dst_count"]
-    jobs["src_stride"] = pp["src_stride"]
-    jobs["dst_stride"] = pp["dst_stride"]
+    grids = []
+    for rows in ([np.arange(pairs.size)] if coal.all() or not coal.any() else np.split(np.arange(pairs.size), np.flatnonzero(np.diff(coal)) + 1)):
+        pr = pairs[rows]
+        if pr["coal"][0]:
+            sb, db, nblk = s[starts], d[starts], lengths
+        else:
+            sb, db, nblk = s, d, np.ones(s.size, dtype=np.int64)
+        g = np.empty((pr.size, sb.size), dtype=JOB_DTYPE)
+        col = lambda f: pr[f][:, None]  # noqa: E731
+        g["src_t"] = col("t")
+        g["dst_t"] = col("t")
+        g["src_off"] = sb[None, :] * col("src_bstride") + col("src_off")
+        g["dst_off"] = db[None, :] * col("dst_bstride") + col("dst_off")
+        g["src_run"] = nblk[None, :] * col("src_run")
+        g["dst_run"] = nblk[None, :] * col("dst_run")
+        g["src_count"] = col("src_count")
+        g["dst_count"] = col("dst_count")
+        g["src_stride"] = col("src_stride")
+        g["dst_stride"] = col("dst_stride")
+        grids.append(g.reshape(-1))
+    jobs = grids[0] if len(grids) == 1 else np.concatenate(grids)
     sizes = jobs["src_run"] * jobs["src_count"]
     offsets = np.zeros(jobs.size + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])

@@ -1,0 +1,100 @@
+"""Probe: kv_copy over peer memory (GPU1 pulls from / pushes to GPU0) for build variants.
+
+One process, two GPUs, peer access enabled; the llama8b and llama8b-tp8 geometries; CUDA-event
+medians; the same bytes through a contiguous cudaMemcpyPeerAsync as the ceiling. Finds which
+launch shape keeps enough NVLink reads in flight. Prints a table, writes JSON to argv[1].
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
+import cupy as cp
+import numpy as np
+
+from kvxfer import KVLayout, plan_transfer
+from kvxfer.ops import cuda as ops
+from kvxfer.ops._loader import KernelSpec
+
+WL = {"llama8b": (32, 2048, 8, 512), "llama8b-tp8": (32, 8192, 1, 4096)}
+
+
+def spec(**d):
+    return KernelSpec("kv_copy.cu", "kv_copy_jobs", tuple(sorted(d.items())))
+
+
+VARIANTS = {
+    "default": (spec(), None),
+    "t256_u8_cps4": (spec(), 4),
+    "t128_u8": (spec(KVX_THREADS=128), None),
+    "t512_u4": (spec(KVX_THREADS=512, KVX_UNROLL=4, KVX_MIN_BLOCKS=1), None),
+    "t256_u16": (spec(KVX_UNROLL=16, KVX_MIN_BLOCKS=1), None),
+    "t256_u4": (spec(KVX_UNROLL=4), None),
+}
+
+
+def timeit(fn, stream, n=10):
+    fn()
+    stream.synchronize()
+    out = []
+    for _ in range(n):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record(stream)
+        fn()
+        b.record(stream)
+        b.synchronize()
+        out.append(cp.cuda.get_elapsed_time(a, b) / 1e3)
+    return statistics.median(out)
+
+
+def main() -> None:
+    res = {}
+    for name, (L, NB, H, NSEL) in WL.items():
+        shape = (2, NB, 16, H, 128)
+        with cp.cuda.Device(0):
+            src = [cp.random.randint(0, 2**15, shape, dtype=cp.int16) for _ in range(L)]
+        with cp.cuda.Device(1):
+            try:
+                cp.cuda.runtime.deviceEnablePeerAccess(0)
+            except cp.cuda.runtime.CUDARuntimeError:
+                pass  # already enabled by the previous workload
+            dst = [cp.zeros(shape, dtype=cp.int16) for _ in range(L)]
+            stream = cp.cuda.Stream(non_blocking=True)
+            ls, ld = KVLayout.from_tensors(src, block_dim=1), KVLayout.from_tensors(dst, block_dim=1)
+            rng = np.random.default_rng(0)
+            s, d = rng.choice(NB, NSEL, replace=False), rng.choice(NB, NSEL, replace=False)
+            plan = plan_transfer(ls.geometry, ld.geometry, s, d)
+            nbytes = plan.nbytes
+            row = {}
+            with cp.cuda.Device(0):
+                c0 = cp.empty(nbytes, dtype=cp.uint8)
+            cp.cuda.Device(1).use()
+            c1 = cp.empty(nbytes, dtype=cp.uint8)
+            row["peer_memcpy_GBps"] = nbytes / timeit(lambda: cp.cuda.runtime.memcpyPeerAsync(c1.data.ptr, 1, c0.data.ptr, 0, nbytes, stream.ptr), stream) / 1e9
+            for vname, (sp, cps) in VARIANTS.items():
+                try:
+                    pull = ops.prepare(plan.jobs, ls, ld, device=1, spec=sp, ctas_per_sm=cps)
+                    push_plan = plan_transfer(ld.geometry, ls.geometry, d, s)
+                    push = ops.prepare(push_plan.jobs, ld, ls, device=1, spec=sp, ctas_per_sm=cps)
+                    row[f"{vname}_pull_GBps"] = nbytes / timeit(lambda: pull.launch(stream.ptr), stream) / 1e9
+                    row[f"{vname}_push_GBps"] = nbytes / timeit(lambda: push.launch(stream.ptr), stream) / 1e9
+                except Exception as exc:  # a variant that does not build or launch is reported
+                    row[f"{vname}_error"] = repr(exc)[:200]
+            # correctness of the default pull
+            ops.prepare(plan.jobs, ls, ld, device=1).launch(stream.ptr)
+            stream.synchronize()
+            ok = all(bool((cp.asarray(b[:, d]).get() == cp.asnumpy(a[:, s])).all()) for a, b in zip(src[:2], dst[:2]))
+            row["default_pull_correct"] = ok
+            res[name] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}
+            print(name, json.dumps(res[name], indent=1), flush=True)
+            del src, dst
+            cp.get_default_memory_pool().free_all_blocks()
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
