@@ -1,0 +1,157 @@
+"""KvxferConnector: vLLM's ``KVConnectorBase_V1`` facade over kvxfer.
+
+Layer: engine integration. vLLM builds one instance in the scheduler process (role SCHEDULER)
+and one in each worker (role WORKER). This class only forwards: scheduler hooks to
+:class:`~.scheduler.SchedulerSide`, worker hooks to :class:`~.worker.WorkerSide`; the step
+plan crosses between them as msgpack bytes (:class:`KvxferConnectorMetadata`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from .config import TransferMode, TransferRole, VllmConnectorConfig
+from .metadata import StepPlan
+from .scheduler import SchedulerSide
+from .stats import KvxferStats
+from .worker import WorkerSide
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+__all__ = ["KvxferConnector", "KvxferConnectorMetadata"]
+
+log = logging.getLogger(__name__)
+
+
+class KvxferConnectorMetadata(KVConnectorMetadata):
+    """One step's plan, scheduler -> workers, as msgpack bytes (never pickled objects)."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes):
+        self.payload = payload
+
+
+def _tp_rank() -> int:
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except (AssertionError, ImportError, AttributeError):  # no parallel state (tests, tools)
+        return 0
+
+
+class KvxferConnector(KVConnectorBase_V1):
+    """kvxfer as a vLLM KV connector; configure it with ``kv_connector_extra_config``
+    (see :class:`~.config.VllmConnectorConfig`)."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        ktc = self._kv_transfer_config
+        self._config = VllmConnectorConfig.from_extra_config(ktc.kv_connector_extra_config)
+        transfer_role = TransferRole.from_kv_role(ktc.kv_role)
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role is KVConnectorRole.SCHEDULER:
+            self._scheduler = SchedulerSide(self._config, transfer_role, vllm_config.cache_config.block_size,
+                                            self._block_ids_of)
+        else:
+            if kv_cache_config is None:
+                raise ValueError("KvxferConnector's worker side needs the KVCacheConfig")
+            rank = _tp_rank()
+            self._worker = WorkerSide(self._config, transfer_role, f"vllm-{ktc.engine_id}-tp{rank}",
+                                      kv_cache_config.num_blocks, rank)
+
+    def _block_ids_of(self, req_id: str) -> list[int]:
+        assert self._kv_cache_manager is not None, "vLLM binds the KV cache manager before scheduling"
+        return self._kv_cache_manager.get_block_ids(req_id)[0]
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        # push mode writes from save_kv_layer, which a full CUDA graph replay would skip
+        return VllmConnectorConfig.from_extra_config(extra_config).mode is TransferMode.PUSH
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvxferStats:
+        return KvxferStats.from_data(data)
+
+    # -- worker side -------------------------------------------------------------------
+    @property
+    def worker(self) -> WorkerSide:
+        assert self._worker is not None, "a worker-side hook was called on the scheduler-side connector"
+        return self._worker
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.worker.register_kv_caches(kv_caches)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        assert isinstance(connector_metadata, KvxferConnectorMetadata)
+        self.worker.bind(StepPlan.from_bytes(connector_metadata.payload))
+
+    def clear_connector_metadata(self) -> None:
+        super().clear_connector_metadata()
+        self.worker.clear()
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        self.worker.start_load_kv()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        # loads are asynchronous: vLLM schedules a request only after get_finished reported
+        # its load, so a forward never reads a block that is still arriving
+        return None
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        self.worker.save_kv_layer(layer_name)
+
+    def wait_for_save(self) -> None:
+        self.worker.wait_for_save()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        sending, recving = self.worker.get_finished(finished_req_ids)
+        return sending or None, recving or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.get_block_ids_with_load_errors()
+
+    def get_kv_connector_stats(self) -> KvxferStats | None:
+        if self._worker is None:
+            return None
+        counters = self._worker.take_counters()
+        return None if counters is None else KvxferStats.from_counters(counters)
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+
+    # -- scheduler side ----------------------------------------------------------------
+    @property
+    def scheduler(self) -> SchedulerSide:
+        assert self._scheduler is not None, "a scheduler-side hook was called on a worker-side connector"
+        return self._scheduler
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return KvxferConnectorMetadata(self.scheduler.build_connector_meta(scheduler_output).to_bytes())
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler.request_finished(request, block_ids)

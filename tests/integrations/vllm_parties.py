@@ -1,0 +1,234 @@
+"""A vLLM 0.33 prefill (producer) and decode (consumer) engine, minus the model: spawn targets.
+
+Each process runs vLLM's own Scheduler (which builds the scheduler-side connector through
+KVConnectorFactory from ``kv_connector_module_path``), a worker-side connector from the same
+factory, and a KV cache allocated by vLLM's own ``allocate_kv_cache`` on the CPU (one int8
+buffer, per-layer strided views). One "engine step" does what vLLM's model runner does around a
+forward pass; the forward itself is replaced by writing random bytes into the blocks of the
+tokens it would compute (producer) or by nothing (consumer).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from typing import Any
+
+BLOCK_SIZE = 16
+NUM_BLOCKS = 48
+LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(3)]
+EOS = 2
+MODEL_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": len(LAYERS), "vocab_size": 512,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "torch_dtype": "float16", "bos_token_id": 1,
+    "eos_token_id": EOS,
+}
+
+
+def write_model_dir(path: str) -> str:
+    """A config-only Hugging Face model directory (vLLM's ModelConfig reads it; no weights needed)."""
+    import json
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(MODEL_CONFIG, f)
+    return path
+
+
+class Engine:
+    """vLLM's scheduler plus a worker-side connector over CPU KV views, stepped by hand."""
+
+    def __init__(self, model_dir: str, kv_role: str, extra: dict[str, Any]):
+        import torch
+        from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
+        from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+        from vllm.utils.hashing import sha256
+        from vllm.v1.core.kv_cache_utils import init_none_hash
+        from vllm.v1.core.sched.scheduler import Scheduler
+        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
+        from vllm.v1.structured_output import StructuredOutputManager
+        from vllm.v1.worker.utils import allocate_kv_cache
+
+        # built the way vLLM's own connector unit tests build theirs (tests/v1/kv_connector/unit/utils.py)
+        model_config = ModelConfig(model=model_dir, dtype="float16", seed=0, skip_tokenizer_init=True)
+        scheduler_config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=1024,
+                                           enable_chunked_prefill=True, is_encoder_decoder=False,
+                                           async_scheduling=False)
+        cache_config = CacheConfig(block_size=BLOCK_SIZE, gpu_memory_utilization=0.9, cache_dtype="auto",
+                                   enable_prefix_caching=True)
+        cache_config.kv_cache_layout = "LBNHC"
+        kv_transfer_config = KVTransferConfig(kv_connector="KvxferConnector",
+                                              kv_connector_module_path="kvxfer.integrations.vllm",
+                                              kv_role=kv_role, kv_connector_extra_config=extra,
+                                              kv_load_failure_policy="recompute")
+        self.vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config,
+                                      cache_config=cache_config, kv_transfer_config=kv_transfer_config,
+                                      device_config=DeviceConfig("cpu"))
+        spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=2, head_size=16, dtype=torch.float16)
+        page = spec.page_size_bytes
+        self.kv_cache_config = KVCacheConfig(
+            num_blocks=NUM_BLOCKS,
+            kv_cache_tensors=[KVCacheTensor(size=page * NUM_BLOCKS * len(LAYERS), layers=list(LAYERS),
+                                            layer_stride=page * NUM_BLOCKS, block_stride=page)],
+            kv_cache_groups=[KVCacheGroupSpec(list(LAYERS), spec)],
+        )
+        self.vllm_config.cache_config.num_gpu_blocks = NUM_BLOCKS
+        init_none_hash(sha256)
+        self.hash_fn = sha256
+        self.scheduler = Scheduler(vllm_config=self.vllm_config, kv_cache_config=self.kv_cache_config,
+                                   log_stats=True, structured_output_manager=StructuredOutputManager(self.vllm_config),
+                                   block_size=BLOCK_SIZE)
+        self.worker = KVConnectorFactory.create_connector(self.vllm_config, KVConnectorRole.WORKER, self.kv_cache_config)
+        self.kv = allocate_kv_cache(self.kv_cache_config, torch.device("cpu"),
+                                    cache_config.get_resolved_kv_cache_layout(), [BLOCK_SIZE])
+        self.worker.register_kv_caches(self.kv)
+        self.finished: dict[str, Any] = {}          # req id -> EngineCoreOutput that finished it
+        self.sent: list[str] = []
+        self.recvd: list[str] = []
+        self.load_errors: set[int] = set()
+        self.stats: Any = None
+
+    @property
+    def connector_class(self) -> str:
+        return f"{type(self.scheduler.connector).__module__}.{type(self.scheduler.connector).__name__}"
+
+    def add(self, req_id: str, prompt: list[int], max_tokens: int, params: dict[str, Any] | None) -> None:
+        from vllm import SamplingParams
+        from vllm.v1.core.kv_cache_utils import get_request_block_hasher
+        from vllm.v1.request import Request
+
+        sp = SamplingParams(max_tokens=max_tokens)
+        sp.update_from_generation_config({}, EOS)
+        req = Request(request_id=req_id, prompt_token_ids=prompt, sampling_params=sp, pooling_params=None,
+                      mm_features=None, block_hasher=get_request_block_hasher(BLOCK_SIZE, self.hash_fn))
+        req.kv_transfer_params = params
+        self.scheduler.add_request(req)
+
+    def block_ids(self, req_id: str) -> list[int]:
+        return list(self.scheduler.kv_cache_manager.get_block_ids(req_id)[0])
+
+    def block_bytes(self, blocks: list[int]) -> bytes:
+        import torch
+
+        return b"".join(self.kv[name][blocks].contiguous().view(torch.uint8).numpy().tobytes() for name in LAYERS)
+
+    def free_blocks(self) -> int:
+        return self.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+
+    def step(self, compute: bool) -> None:
+        """One engine step: schedule, connector hooks around a fake forward, feed the output back."""
+        import torch
+        from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
+        out = self.scheduler.schedule()
+        w = self.worker
+        w.bind_connector_metadata(out.kv_connector_metadata)
+        w.start_load_kv(None)
+        req_ids = list(out.num_scheduled_tokens)
+        if compute:
+            gen = torch.Generator().manual_seed(len(self.finished) * 7919 + len(req_ids))
+            for rid in req_ids:
+                for b in self.block_ids(rid):
+                    for name in LAYERS:
+                        blk = self.kv[name][b].view(torch.uint8)
+                        blk.copy_(torch.randint(1, 256, blk.shape, dtype=torch.uint8, generator=gen))
+        for name in LAYERS:
+            w.wait_for_layer_load(name)
+            w.save_kv_layer(name, self.kv[name], None)
+        w.wait_for_save()
+        res = w.get_transfer_results(out.finished_req_ids)
+        errors = w.get_block_ids_with_load_errors()
+        stats = w.get_kv_connector_stats()
+        w.clear_connector_metadata()
+        self.sent += sorted(res.finished_sending)
+        self.recvd += sorted(res.finished_recving)
+        self.load_errors |= errors
+        if stats is not None:
+            self.stats = stats if self.stats is None else self.stats.aggregate(stats)
+        mro = ModelRunnerOutput(
+            req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+            sampled_token_ids=[[7] for _ in req_ids],
+            kv_connector_output=KVConnectorOutput(finished_sending=res.finished_sending or None,
+                                                  finished_recving=res.finished_recving or None,
+                                                  invalid_block_ids=errors, failed_recving=res.failed_recving,
+                                                  kv_connector_stats=stats),
+        )
+        for eco in self.scheduler.update_from_output(out, mro).values():
+            for o in eco.outputs:
+                if o.finish_reason is not None:
+                    self.finished[o.request_id] = o
+
+    def run_until(self, cond: Any, compute: bool, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                raise TimeoutError("engine condition not reached in time")
+            self.step(compute)
+            time.sleep(0.01)
+
+
+def producer(model_dir: str, extra: dict[str, Any], prompts: dict[str, list[int]], cmd: Any, out: Any) -> None:
+    """Prefill every prompt (max_tokens=1, do_remote_decode); keep stepping until told to stop."""
+    try:
+        eng = Engine(model_dir, "kv_producer", extra)
+        free0 = eng.free_blocks()
+        for rid, prompt in prompts.items():
+            eng.add(rid, prompt, 1, {"do_remote_decode": True, "kvxfer_id": f"x-{rid}"})
+        eng.run_until(lambda: all(rid in eng.finished for rid in prompts), compute=True)
+        eng.step(compute=False)  # the step after request_finished publishes
+        published = {}
+        for rid in prompts:
+            blocks = eng.block_ids(rid)
+            published[rid] = {"params": eng.finished[rid].kv_transfer_params, "blocks": blocks,
+                              "bytes": eng.block_bytes(blocks)}
+        out.put(("published", eng.connector_class, published, free0, eng.free_blocks()))
+        while True:
+            try:
+                msg = cmd.get(timeout=0.02)
+            except queue.Empty:
+                msg = None
+            if msg == "stop":
+                break
+            if msg == "status":
+                out.put(("status", {rid: rid in eng.scheduler.requests for rid in prompts}, list(eng.sent),
+                         eng.free_blocks()))
+            eng.step(compute=False)
+        eng.worker.shutdown()
+        out.put(("stopped",))
+    except BaseException as exc:  # the test reads the reason instead of timing out
+        import traceback
+
+        out.put(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def consumer(model_dir: str, extra: dict[str, Any], cmd: Any, out: Any) -> None:
+    """On ("load", rid, prompt, params): decode rid (max_tokens=2) from the producer's KV."""
+    try:
+        eng = Engine(model_dir, "kv_consumer", extra)
+        out.put(("ready", eng.connector_class))
+        while True:
+            msg = cmd.get(timeout=300)
+            if msg == "stop":
+                break
+            _, rid, prompt, params = msg
+            eng.add(rid, prompt, 2, params)
+            n_recvd = len(eng.recvd)
+            eng.run_until(lambda: rid in eng.recvd[n_recvd:], compute=False)
+            blocks = eng.block_ids(rid)
+            # right after the load: bytes as the producer sent them (or what a failed load left)
+            snap = eng.block_bytes(blocks) if blocks else b""
+            errors = sorted(eng.load_errors)
+            eng.load_errors.clear()
+            eng.run_until(lambda: rid in eng.finished, compute=False)
+            fin = eng.finished[rid]
+            stats = None if eng.stats is None else eng.stats.reduce()
+            out.put(("loaded", rid, blocks, snap, errors, str(fin.finish_reason), len(fin.new_token_ids), stats))
+        eng.worker.shutdown()
+        out.put(("stopped",))
+    except BaseException as exc:
+        import traceback
+
+        out.put(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
