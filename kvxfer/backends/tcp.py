@@ -264,8 +264,15 @@ class TcpLink(BackendLink):
     # -- sending ----------------------------------------------------------------------------
     def _send_ctrl(self, ftype: FrameType, header: dict) -> None:
         frame = encode_frame(ftype, header)
-        with self._ctrl_lock:
-            self._ctrl.sendall(frame)
+        try:
+            with self._ctrl_lock:
+                self._ctrl.sendall(frame)
+        except OSError as exc:
+            # a broken control connection is a lost peer: callers (write, read, notify) get a
+            # KvxferError, never a bare OSError, and what was pending on the link fails
+            err = PeerLostError(f"link to {self.peer.name!r} lost: {exc}")
+            self.close(err)
+            raise err from None
 
     def _enqueue_stream(self, x: _Xfer) -> None:
         cfg = self.backend.config
@@ -524,16 +531,24 @@ class TcpBackend(Backend):
             raise TransferTimeoutError(f"connecting to {peer.name!r} at {host}:{port} timed out after {timeout} s") from None
         except OSError as exc:
             raise PeerLostError(f"cannot connect to {peer.name!r} at {host}:{port}: {exc}") from None
-        self._tune(sock)
-        me = self.local.local_metadata()
-        sock.sendall(encode_frame(FrameType.HELLO, {"session": link_id, "ch": channel, "meta": me.to_bytes()}))
-        prefix, h = _read_frame_header(sock, memoryview(bytearray(FRAME_PREFIX_SIZE)), 0)
-        if prefix.type is not FrameType.HELLO_ACK:
-            raise RemoteProtocolError(f"expected HELLO_ACK from {peer.name!r}, got {prefix.type.name}")
-        if h.get("ok") is not True:
+        # the handshake's socket errors are the peer's loss too; the socket never leaks
+        try:
+            self._tune(sock)
+            me = self.local.local_metadata()
+            sock.sendall(encode_frame(FrameType.HELLO, {"session": link_id, "ch": channel, "meta": me.to_bytes()}))
+            prefix, h = _read_frame_header(sock, memoryview(bytearray(FRAME_PREFIX_SIZE)), 0)
+            if prefix.type is not FrameType.HELLO_ACK:
+                raise RemoteProtocolError(f"expected HELLO_ACK from {peer.name!r}, got {prefix.type.name}")
+            if h.get("ok") is not True:
+                raise TransportError(f"peer {peer.name!r} refused the connection: {h.get('m')}")
+            sock.settimeout(None)
+        except BaseException as exc:
             sock.close()
-            raise TransportError(f"peer {peer.name!r} refused the connection: {h.get('m')}")
-        sock.settimeout(None)
+            if isinstance(exc, TimeoutError):
+                raise TransferTimeoutError(f"handshake with {peer.name!r} at {host}:{port} timed out after {timeout} s") from None
+            if isinstance(exc, OSError):
+                raise PeerLostError(f"handshake with {peer.name!r} at {host}:{port} failed: {exc}") from None
+            raise
         return sock
 
     def new_link_id(self) -> str:
