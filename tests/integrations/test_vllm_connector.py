@@ -21,10 +21,10 @@ import pytest
 
 pytest.importorskip("vllm", reason="vllm is not installed here; scripts/test_vllm.sh runs these tests in its own venv")
 
-from kvxfer.registry.server import RegistryServer  # noqa: E402
+from kvxfer.registry.server import RegistryServer
 
 sys.path.insert(0, os.path.dirname(__file__))
-import vllm_parties as parties  # noqa: E402
+import vllm_parties as parties
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -7,8 +7,18 @@ import pytest
 
 import kvxfer
 from kvxfer.errors import ConfigError, LocalProtocolError
-from kvxfer.integrations.vllm.config import TransferMode, TransferRole, VllmConnectorConfig
-from kvxfer.integrations.vllm.metadata import LoadSpec, PublishSpec, PushSpec, StepPlan, transfer_id_of
+from kvxfer.integrations.vllm.config import (
+    TransferMode,
+    TransferRole,
+    VllmConnectorConfig,
+)
+from kvxfer.integrations.vllm.metadata import (
+    LoadSpec,
+    PublishSpec,
+    PushSpec,
+    StepPlan,
+    transfer_id_of,
+)
 
 
 def test_import_kvxfer_does_not_import_the_integration() -> None:

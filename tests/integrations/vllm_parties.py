@@ -42,13 +42,25 @@ class Engine:
 
     def __init__(self, model_dir: str, kv_role: str, extra: dict[str, Any]):
         import torch
-        from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
+        from vllm.config import (
+            CacheConfig,
+            DeviceConfig,
+            KVTransferConfig,
+            ModelConfig,
+            SchedulerConfig,
+            VllmConfig,
+        )
         from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
         from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
         from vllm.utils.hashing import sha256
         from vllm.v1.core.kv_cache_utils import init_none_hash
         from vllm.v1.core.sched.scheduler import Scheduler
-        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
+        from vllm.v1.kv_cache_interface import (
+            FullAttentionSpec,
+            KVCacheConfig,
+            KVCacheGroupSpec,
+            KVCacheTensor,
+        )
         from vllm.v1.structured_output import StructuredOutputManager
         from vllm.v1.worker.utils import allocate_kv_cache
 
@@ -198,7 +210,7 @@ def producer(model_dir: str, extra: dict[str, Any], prompts: dict[str, list[int]
             eng.step(compute=False)
         eng.worker.shutdown()
         out.put(("stopped",))
-    except BaseException as exc:  # the test reads the reason instead of timing out
+    except BaseException as exc:  # noqa: BLE001 - the test reads the reason instead of timing out
         import traceback
 
         out.put(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
@@ -216,19 +228,19 @@ def consumer(model_dir: str, extra: dict[str, Any], cmd: Any, out: Any) -> None:
             _, rid, prompt, params = msg
             eng.add(rid, prompt, 2, params)
             n_recvd = len(eng.recvd)
-            eng.run_until(lambda: rid in eng.recvd[n_recvd:], compute=False)
+            eng.run_until(lambda rid=rid, n=n_recvd: rid in eng.recvd[n:], compute=False)
             blocks = eng.block_ids(rid)
             # right after the load: bytes as the producer sent them (or what a failed load left)
             snap = eng.block_bytes(blocks) if blocks else b""
             errors = sorted(eng.load_errors)
             eng.load_errors.clear()
-            eng.run_until(lambda: rid in eng.finished, compute=False)
+            eng.run_until(lambda rid=rid: rid in eng.finished, compute=False)
             fin = eng.finished[rid]
             stats = None if eng.stats is None else eng.stats.reduce()
             out.put(("loaded", rid, blocks, snap, errors, str(fin.finish_reason), len(fin.new_token_ids), stats))
         eng.worker.shutdown()
         out.put(("stopped",))
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - reported to the test, then the process ends
         import traceback
 
         out.put(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))

@@ -34,7 +34,7 @@ from ...registry.messages import EventKind
 from .config import TransferMode, TransferRole, VllmConnectorConfig
 from .metadata import StepPlan
 
-__all__ = ["WorkerSide", "TransferCounters"]
+__all__ = ["TransferCounters", "WorkerSide"]
 
 log = logging.getLogger(__name__)
 
