@@ -194,3 +194,63 @@ kv_copy_jobs(const KvTask* __restrict__ tasks, const KvJob* __restrict__ jobs, i
         lo = 0;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// kv_copy_pairs: copy blocks between two layouts of the same segment structure, computing every
+// address on the GPU from block ids. The host uploads only the (tensor, segment) pairs and the
+// block-id runs, so the host cost of a transfer does not grow with layers x blocks.
+//
+// An item is (pair p, row m, run k): nblk[k] * run bytes from
+//   pair.src + sblk[k] * src_bstride + m * src_stride   to   pair.dst + dblk[k] * dst_bstride + m * dst_stride.
+// Pairs whose blocks are not back to back use runs of one block (the `single` arrays).
+// One warp copies one item; warps stride over all items.
+// ---------------------------------------------------------------------------------------------
+struct KvPair {
+    u64 src;          // source tensor base + segment offset
+    u64 dst;          // destination tensor base + segment offset
+    i64 src_bstride;  // bytes between consecutive blocks
+    i64 dst_bstride;
+    i64 run;          // bytes of one block in one row (same on both sides)
+    i64 count;        // rows
+    i64 src_stride;   // bytes between rows
+    i64 dst_stride;
+    i64 coal;         // 1: items are the coalesced runs; 0: single blocks
+    i64 item0;        // index of this pair's first item
+    i64 unit;         // log2 of the access width valid for every item of the pair
+    i64 pad;
+};
+
+// runs: [sblk | dblk | nblk] of `n` entries each, coalesced runs first, then single blocks
+extern "C" __global__ void __launch_bounds__(KVX_THREADS, KVX_MIN_BLOCKS)
+kv_copy_pairs(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restrict__ coal_runs, i64 ncoal,
+              const i64* __restrict__ single_runs, i64 nsingle, i64 nitems) {
+    const i64 nwarps = (i64)gridDim.x * (KVX_THREADS / 32);
+    const int lane = threadIdx.x & 31;
+    for (i64 it = (i64)blockIdx.x * (KVX_THREADS / 32) + (threadIdx.x >> 5); it < nitems; it += nwarps) {
+        // the pair holding item `it`: binary search over item0 (npairs is small; L1-resident)
+        i64 lo = 0, hi = npairs - 1;
+        while (lo < hi) {
+            const i64 mid = (lo + hi + 1) >> 1;
+            if (__ldg(&pairs[mid].item0) <= it) lo = mid; else hi = mid - 1;
+        }
+        const KvPair* p = pairs + lo;
+        const bool is_coal = __ldg(&p->coal) != 0;
+        const i64* runs = is_coal ? coal_runs : single_runs;
+        const i64 nr = is_coal ? ncoal : nsingle;
+        const i64 local = it - __ldg(&p->item0);
+        const i64 m = local / nr;
+        const i64 k = local - m * nr;
+        const i64 run = __ldg(&p->run);
+        const i64 nb = __ldg(&runs[2 * nr + k]);
+        const char* s = (const char*)__ldg(&p->src) + __ldg(&runs[k]) * __ldg(&p->src_bstride) + m * __ldg(&p->src_stride);
+        char* d = (char*)__ldg(&p->dst) + __ldg(&runs[nr + k]) * __ldg(&p->dst_bstride) + m * __ldg(&p->dst_stride);
+        const i64 n = nb * run;
+        switch (__ldg(&p->unit)) {
+            case 4: kvx_copy_piece<uint4>(s, d, (int)(n >> 4), lane); break;
+            case 3: kvx_copy_piece<u64>(s, d, (int)(n >> 3), lane); break;
+            case 2: kvx_copy_piece<unsigned int>(s, d, (int)(n >> 2), lane); break;
+            case 1: kvx_copy_piece<unsigned short>(s, d, (int)(n >> 1), lane); break;
+            default: kvx_copy_piece<unsigned char>(s, d, (int)n, lane); break;
+        }
+    }
+}

@@ -21,7 +21,7 @@ import numpy as np
 from .errors import BlockIdError
 from .layout import LayoutGeometry
 
-__all__ = ["JOB_DTYPE", "TransferPlan", "as_block_ids", "plan_transfer", "validate_block_ids"]
+__all__ = ["JOB_DTYPE", "BlockPairs", "TransferPlan", "as_block_ids", "plan_transfer", "validate_block_ids"]
 
 JOB_DTYPE = np.dtype(
     [
@@ -40,15 +40,98 @@ JOB_DTYPE = np.dtype(
 
 
 @dataclass(frozen=True, slots=True)
-class TransferPlan:
-    """Copy jobs for one transfer, in stream order, with their byte offsets in the stream."""
+class BlockPairs:
+    """A plan between two layouts whose blocks share one segment structure, kept compact.
 
-    jobs: np.ndarray  # JOB_DTYPE
-    stream_offsets: np.ndarray  # int64, len(jobs) + 1
-    dst_blocks: np.ndarray  # the destination block ids, for failure reports
+    ``pairs`` lists (tensor, source segment, destination segment) in stream order; the blocks
+    move as runs ``[run_starts[i], run_starts[i] + run_lengths[i])`` of the block lists where a
+    pair coalesces, block by block where it does not. Kernels that compute addresses from block
+    ids on the GPU consume this form directly; :meth:`jobs` expands it into copy jobs.
+    """
+
+    pairs: np.ndarray  # _PAIR_DTYPE
+    src_blocks: np.ndarray
+    dst_blocks: np.ndarray
+    run_starts: np.ndarray
+    run_lengths: np.ndarray
 
     @property
     def nbytes(self) -> int:
+        per_block = int((self.pairs["src_run"] * self.pairs["src_count"]).sum())
+        return per_block * int(self.src_blocks.size)
+
+    def jobs(self) -> np.ndarray:
+        """The copy jobs (JOB_DTYPE) in stream order."""
+        pairs, s, d = self.pairs, self.src_blocks, self.dst_blocks
+        coal = pairs["coal"]
+        if pairs.size == 0 or s.size == 0:
+            return np.zeros(0, dtype=JOB_DTYPE)
+        grids = []
+        # a (pairs x jobs-per-pair) grid where consecutive pairs agree on coalescing
+        for rows in np.split(np.arange(pairs.size), np.flatnonzero(np.diff(coal)) + 1):
+            pr = pairs[rows]
+            if pr["coal"][0]:
+                sb, db, nblk = s[self.run_starts], d[self.run_starts], self.run_lengths
+            else:
+                sb, db, nblk = s, d, np.ones(s.size, dtype=np.int64)
+            g = np.empty((pr.size, sb.size), dtype=JOB_DTYPE)
+            col = lambda f: pr[f][:, None]  # noqa: E731
+            g["src_t"] = col("t")
+            g["dst_t"] = col("t")
+            g["src_off"] = sb[None, :] * col("src_bstride") + col("src_off")
+            g["dst_off"] = db[None, :] * col("dst_bstride") + col("dst_off")
+            g["src_run"] = nblk[None, :] * col("src_run")
+            g["dst_run"] = nblk[None, :] * col("dst_run")
+            g["src_count"] = col("src_count")
+            g["dst_count"] = col("dst_count")
+            g["src_stride"] = col("src_stride")
+            g["dst_stride"] = col("dst_stride")
+            grids.append(g.reshape(-1))
+        return grids[0] if len(grids) == 1 else np.concatenate(grids)
+
+
+class TransferPlan:
+    """Copy jobs for one transfer, in stream order, with their byte offsets in the stream.
+
+    Built from jobs (any layout change), or from :class:`BlockPairs` (blocks of the same
+    structure on both sides), in which case the jobs are only expanded when asked for: the
+    CUDA IPC path copies straight from the compact form.
+    """
+
+    __slots__ = ("_jobs", "_offsets", "dst_blocks", "block_pairs")
+
+    def __init__(self, jobs: np.ndarray | None = None, stream_offsets: np.ndarray | None = None,
+                 dst_blocks: np.ndarray | None = None, block_pairs: BlockPairs | None = None):
+        if jobs is None and block_pairs is None:
+            raise ValueError("a TransferPlan needs jobs or block pairs")
+        self._jobs = jobs
+        self._offsets = stream_offsets
+        self.block_pairs = block_pairs
+        self.dst_blocks = dst_blocks if dst_blocks is not None else (
+            block_pairs.dst_blocks if block_pairs is not None else np.zeros(0, dtype=np.int64))
+
+    @property
+    def jobs(self) -> np.ndarray:
+        """Copy jobs (JOB_DTYPE), in stream order."""
+        if self._jobs is None:
+            assert self.block_pairs is not None
+            self._jobs = self.block_pairs.jobs()
+        return self._jobs
+
+    @property
+    def stream_offsets(self) -> np.ndarray:
+        """int64, ``len(jobs) + 1``: where each job's bytes start in the stream."""
+        if self._offsets is None:
+            j = self.jobs
+            off = np.zeros(j.size + 1, dtype=np.int64)
+            np.cumsum(j["src_run"] * j["src_count"], out=off[1:])
+            self._offsets = off
+        return self._offsets
+
+    @property
+    def nbytes(self) -> int:
+        if self._offsets is None and self.block_pairs is not None:
+            return self.block_pairs.nbytes
         return int(self.stream_offsets[-1])
 
     def runs(self, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -65,6 +148,9 @@ class TransferPlan:
         first = np.cumsum(count) - count
         within = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(first, count)
         return tensor, starts + within * np.repeat(stride, count), lengths
+
+    def __repr__(self) -> str:
+        return f"<TransferPlan {self.nbytes} B, {self.dst_blocks.size} blocks>"
 
 
 def as_block_ids(ids: Sequence[int] | np.ndarray, what: str) -> np.ndarray:
@@ -173,32 +259,4 @@ def plan_transfer(
     else:
         starts = lengths = np.zeros(0, dtype=np.int64)
 
-    # one job per (segment pair, coalesced run) where both tensors keep blocks back to back,
-    # else one per (segment pair, block); built as a (pairs x jobs-per-pair) grid when every
-    # pair agrees (the usual case), else row by row
-    coal = pairs["coal"]
-    grids = []
-    for rows in ([np.arange(pairs.size)] if coal.all() or not coal.any() else np.split(np.arange(pairs.size), np.flatnonzero(np.diff(coal)) + 1)):
-        pr = pairs[rows]
-        if pr["coal"][0]:
-            sb, db, nblk = s[starts], d[starts], lengths
-        else:
-            sb, db, nblk = s, d, np.ones(s.size, dtype=np.int64)
-        g = np.empty((pr.size, sb.size), dtype=JOB_DTYPE)
-        col = lambda f: pr[f][:, None]  # noqa: E731
-        g["src_t"] = col("t")
-        g["dst_t"] = col("t")
-        g["src_off"] = sb[None, :] * col("src_bstride") + col("src_off")
-        g["dst_off"] = db[None, :] * col("dst_bstride") + col("dst_off")
-        g["src_run"] = nblk[None, :] * col("src_run")
-        g["dst_run"] = nblk[None, :] * col("dst_run")
-        g["src_count"] = col("src_count")
-        g["dst_count"] = col("dst_count")
-        g["src_stride"] = col("src_stride")
-        g["dst_stride"] = col("dst_stride")
-        grids.append(g.reshape(-1))
-    jobs = grids[0] if len(grids) == 1 else np.concatenate(grids)
-    sizes = jobs["src_run"] * jobs["src_count"]
-    offsets = np.zeros(jobs.size + 1, dtype=np.int64)
-    np.cumsum(sizes, out=offsets[1:])
-    return TransferPlan(jobs=jobs, stream_offsets=offsets, dst_blocks=d)
+    return TransferPlan(block_pairs=BlockPairs(pairs, s, d, starts, lengths))

@@ -51,7 +51,7 @@ from ..errors import (
 from ..handle import Op, TransferHandle
 from ..layout import KVLayout
 from ..metadata import PeerMetadata, boot_id
-from ..plan import TransferPlan
+from ..plan import BlockPairs, TransferPlan
 from . import _cuda_ipc_handles as ipc
 from .base import Backend, BackendLink, LocalSide, TransferRequest
 from .tcp import TcpBackend, TcpLink
@@ -144,6 +144,30 @@ def _check_within(jobs: np.ndarray, side: str, spans: np.ndarray, whose: str) ->
         raise BlockIdError(
             f"the transfer would touch bytes [{int(off[j])}, {int(end[j])}) of {whose} tensor {int(t[j])}, "
             f"outside its registered {int(spans[t[j]])} B"
+        )
+
+
+def _check_pairs_within(bp: BlockPairs, side: str, spans: np.ndarray, whose: str) -> None:
+    """The compact form of :func:`_check_within`: the furthest byte any block of ``bp`` reaches
+    on ``side``, per (tensor, segment) pair, must lie inside that tensor's registered span.
+
+    Raises:
+        BlockIdError: a pair names an unknown tensor or reaches outside its span.
+    """
+    ids = bp.src_blocks if side == "src" else bp.dst_blocks
+    if ids.size == 0 or bp.pairs.size == 0:
+        return
+    p = bp.pairs
+    t = p["t"]
+    if int(t.min()) < 0 or int(t.max()) >= spans.size:
+        raise BlockIdError(f"the transfer names {whose} tensor {int(t.max())}; {whose} side has {spans.size}")
+    lo = int(ids.min())
+    end = p[f"{side}_off"] + int(ids.max()) * p[f"{side}_bstride"] + (p[f"{side}_count"] - 1) * p[f"{side}_stride"] + p[f"{side}_run"]
+    bad = (lo < 0) | (end > spans[t])
+    if np.any(bad):
+        j = int(np.flatnonzero(np.broadcast_to(bad, t.shape))[0])
+        raise BlockIdError(
+            f"the transfer would reach byte {int(end[j])} of {whose} tensor {int(t[j])}, outside its registered {int(spans[t[j]])} B"
         )
 
 
@@ -454,14 +478,20 @@ class CudaIpcBackend(Backend):
         """
         assert isinstance(link, CudaIpcLink)
         self._check_open()
-        jobs = plan.jobs
         remote, local = ("src", "dst") if req.op is Op.READ else ("dst", "src")
-        _check_within(jobs, remote, link.remote_spans, f"peer {link.peer.name!r}")
-        _check_within(jobs, local, self._local_spans, "local")
         if req.op is Op.READ:
             src, dst = link.remote_addrs, self._local_addrs
         else:
             src, dst = self._local_addrs, link.remote_addrs
+        bp = plan.block_pairs
+        if bp is not None:  # same block structure: addresses computed on the GPU from block ids
+            _check_pairs_within(bp, remote, link.remote_spans, f"peer {link.peer.name!r}")
+            _check_pairs_within(bp, local, self._local_spans, "local")
+            self._launch(link, handle, req.notify, None, src, dst, pairs=bp)
+            return
+        jobs = plan.jobs
+        _check_within(jobs, remote, link.remote_spans, f"peer {link.peer.name!r}")
+        _check_within(jobs, local, self._local_spans, "local")
         self._launch(link, handle, req.notify, jobs, src, dst)
 
     # -- heterogeneous TP (head slices), outside the Connector's same-fingerprint path ----------
@@ -545,19 +575,22 @@ class CudaIpcBackend(Backend):
             self._free_timing.extend(timing)
 
     def _launch(self, link: CudaIpcLink, handle: TransferHandle | None, notify: bytes | None,
-                jobs: np.ndarray | None, src: np.ndarray | None, dst: np.ndarray | None) -> None:
+                jobs: np.ndarray | None, src: np.ndarray | None, dst: np.ndarray | None,
+                pairs: BlockPairs | None = None) -> None:
         from ..ops.cuda import copy_jobs
+        from ..ops.pairs import copy_block_pairs
 
         cp = self._cp
         rt = cp.cuda.runtime
-        timing = self.record_device_time and jobs is not None
+        copies = jobs is not None or pairs is not None
+        timing = self.record_device_time and copies
         with self._submit_lock:
             link._begin(handle)
             events: list[int] = []
             timed: list[int] = []
             try:
                 with cp.cuda.Device(self.device):
-                    if jobs is not None:
+                    if copies:
                         self._wait_for_caller(events)
                     t0 = 0
                     if timing:
@@ -566,6 +599,8 @@ class CudaIpcBackend(Backend):
                         rt.eventRecord(t0, self._stream)
                     if jobs is not None and jobs.size:
                         copy_jobs(jobs, src, dst, stream=self._stream, device=self.device)
+                    elif pairs is not None:
+                        copy_block_pairs(pairs, src, dst, stream=self._stream, device=self.device)
                     done = self._event(timing)
                     (timed if timing else events).append(done)
                     rt.eventRecord(done, self._stream)
