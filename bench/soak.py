@@ -136,15 +136,15 @@ def _peer_main(conn: Any, name: str, spec: Spec, seed: int, timeout: float) -> N
         conn.send(c.metadata())
         while True:
             try:
-                cmd, *args = conn.recv()
+                seq, cmd, *args = conn.recv()
             except EOFError:
                 return
             if cmd == "digest":
-                conn.send(arena.digest(*args))
+                conn.send((seq, arena.digest(*args)))
             elif cmd == "check":
-                conn.send((arena.canary_damage(), arena.source_damage()))
+                conn.send((seq, (arena.canary_damage(), arena.source_damage())))
             elif cmd == "exit":
-                conn.send(None)
+                conn.send((seq, None))
                 return
 
 
@@ -163,12 +163,17 @@ class Peer:
         self.metadata: bytes = self.conn.recv()
         self.link: Any = None
         self.stopped = False
+        self.seq = 0
 
     def ask(self, *cmd: Any, timeout: float = 30) -> Any:
-        self.conn.send(cmd)
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"peer {self.name} did not answer {cmd[0]}")
-        return self.conn.recv()
+        self.seq += 1
+        self.conn.send((self.seq, *cmd))
+        deadline = time.monotonic() + timeout
+        while self.conn.poll(max(0.0, deadline - time.monotonic())):
+            seq, result = self.conn.recv()
+            if seq == self.seq:  # a late answer to an earlier, timed-out question is skipped
+                return result
+        raise TimeoutError(f"peer {self.name} did not answer {cmd[0]}")
 
     @property
     def tcp_addr(self) -> tuple[str, int]:
@@ -430,8 +435,10 @@ class Soak:
         else:
             try:
                 got = p.ask("digest", dst, layers, timeout=30)
-            except (TimeoutError, EOFError, OSError):
-                return  # the peer died after completing: nothing to compare
+            except (TimeoutError, EOFError, OSError) as exc:
+                if p.proc.is_alive():
+                    rep.problems.append(f"write to {p.name}: no digest to compare ({type(exc).__name__})")
+                return  # else the peer was killed after completing: nothing to compare
             if got != arena.digest(src, layers):
                 nbytes = sum(len(b) for b in arena.blocks(src, layers))
                 rep.corrupted_bytes += nbytes
