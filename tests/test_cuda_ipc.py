@@ -214,7 +214,11 @@ def _agent_main(conn, device: int, env: dict) -> None:
                 torch.cuda.set_device(device)
                 stream = torch.cuda.Stream(device) if explicit else torch.cuda.current_stream(device)
                 with torch.cuda.stream(stream):
-                    _spin(st.cp, int(stream.cuda_stream), 2.0)
+                    if explicit:
+                        _spin(st.cp, int(stream.cuda_stream), 2.0)
+                    else:  # torch's own kernel, so it surely lands on torch's default stream of this device
+                        khz = st.cp.cuda.runtime.deviceGetAttribute(13, device)  # cudaDevAttrClockRate
+                        torch.cuda._sleep(int(2.0 * khz * 1000))
                     t0 = time.monotonic()
                     st.pending = [(st.conn.read(st.peers[peer], [i], [i], timeout=timeout), t0) for i in range(n)]
                 out = ([h.status.value for h, _ in st.pending], int(stream.cuda_stream), not stream.query())
