@@ -22,9 +22,17 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "note: redis-server not found; Redis tests will skip"
   fi
 fi
+# the multi-host tests build network namespaces with iproute2
+command -v ip >/dev/null 2>&1 || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null; } \
+  || echo "note: iproute2 missing; multi-host tests will skip"
 set +e
 "$VENV/bin/python" -m pytest -q -rs "$@"
 rc=$?
 set -e
 [ "$rc" = 5 ] && { echo "no tests collected"; exit 1; }
+# the vLLM plugin's tests run in vLLM's own environment (about 9 GB, reused between runs)
+if [ "$rc" = 0 ] && [ "${KVXFER_SKIP_VLLM:-0}" != 1 ] && [ $# = 0 ]; then
+  bash scripts/test_vllm.sh || rc=$?
+fi
 exit "$rc"
