@@ -636,7 +636,8 @@ class UcxBackend(Backend):
             try:
                 fn(*args)
             except RemoteProtocolError as exc:
-                link = next((a for a in args if isinstance(a, UcxLink)), None)
+                # the link is an argument, or the object whose bound method this is (link.on_message)
+                link = next((a for a in (*args, getattr(fn, "__self__", None)) if isinstance(a, UcxLink)), None)
                 log.warning("dropping link to %r: %s", getattr(getattr(link, "peer", None), "name", "?"), exc)
                 if link is not None:
                     link.close(PeerLostError(f"link to {link.peer.name!r} dropped: {exc}"))
