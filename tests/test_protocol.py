@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from kvxfer import RemoteProtocolError
-from kvxfer.backends.tcp import request_from_wire, request_to_wire
+from kvxfer.backends.wire import request_from_wire, request_to_wire
 from kvxfer.backends.base import TransferRequest
 from kvxfer.handle import Op
 from kvxfer.metadata import PeerMetadata

@@ -35,9 +35,9 @@ from ..errors import (
 from ..handle import Op, TransferHandle
 from ..metadata import PeerMetadata
 from ..plan import TransferPlan
-from ..reshard import HeadReshard
 from ..protocol.frames import FRAME_PREFIX_SIZE, FrameType, decode_header, encode_frame, parse_prefix
 from ._iov import readv_full, writev_full
+from .wire import request_from_wire, request_to_wire
 from .base import Backend, BackendLink, LocalSide, TransferRequest, plan_for_responder, remote_error
 from .staging import make_stream_side
 from .stream import StreamSide, chunk_bounds
@@ -47,7 +47,6 @@ __all__ = ["TcpBackend", "TcpLink"]
 log = logging.getLogger(__name__)
 
 FLAG_FROM_INITIATOR = 1
-_MAX_IDS = 1 << 22
 _DISCARD = memoryview(bytearray(1 << 20))
 
 
@@ -70,85 +69,12 @@ def _recv_exact_into(sock: socket.socket, view: memoryview) -> None:
         view = view[n:]
 
 
-def _recv_into_views(sock: socket.socket, views: list[memoryview]) -> None:
-    i = 0
-    while i < len(views):
-        n = sock.recvmsg_into(views[i : i + 1000])[0]
-        if n == 0:
-            raise PeerLostError("connection closed by peer")
-        while n:
-            v = views[i]
-            if n >= v.nbytes:
-                n -= v.nbytes
-                i += 1
-            else:
-                views[i] = v[n:]
-                n = 0
-
-
-def _send_views(sock: socket.socket, views: list[Any]) -> None:
-    views = [memoryview(v).cast("B") if not isinstance(v, memoryview) else v for v in views]
-    i = 0
-    while i < len(views):
-        n = sock.sendmsg(views[i : i + 1000])
-        while n:
-            v = views[i]
-            if n >= v.nbytes:
-                n -= v.nbytes
-                i += 1
-            else:
-                views[i] = v[n:]
-                n = 0
-
-
 def _read_frame_header(sock: socket.socket, prefix_buf: memoryview, max_payload: int):
     _recv_exact_into(sock, prefix_buf)
     prefix = parse_prefix(prefix_buf, max_payload)
     hbuf = bytearray(prefix.header_len)
     _recv_exact_into(sock, memoryview(hbuf))
     return prefix, decode_header(hbuf)
-
-
-def _ids_from_wire(h: dict, key: str) -> np.ndarray:
-    raw = h.get(key)
-    if not isinstance(raw, bytes) or len(raw) % 8 or len(raw) > 8 * _MAX_IDS:
-        raise RemoteProtocolError(f"field {key!r} must be packed int64 block ids")
-    return np.frombuffer(raw, dtype="<i8").astype(np.int64)
-
-
-def request_from_wire(h: dict) -> TransferRequest:
-    """Parse an XFER_REQUEST header. Raises RemoteProtocolError."""
-    x, op, notify, layers = h.get("x"), h.get("op"), h.get("n"), h.get("l")
-    if type(x) is not int or op not in ("r", "w") or not (notify is None or isinstance(notify, bytes)):
-        raise RemoteProtocolError("malformed transfer request")
-    return TransferRequest(
-        xfer_id=x,
-        op=Op.READ if op == "r" else Op.WRITE,
-        src_blocks=_ids_from_wire(h, "s"),
-        dst_blocks=_ids_from_wire(h, "d"),
-        layers=None if layers is None else _ids_from_wire(h, "l"),
-        notify=notify,
-        reshard=None if h.get("rs") is None else _reshard_from_wire(h["rs"]),
-    )
-
-
-def _reshard_from_wire(obj: object) -> HeadReshard:
-    try:
-        return HeadReshard.from_wire(obj)
-    except LayoutError as exc:
-        raise RemoteProtocolError(str(exc)) from None
-
-
-def request_to_wire(req: TransferRequest) -> dict:
-    return {
-        "x": req.xfer_id,
-        "op": "r" if req.op is Op.READ else "w",
-        "s": req.src_blocks.astype("<i8").tobytes(),
-        "d": req.dst_blocks.astype("<i8").tobytes(),
-        "l": None if req.layers is None else req.layers.astype("<i8").tobytes(),
-        "n": req.notify,
-        "rs": None if req.reshard is None else req.reshard.to_wire(),
-    }
 
 
 # --------------------------------------------------------------------------------------------
