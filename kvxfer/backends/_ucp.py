@@ -1,7 +1,7 @@
 """A small typed ctypes binding to libucp: memory registration, remote keys, RMA, flush and
 active messages, on top of the context, worker and endpoint handles that ucxx owns.
 
-Layer: backends (private to ucx.py). ucxx's Python API has endpoints, tags, active messages
+Layer: backends (private to the UCX backend: ucx.py, ucx_link.py, ucx_staging.py). ucxx's Python API has endpoints, tags, active messages
 and a progress thread but no one-sided RMA; the functions below live in the same ``libucp``
 that ucxx loads (through the ``libucx`` wheel, or a system UCX when
 ``RAPIDS_LIBUCX_PREFER_SYSTEM_LIBRARY=true``), so we call them on ucxx's own handles.
@@ -12,7 +12,8 @@ callback that fires on ucxx's progress thread when every earlier operation on th
 completed remotely. Active messages are received by one worker-wide handler. Structure layouts
 follow UCX 1.21's ``ucp.h`` (stable since 1.12 for the fields used here).
 
-Importing this module loads libucp (through ``libucx``); only ucx.py imports it, lazily.
+Importing this module loads nothing: :func:`load` loads libucp (through ``libucx``) when the
+UCX backend starts.
 """
 
 from __future__ import annotations
