@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +129,7 @@ class Connector:
         self._registry_token = registry_token
         self._agent: Any = None
         self._agent_lock = threading.Lock()
+        self._link_lost_listeners: list[Callable[[PeerMetadata, KvxferError], None]] = []
         from .backends.tcp import TcpBackend
 
         # TCP is always present: it is the fallback and carries control for the others
@@ -177,6 +178,21 @@ class Connector:
     def link_lost(self, link: BackendLink, exc: KvxferError) -> None:
         with self._lock:
             self._peers.pop(id(link), None)
+            listeners = list(self._link_lost_listeners)
+        for fn in listeners:
+            try:
+                fn(link.peer, exc)
+            except Exception:  # a listener's bug must not break the backend closing the link
+                log.exception("link-lost listener %r", fn)
+
+    def add_link_lost_listener(self, fn: Callable[[PeerMetadata, KvxferError], None]) -> None:
+        """Call ``fn(peer, exc)`` whenever a link to a peer drops, inbound or outbound.
+
+        Runs on the backend's thread: keep it short and thread-safe. The registry agent uses it
+        to fail a push-mode request promptly when its producer's link is lost.
+        """
+        with self._lock:
+            self._link_lost_listeners.append(fn)
 
     # -- public API ----------------------------------------------------------------------------
     def register(self, layout: KVLayout | Sequence[Any] | Mapping[str, Any], *, block_dim: int | Sequence[int] = 0) -> KVLayout:

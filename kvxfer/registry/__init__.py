@@ -6,7 +6,7 @@ same semantics on Redis. :func:`connect_registry` picks by URL; :class:`RequestA
 Connector uses for publish/pull/expect/push. Importing this package starts nothing.
 """
 
-from .agent import FinishedRequest, RequestAgent
+from .agent import FinishedRequest, RequestAgent, RequestHandle
 from .base import AsyncRegistry, LinkState, parse_registry_url
 from .client import AsyncServerClient, RegistryClient, connect_registry, connect_registry_async
 from .core import CoreConfig, RegistryCore
@@ -21,6 +21,6 @@ __all__ = [
     "DuplicateRequestError", "EventKind", "Expectation", "FinishedRequest", "InvalidRequestError", "LinkState",
     "Mode", "NameTakenError", "NotAPartyError", "RegistryAuthError", "RegistryClient", "RegistryCore",
     "RegistryServer", "RegistryTimeoutError", "RegistryUnavailableError", "RequestAgent", "RequestEvent",
-    "RequestFailedError", "RequestInfo", "RequestState", "Role", "ServerConfig", "UnknownConnectorError",
-    "UnknownRequestError", "connect_registry", "connect_registry_async", "parse_registry_url",
+    "RequestFailedError", "RequestHandle", "RequestInfo", "RequestState", "Role", "ServerConfig",
+    "UnknownConnectorError", "UnknownRequestError", "connect_registry", "connect_registry_async", "parse_registry_url",
 ]

@@ -14,7 +14,14 @@ thread pool, so the caller's thread never blocks and every wait has a timeout.
   the last write completes its side; the consumer is told DELIVERED, confirms, and the producer
   is told CONSUMED.
 * A party that is lost (lease expired), a TTL that runs out, a cancellation: every handle on
-  that request fails with :class:`RequestFailedError` naming the reason.
+  that request fails with :class:`RequestFailedError` naming the reason. In push mode the
+  consumer does not wait for the lease of a producer whose data link drops: its ``expect``
+  handle fails with :class:`PeerLostError` at once (the Connector's link-lost listener).
+* A ``push`` for a request that already ended here (consumed, failed, cancelled, expired while
+  this connector was its producer) fails at once, even where the registry no longer remembers
+  the request (restarted, or its tombstone is gone).
+* The handles are :class:`RequestHandle`: their ``stats`` time what the caller waited (from the
+  call), their ``transfer_stats`` the transfer alone.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import asyncio
 import logging
 import queue
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,14 +39,15 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import KvxferError, RegistryError, TransferTimeoutError
-from ..handle import Op, TransferHandle
+from ..errors import KvxferError, PeerLostError, RegistryError, TransferTimeoutError
+from ..handle import Op, TransferHandle, TransferStats
+from ..metadata import PeerMetadata
 from .base import DEFAULT_LEASE_S, AsyncRegistry, LinkState
 from .client import RegistryClient
 from .errors import RegistryTimeoutError, RequestFailedError, UnknownRequestError
-from .messages import EventKind, RequestEvent, Role
+from .messages import EventKind, Mode, RequestEvent, RequestState, Role
 
-__all__ = ["RequestAgent", "FinishedRequest"]
+__all__ = ["RequestAgent", "RequestHandle", "FinishedRequest"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +61,63 @@ class FinishedRequest:
     reason: str
 
 
+class RequestHandle(TransferHandle):
+    """The handle of ``pull``/``expect``/``push``: a :class:`TransferHandle` of one request.
+
+    ``stats`` (and ``wait()``'s result) time what the caller waited: from the call, so for a
+    pull or an expect they include waiting for the other side (e.g. the whole prefill).
+    ``transfer_stats`` is the transfer's own: the bytes the backend moved, the seconds that
+    transfer took and its backend; ``None`` until it completed, if it failed, and always for
+    ``expect`` (the producer moves those bytes: its ``push`` handles carry the figures).
+    """
+
+    __slots__ = ("mode", "request_id", "transfer_stats")
+
+    def __init__(self, request_id: str, mode: Mode, op: Op, nbytes: int, dst_blocks: np.ndarray):
+        super().__init__(op, "?", nbytes, "registry", dst_blocks)
+        self.request_id = request_id
+        self.mode = mode
+        self.transfer_stats: TransferStats | None = None
+
+    def __repr__(self) -> str:
+        return f"<RequestHandle {self.request_id!r} {self.mode.value} {super().__repr__()[1:-1]}>"
+
+
+class _Ended:
+    """Requests this connector produced that ended, remembered for a while (loop thread only).
+
+    The registry keeps a tombstone of an ended request for a minute; this memory outlives it
+    (and a registry restart), so that a late ``push`` fails at once instead of waiting its whole
+    timeout for an expectation that will never come.
+    """
+
+    __slots__ = ("_entries", "_keep_s", "_max")
+
+    def __init__(self, keep_s: float = 600.0, max_entries: int = 65536):
+        self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._keep_s = keep_s
+        self._max = max_entries
+
+    def add(self, rid: str, kind: EventKind, reason: str) -> None:
+        now = time.monotonic()
+        self._entries.pop(rid, None)
+        self._entries[rid] = (now + self._keep_s, f"request {rid!r} already ended ({kind.value}): {reason}")
+        while self._entries:
+            oldest, (until, _) = next(iter(self._entries.items()))
+            if until > now and len(self._entries) <= self._max:
+                break
+            del self._entries[oldest]
+
+    def get(self, rid: str) -> str | None:
+        entry = self._entries.get(rid)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
+    def forget(self, rid: str) -> None:
+        self._entries.pop(rid, None)
+
+
 @dataclass(slots=True)
 class _Publication:
     blocks: tuple[int, ...]
@@ -62,7 +129,7 @@ class _PushState:
 
     def __init__(self, expectation: asyncio.Future):
         self.expectation = expectation
-        self.handles: list[TransferHandle] = []
+        self.handles: list[RequestHandle] = []
         self.last_seen = False
         self.failed = False
 
@@ -86,12 +153,16 @@ class RequestAgent:
         self._registered_meta: bytes | None = None
         self._finished: queue.SimpleQueue[FinishedRequest] = queue.SimpleQueue()
         self._published: dict[str, _Publication] = {}
-        self._waiting: dict[str, TransferHandle] = {}     # consumer handles, by request id
+        self._waiting: dict[str, RequestHandle] = {}      # consumer handles, by request id
         self._pushes: dict[str, _PushState] = {}          # producer push state (loop thread only)
+        self._ended = _Ended()                             # producer requests that ended (loop thread only)
         self._peers: dict[tuple[str, bytes], Any] = {}
         self._closed = False
         self._client.add_event_listener(self._on_event)
         self._client.add_link_listener(self._on_link)
+        add_listener = getattr(connector, "add_link_lost_listener", None)
+        if add_listener is not None:
+            add_listener(self._on_peer_lost)
         try:
             self._ensure_registered()
         except BaseException:
@@ -135,16 +206,17 @@ class RequestAgent:
             raise TransferTimeoutError(f"no request finished within {timeout} s") from None
 
     # -- consumer, pull mode ------------------------------------------------------------
-    def pull(self, request_id: str, dst_blocks: Sequence[int], *, timeout: float = 60.0) -> TransferHandle:
+    def pull(self, request_id: str, dst_blocks: Sequence[int], *, timeout: float = 60.0) -> RequestHandle:
         """Wait (in the background) for ``request_id``'s publication, read it into ``dst_blocks``.
 
-        Returns a handle at once. It fails with RegistryTimeoutError (not published in time),
-        AlreadyClaimedError (another consumer won), RequestFailedError (producer lost, request
-        expired or cancelled), or the transfer's own error.
+        Returns a handle at once; its ``stats`` time the whole wait from this call, its
+        ``transfer_stats`` the read alone. It fails with RegistryTimeoutError (not published
+        in time), AlreadyClaimedError (another consumer won), RequestFailedError (producer lost,
+        request expired or cancelled), or the transfer's own error (PeerLostError ...).
         """
         self._ensure_registered()
         dst = np.asarray(dst_blocks, dtype=np.int64).ravel()
-        handle = self._new_handle(Op.READ, dst)
+        handle = self._new_handle(request_id, Mode.PULL, Op.READ, dst)
         with self._lock:
             self._waiting[request_id] = handle
         handle.add_done_callback(lambda h: self._forget_waiting(request_id, h))
@@ -152,7 +224,7 @@ class RequestAgent:
         return handle
 
     async def _pull_task(self, impl: AsyncRegistry, rid: str, dst: np.ndarray, timeout: float,
-                         handle: TransferHandle) -> None:
+                         handle: RequestHandle) -> None:
         claimed = False
         try:
             claim = await impl.pull(rid, timeout)
@@ -179,12 +251,13 @@ class RequestAgent:
             if claimed:
                 await self._complete(impl, rid, False, f"{type(exc).__name__}: {exc}")
 
-    def _spawn_finish(self, impl: AsyncRegistry, rid: str, inner: TransferHandle, outer: TransferHandle) -> None:
+    def _spawn_finish(self, impl: AsyncRegistry, rid: str, inner: TransferHandle, outer: RequestHandle) -> None:
         asyncio.get_running_loop().create_task(self._finish_read(impl, rid, inner, outer))
 
-    async def _finish_read(self, impl: AsyncRegistry, rid: str, inner: TransferHandle, outer: TransferHandle) -> None:
+    async def _finish_read(self, impl: AsyncRegistry, rid: str, inner: TransferHandle, outer: RequestHandle) -> None:
         exc = inner.exception()
         if exc is None:
+            outer.transfer_stats = inner.stats
             await self._complete(impl, rid, True, "")
             outer.set_done()
         else:
@@ -192,16 +265,18 @@ class RequestAgent:
             await self._complete(impl, rid, False, f"{type(exc).__name__}: {exc}")
 
     # -- consumer, push mode ------------------------------------------------------------
-    def expect(self, request_id: str, dst_blocks: Sequence[int], *, timeout: float = 60.0) -> TransferHandle:
+    def expect(self, request_id: str, dst_blocks: Sequence[int], *, timeout: float = 60.0) -> RequestHandle:
         """Ask the producer to write ``request_id`` into ``dst_blocks`` within ``timeout`` s.
 
         Returns a handle at once; it is done when the producer wrote every layer (and this side
-        confirmed), and fails with RequestFailedError (expired, cancelled, producer lost) or the
-        registry's refusal (DuplicateRequestError ...).
+        confirmed), and fails with RequestFailedError (expired, cancelled, producer lost by its
+        lease), PeerLostError (the data link of the producer that took the request dropped), or
+        the registry's refusal (DuplicateRequestError ...). Its ``transfer_stats`` stay None:
+        the producer's push handles time the writes.
         """
         self._ensure_registered()
         dst = np.asarray(dst_blocks, dtype=np.int64).ravel()
-        handle = self._new_handle(Op.READ, dst)
+        handle = self._new_handle(request_id, Mode.PUSH, Op.READ, dst)
         with self._lock:
             self._waiting[request_id] = handle
         handle.add_done_callback(lambda h: self._forget_waiting(request_id, h))
@@ -222,25 +297,33 @@ class RequestAgent:
 
     # -- producer, push mode ------------------------------------------------------------
     def push(self, request_id: str, src_blocks: Sequence[int], *, layers: Sequence[int | str] | None = None,
-             last: bool = True, timeout: float = 60.0) -> TransferHandle:
+             last: bool = True, timeout: float = 60.0) -> RequestHandle:
         """Write ``layers`` (default: all) of ``src_blocks`` into the expecting consumer's blocks.
 
         Call once per layer group; ``last=True`` on the final call completes the producer's side
-        once every write of the request is done. Returns a handle at once; it fails with
-        RegistryTimeoutError (nobody expects the request within ``timeout``), AlreadyClaimedError,
-        RequestFailedError, or the transfer's own error.
+        once every write of the request is done. Returns a handle at once (``transfer_stats``:
+        this write alone); it fails with RegistryTimeoutError (nobody expects the request within
+        ``timeout``), AlreadyClaimedError, RequestFailedError (the request ended: at once when it
+        ended while this connector was its producer, naming why), or the transfer's own error.
         """
         self._ensure_registered()
         src = np.asarray(src_blocks, dtype=np.int64).ravel()
-        handle = self._new_handle(Op.WRITE, src)
+        handle = self._new_handle(request_id, Mode.PUSH, Op.WRITE, src)
         lay = None if layers is None else list(layers)
         self._client.submit(lambda impl: self._push_task(impl, request_id, src, lay, last, timeout, handle))
         return handle
 
     async def _push_task(self, impl: AsyncRegistry, rid: str, src: np.ndarray, layers: list | None, last: bool,
-                         timeout: float, handle: TransferHandle) -> None:
+                         timeout: float, handle: RequestHandle) -> None:
         state = self._pushes.get(rid)
         if state is None:
+            ended = self._ended.get(rid)
+            if ended is not None and not await self._expected_again(impl, rid):
+                handle.set_failed(RequestFailedError(ended))
+                return
+            state = self._pushes.get(rid)  # another push of this request may have begun meanwhile
+        if state is None:
+            self._ended.forget(rid)
             fut = asyncio.ensure_future(impl.await_expect(rid, timeout))
             state = self._pushes[rid] = _PushState(fut)
         state.handles.append(handle)
@@ -264,12 +347,21 @@ class RequestAgent:
                 exc = RequestFailedError(f"push of {rid!r} failed: {type(exc).__name__}: {exc}")
             await self._fail_push(impl, rid, exc, registry_knows=not taken)
 
-    def _on_write_done(self, impl: AsyncRegistry, rid: str, inner: TransferHandle, outer: TransferHandle) -> None:
+    async def _expected_again(self, impl: AsyncRegistry, rid: str) -> bool:
+        """Whether a consumer expects ``rid`` anew (an id reused after the request ended here)."""
+        try:
+            info = await impl.query(rid)
+        except RegistryError:
+            return False
+        return info.mode is Mode.PUSH and info.state is RequestState.EXPECTED
+
+    def _on_write_done(self, impl: AsyncRegistry, rid: str, inner: TransferHandle, outer: RequestHandle) -> None:
         exc = inner.exception()
         loop = asyncio.get_running_loop()
         if exc is not None:
             loop.create_task(self._fail_push(impl, rid, exc, registry_knows=False))
             return
+        outer.transfer_stats = inner.stats
         outer.set_done()
         state = self._pushes.get(rid)
         if state is not None and state.last_seen and all(h.done() and h.exception() is None for h in state.handles):
@@ -281,6 +373,8 @@ class RequestAgent:
         for h in state.handles if state is not None else ():
             h.set_failed(exc)
         if not registry_knows:
+            # this side took the request and fails it: later pushes of it must not wait
+            self._ended.add(rid, EventKind.FAILED, f"push failed here: {type(exc).__name__}: {exc}")
             await self._complete(impl, rid, False, f"{type(exc).__name__}: {exc}")
 
     # -- both ---------------------------------------------------------------------------
@@ -311,12 +405,12 @@ class RequestAgent:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- internals ----------------------------------------------------------------------
-    def _new_handle(self, op: Op, blocks: np.ndarray) -> TransferHandle:
+    def _new_handle(self, rid: str, mode: Mode, op: Op, blocks: np.ndarray) -> RequestHandle:
         layout = getattr(self._connector, "layout", None)
         nbytes = int(len(blocks) * layout.block_nbytes) if layout is not None else 0
-        return TransferHandle(op, "?", nbytes, "registry", blocks)
+        return RequestHandle(rid, mode, op, nbytes, blocks)
 
-    def _forget_waiting(self, rid: str, handle: TransferHandle) -> None:
+    def _forget_waiting(self, rid: str, handle: RequestHandle) -> None:
         with self._lock:
             if self._waiting.get(rid) is handle:
                 del self._waiting[rid]
@@ -350,8 +444,10 @@ class RequestAgent:
         if event.role is Role.PRODUCER:
             if event.kind.is_final:
                 with self._lock:
-                    self._published.pop(rid, None)
+                    publication = self._published.pop(rid, None)
                 self._finished.put(FinishedRequest(rid, event.kind, event.reason))
+                if publication is None:  # pushed from here: a later push of it must fail at once
+                    self._ended.add(rid, event.kind, event.reason)
                 state = self._pushes.pop(rid, None)
                 if state is not None and event.kind is not EventKind.CONSUMED:
                     for h in state.handles:
@@ -366,9 +462,44 @@ class RequestAgent:
         elif event.kind is not EventKind.CONSUMED:
             handle.set_failed(RequestFailedError(event.reason))
 
-    async def _confirm(self, rid: str, handle: TransferHandle) -> None:
+    async def _confirm(self, rid: str, handle: RequestHandle) -> None:
         await self._complete(self._impl, rid, True, "")
         handle.set_done()
+
+    def _on_peer_lost(self, peer: PeerMetadata, exc: KvxferError) -> None:
+        """A data link dropped (backend thread): fail push-mode requests whose producer it was.
+
+        Only the registry knows which producer took an expectation, so each pending expect is
+        looked up there; one that the lost peer is pushing fails now rather than after that
+        producer's lease. One already DELIVERED is left to finish.
+        """
+        if self._closed:
+            return
+        with self._lock:
+            rids = [rid for rid, h in self._waiting.items() if h.mode is Mode.PUSH]
+        if not rids:
+            return
+        try:
+            self._client.submit(lambda impl: self._fail_lost_producer(impl, peer.name, exc, rids))
+        except RuntimeError:  # the client's loop stopped: closing
+            pass
+
+    async def _fail_lost_producer(self, impl: AsyncRegistry, name: str, exc: KvxferError, rids: list[str]) -> None:
+        async def check(rid: str) -> None:
+            try:
+                info = await impl.query(rid)
+            except RegistryError:
+                return  # ended meanwhile, or the registry is away: its events and timeouts decide
+            if info.state is not RequestState.PUSHING or info.producer != name:
+                return
+            with self._lock:
+                handle = self._waiting.get(rid)
+            if handle is None:
+                return
+            handle.peer_name = name
+            if handle.set_failed(PeerLostError(f"request {rid!r}: link to its producer {name!r} lost: {exc}")):
+                await self._complete(impl, rid, False, f"link to producer {name!r} lost: {exc}")
+        await asyncio.gather(*(check(rid) for rid in rids))
 
     def _on_link(self, state: LinkState) -> None:
         """After a reconnect, publish again what the registry may have lost (it restarted)."""

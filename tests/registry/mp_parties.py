@@ -109,3 +109,16 @@ def claim_and_die(url: str, token: str | None, name: str, rid: str, out: Any) ->
     out.close()
     out.join_thread()  # the message must leave before the hard exit
     os._exit(0)
+
+
+def push_first_layer_then_hang(url: str, name: str, rid: str, blocks: list[int], lease_s: float, out: Any) -> None:
+    """A producer that writes layer 0 of ``rid`` (not the last) and then waits to be killed."""
+    from kvxfer.connector import Connector
+    from kvxfer.registry.agent import RequestAgent
+
+    conn = Connector(name, registry=url)
+    conn.register(make_kv(1))
+    conn._agent = RequestAgent(conn, url, lease_s=lease_s)
+    conn.push(rid, blocks, layers=[0], last=False, timeout=60).wait(30)
+    out.put(("pushed", rid))
+    time.sleep(600)

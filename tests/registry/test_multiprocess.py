@@ -17,9 +17,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from mp_parties import LEASE_S, claim_and_die, consumer, producer
+from kvxfer.connector import Connector
+from kvxfer.errors import PeerLostError
+from kvxfer.registry.agent import RequestAgent
+from kvxfer.registry.errors import UnknownRequestError
+from mp_parties import LEASE_S, claim_and_die, consumer, make_kv, producer, push_first_layer_then_hang
 from regutil import RedisProcess, free_port, need_redis
 
 pytestmark = pytest.mark.timeout(120)
@@ -131,6 +136,37 @@ def test_producer_dies_before_or_during_pull(registry, procs, how):
     assert result[0] == "error", result
     assert result[3] < 2 * LEASE_S + 0.5, result      # within two lease periods, not the 60 s timeout
     assert "prod" in result[2] or "lease" in result[2], result
+
+
+def test_push_producer_killed_expect_fails_before_its_lease(registry, procs):
+    # a long lease: without watching the data link the consumer would wait 30 s for it
+    lease = 30.0
+    kv = make_kv(None)
+    conn = Connector("cons", registry=registry.url)
+    try:
+        conn.register(kv)
+        conn._agent = RequestAgent(conn, registry.url, lease_s=lease)
+        h = conn.expect("req-8", DST, timeout=60)
+        pp, pq = procs.start(push_first_layer_then_hang, registry.url, "prod", "req-8", SRC, lease)
+        assert _get(pq) == ("pushed", "req-8")
+        assert np.array_equal(kv[0][DST], make_kv(1)[0][SRC]) and not h.done()
+        t0 = time.monotonic()
+        os.kill(pp.pid, signal.SIGKILL)
+        with pytest.raises(PeerLostError, match="'req-8'.*producer 'prod'"):
+            h.wait(20)
+        assert time.monotonic() - t0 < 10, "failed by the lease, not by the lost link"
+        assert h.peer_name == "prod" and list(h.failed_blocks) == DST
+        # the consumer reported it: the registry dropped the entry without waiting for the lease
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                conn.requests._client.query("req-8")
+            except UnknownRequestError:
+                break
+            assert time.monotonic() < deadline, "the entry outlived the lost producer"
+            time.sleep(0.05)
+    finally:
+        conn.close()
 
 
 def test_consumer_dies_producer_told(registry, procs):
