@@ -294,3 +294,19 @@ def test_importing_kvxfer_does_not_import_ucxx():
     code = "import sys, kvxfer, kvxfer.backends.ucx_config; print('ucxx' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_connecting_back_reuses_the_peers_link_and_keeps_pending_work(ucx_tls, local_factory):
+    """B connects back to A after A connected to B (push after pull): one link, nothing failed."""
+    spec = LayoutSpec("kv_first", 64, layers=2)
+    a, ta, bd = local_factory("a", spec, 1)
+    b, tb, _ = local_factory("b", spec, 2)
+    p_ab = a.connect(b.metadata())
+    pending = a.read(p_ab, list(range(32)), list(range(32)))
+    p_ba = b.connect(a.metadata())
+    assert p_ba.backend == "ucx"
+    b.write(p_ba, [40, 41], [50, 51], notify=b"back").wait(10)
+    pending.wait(10)
+    assert a.wait_notification(10).payload == b"back"
+    assert block_bytes(ta, bd, [50, 51]) == block_bytes(tb, bd, [40, 41])
+    assert block_bytes(ta, bd, list(range(32))) == block_bytes(tb, bd, list(range(32)))

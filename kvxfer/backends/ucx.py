@@ -261,6 +261,12 @@ class UcxBackend(Backend):
         addr, session = ep_desc.get("addr"), ep_desc.get("session")
         if not isinstance(addr, bytes) or not isinstance(session, str):
             raise RemoteProtocolError(f"peer {peer.name!r} advertises a malformed ucx endpoint")
+        with self._lock:
+            existing = self._links.get(session)
+        if existing is not None and existing.incoming and not existing.closed:
+            # the peer connected to us already: that link carries both directions (a second
+            # endpoint would replace it on the peer's side and fail whatever is pending on it)
+            return existing
         ep, eh = self._make_ep(addr, peer)
         link = UcxLink(self, peer, ep, eh)
         self._register(link, session)
@@ -283,6 +289,7 @@ class UcxBackend(Backend):
         except RemoteProtocolError:
             log.warning("dropping a malformed UCX HELLO")
             return
+        ok = self.layout is not None
         try:
             peer = PeerMetadata.from_bytes(hello.meta)
             ep, eh = self._make_ep(hello.addr, peer)
@@ -291,7 +298,8 @@ class UcxBackend(Backend):
             return
         link = UcxLink(self, peer, ep, eh)
         self._register(link, hello.session)
-        ok = self.layout is not None
+        link.incoming = True  # connect() to this peer reuses it instead of replacing it
+        link.ready.set()
         link.send(Msg.HELLO_ACK, proto.hello_ack_body(ok, None if ok else "no KV layout registered"))
 
     def submit(self, link: BackendLink, req: TransferRequest, plan: TransferPlan, handle: TransferHandle) -> None:

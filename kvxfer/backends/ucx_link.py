@@ -103,6 +103,7 @@ class UcxLink(BackendLink):
         self.error_handling = error_handling
         self.ep_failed = False  # UCX reported an error on the endpoint
         self.ready = threading.Event()
+        self.incoming = False  # created by the peer's HELLO (True) or by our connect()
         self.refusal: str | None = None
         self._closed = False
         self._lock = threading.Lock()
