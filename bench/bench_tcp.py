@@ -54,9 +54,10 @@ def _recv_all(sock: socket.socket, view: memoryview) -> None:
 
 def _peer(conn, args, device: str) -> None:
     import kvxfer
+    from kvxfer.config import from_env
 
     tensors = kv_tensors(args.layers, args.num_blocks, fill=True, device=device)
-    with kvxfer.Connector("peer", backend="tcp", tcp=kvxfer.TcpConfig(streams=args.streams)) as c:
+    with kvxfer.Connector("peer", backend="tcp", tcp=from_env(kvxfer.TcpConfig, "KVXFER_TCP_", streams=args.streams)) as c:
         c.register(tensors, block_dim=1)
         lsock = socket.create_server(("127.0.0.1", 0))
         conn.send((c.metadata(), lsock.getsockname()[1]))
@@ -114,10 +115,12 @@ def main() -> None:
     ap.add_argument("--memory", choices=("host", "cuda", "both"), default="host")
     ap.add_argument("--local-device", default="cuda:0")
     ap.add_argument("--peer-device", default="cuda:0")
+    ap.add_argument("--contiguous", action="store_true", help="consecutive block ids (diagnostic: no scattered pieces)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     import kvxfer
+    from kvxfer.config import from_env
 
     memories = ["host", "cuda"] if args.memory == "both" else [args.memory]
     nbytes = args.blocks * args.layers * 2 * 32768
@@ -134,12 +137,16 @@ def main() -> None:
         tensors = kv_tensors(args.layers, args.num_blocks, fill=False, device=local_dev)
         rng = np.random.default_rng(42)
         rd, wr = results.setdefault(f"{mem}_read", []), results.setdefault(f"{mem}_write", [])
-        with kvxfer.Connector("bench", backend="tcp", tcp=kvxfer.TcpConfig(streams=args.streams)) as c:
+        with kvxfer.Connector("bench", backend="tcp", tcp=from_env(kvxfer.TcpConfig, "KVXFER_TCP_", streams=args.streams)) as c:
             c.register(tensors, block_dim=1)
             peer = c.connect(meta)
             for it in range(args.iters + 1):  # first round is warm-up
-                src = rng.choice(args.num_blocks, args.blocks, replace=False)
-                dst = rng.choice(args.num_blocks, args.blocks, replace=False)
+                if args.contiguous:  # diagnostic: one run per layer and K/V, no scattered pieces
+                    src = np.arange(args.blocks) + int(rng.integers(0, args.num_blocks - args.blocks + 1))
+                    dst = np.arange(args.blocks) + int(rng.integers(0, args.num_blocks - args.blocks + 1))
+                else:
+                    src = rng.choice(args.num_blocks, args.blocks, replace=False)
+                    dst = rng.choice(args.num_blocks, args.blocks, replace=False)
                 parent.send("raw")
                 t_raw = _raw_send(raw_port, raw_buf, args.streams)
                 t_read = c.read(peer, src, dst).wait(120).seconds

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import TcpConfig
+from ..config import MAX_DATA_FRAME, TcpConfig
 from ..errors import (
     KvxferError,
     LayoutError,
@@ -348,7 +348,7 @@ class TcpLink(BackendLink):
 
     def _data_reader(self, sock: socket.socket) -> None:
         prefix_buf = memoryview(bytearray(FRAME_PREFIX_SIZE))
-        max_payload = self.backend.config.chunk_bytes
+        max_payload = MAX_DATA_FRAME  # a protocol limit, not our own chunk size: peers may differ
         while not self._closed:
             prefix, h = _read_frame_header(sock, prefix_buf, max_payload)
             if prefix.type is not FrameType.DATA:
