@@ -347,13 +347,23 @@ class RequestAgent:
                 exc = RequestFailedError(f"push of {rid!r} failed: {type(exc).__name__}: {exc}")
             await self._fail_push(impl, rid, exc, registry_knows=not taken)
 
-    async def _expected_again(self, impl: AsyncRegistry, rid: str) -> bool:
-        """Whether a consumer expects ``rid`` anew (an id reused after the request ended here)."""
-        try:
-            info = await impl.query(rid)
-        except RegistryError:
-            return False
-        return info.mode is Mode.PUSH and info.state is RequestState.EXPECTED
+    async def _expected_again(self, impl: AsyncRegistry, rid: str, grace: float = 1.0) -> bool:
+        """Whether a consumer expects ``rid`` anew (an id reused after the request ended here).
+
+        The consumer's new ``expect`` may reach the registry just after our ``push``: ask again
+        for up to ``grace`` seconds before calling the push late.
+        """
+        deadline = asyncio.get_running_loop().time() + grace
+        while True:
+            try:
+                info = await impl.query(rid)
+                if info.mode is Mode.PUSH and info.state is RequestState.EXPECTED:
+                    return True
+            except RegistryError:
+                pass
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
 
     def _on_write_done(self, impl: AsyncRegistry, rid: str, inner: TransferHandle, outer: RequestHandle) -> None:
         exc = inner.exception()
