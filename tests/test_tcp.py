@@ -1,5 +1,6 @@
 """Two real OS processes over loopback TCP: every byte compared, bad input, dead peers."""
 
+import functools
 import logging
 import os
 import signal
@@ -29,19 +30,8 @@ def _kinds():
 
 
 @pytest.fixture
-def local_factory():
-    made = []
-
-    def make(name, spec, seed, **kw):
-        tensors, bd = spec.build(seed)
-        c = Connector(name, backend="tcp", **kw)
-        c.register(tensors, block_dim=bd)
-        made.append(c)
-        return c, tensors, bd
-
-    yield make
-    for c in made:
-        c.close()
+def local_factory(make_connectors):
+    return functools.partial(make_connectors, backend="tcp")
 
 
 @pytest.mark.parametrize("kind", _kinds())

@@ -4,6 +4,7 @@ Every transfer's bytes are compared; bad input, lying peers, malformed control m
 killed peer are covered. Skips (with the reason) when ucxx cannot be imported here.
 """
 
+import functools
 import logging
 import os
 import threading
@@ -45,19 +46,8 @@ def ucx_mode(request, monkeypatch):
 
 
 @pytest.fixture
-def local_factory():
-    made = []
-
-    def make(name, spec, seed, **kw):
-        tensors, bd = spec.build(seed)
-        c = Connector(name, backend="ucx", **kw)
-        c.register(tensors, block_dim=bd)
-        made.append(c)
-        return c, tensors, bd
-
-    yield make
-    for c in made:
-        c.close()
+def local_factory(make_connectors):
+    return functools.partial(make_connectors, backend="ucx")
 
 
 @pytest.mark.parametrize("kind", ["kv_first", "blocks_first", "mla", "vllm_shared"])
