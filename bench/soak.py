@@ -119,6 +119,9 @@ class Arena:
 # --------------------------------------------------------------------------------------------
 # the peer process
 # --------------------------------------------------------------------------------------------
+LINK_FAULTS = ("drop", "garbage_link", "truncate_link")  # faults that break the driver's link to the victim
+
+
 def _quiet_logs() -> None:
     # the soak provokes thousands of expected "dropping link" warnings
     lg = logging.getLogger("kvxfer")
@@ -422,6 +425,13 @@ class Soak:
         if victim.stopped:
             os.kill(victim.proc.pid, signal.SIGCONT)
             victim.stopped = False
+        if fault in LINK_FAULTS and not victim.link.closed:
+            # The fault broke this link's framing, but a truncated frame in the middle of a stream
+            # is only detected once later bytes arrive (the next batch's frames are read as its
+            # remainder and then refused). A stream protocol cannot know sooner; the link is
+            # tainted, so retire it here and let the repair step reconnect, and the next batch's
+            # failures stay attributable to faults of their own.
+            victim.link.close()
 
     def verify(self, arena: Arena, p: Peer, op: str, src: list[int], dst: list[int], layers: list[int] | None) -> None:
         rep = self.report

@@ -30,7 +30,6 @@ def test_short_soak(tmp_path: Path) -> None:
     assert rep["hangs"] == 0 and rep["late_failures"] == 0, rep["problems"]
     assert not rep["leaks"].get("leaked"), rep["leaks"]
     assert rep["faults_injected"] > 0 and rep["succeeded"] > 0
-    # failures where no fault was injected in that batch: rare follow-on losses seen in the full
-    # soak (6 in 10,000, cleanly reported PeerLostError); bounded here, investigated separately
-    assert rep["unexpected_failures"] <= max(2, rep["transfers"] // 100), rep["problems"]
+    # no failure without a fault in its batch (links tainted by a fault are retired by the soak)
+    assert rep["unexpected_failures"] == 0, rep["problems"]
     assert proc.returncode == 0, proc.stderr[-3000:]
