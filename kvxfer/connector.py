@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
 import threading
 import weakref
@@ -116,7 +117,7 @@ class Connector:
         self.backend_choice = backend
         self.config = from_env(ConnectorConfig, "KVXFER_", timeout=timeout, registry_lease=registry_lease)
         self._tcp_config = tcp or from_env(TcpConfig, "KVXFER_TCP_")
-        self._session = PeerMetadata.new_session()
+        self.session = PeerMetadata.new_session()
         self._layout: KVLayout | None = None
         self._notes: queue.SimpleQueue[Notification] = queue.SimpleQueue()
         self._ids = itertools.count(1)
@@ -164,9 +165,9 @@ class Connector:
     def local_metadata(self) -> PeerMetadata:
         return PeerMetadata(
             name=self.name,
-            session=self._session,
+            session=self.session,
             boot_id=boot_id(),
-            pid=__import__("os").getpid(),
+            pid=os.getpid(),
             geometry=None if self._layout is None else self._layout.geometry,
             device=-1 if self._layout is None else self._layout.device,
             backends={k: b.endpoint() for k, b in self._backends.items()},

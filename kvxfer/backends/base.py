@@ -48,6 +48,7 @@ class LocalSide(Protocol):
     """What a backend may ask of the Connector that owns it."""
 
     name: str
+    session: str  # this connector's identity for its whole life (links add their own suffix)
 
     @property
     def layout(self) -> KVLayout | None: ...

@@ -6,9 +6,6 @@ into pinned host chunks before sending and unpacked after receiving (see gpu_sta
 
 from __future__ import annotations
 
-import weakref
-
-from .._memory import host_bytes
 from .._tensors import MemoryKind
 from ..config import TcpConfig
 from ..errors import LayoutError
@@ -16,26 +13,14 @@ from ..layout import KVLayout
 from ..plan import TransferPlan
 from .stream import HostStreamSide, StreamSide
 
-__all__ = ["make_stream_side", "host_tensor_views"]
-
-_views: weakref.WeakKeyDictionary[KVLayout, list[memoryview]] = weakref.WeakKeyDictionary()
-
-
-def host_tensor_views(layout: KVLayout) -> list[memoryview]:
-    """Writable byte views over each tensor of a host layout, from its first byte (cached)."""
-    v = _views.get(layout)
-    if v is None:
-        v = [memoryview(host_bytes(int(a), t.span)) for a, t in zip(layout.addrs, layout.geometry.tensors)]
-        _views[layout] = v
-    return v
-
+__all__ = ["make_stream_side"]
 
 def make_stream_side(plan: TransferPlan, side: str, layout: KVLayout | None, config: TcpConfig) -> StreamSide:
     """The stream side of ``plan`` over ``layout``'s memory (``side`` is "src" or "dst")."""
     if layout is None:
         raise LayoutError("no KV layout is registered on this connector")
     if layout.memory is MemoryKind.HOST:
-        return HostStreamSide(plan, side, host_tensor_views(layout), layout.addrs)
+        return HostStreamSide(plan, side, layout.addrs)
     from .gpu_staging import GpuStreamSide
 
     return GpuStreamSide(plan, side, layout, config)

@@ -1,14 +1,12 @@
 """The byte stream of a plan: views of one side's memory, cut into chunks.
 
 Layer: backends (shared by tcp and ucx). A plan's stream is its jobs' runs in order; the
-sender reads views of the source side, the receiver writes into views of the destination
-side. Host memory is viewed in place; GPU memory is staged (see staging.py) behind the same
+sender reads (address, length) runs of the source side, the receiver writes into runs of the
+destination side. Host memory is used in place; GPU memory is staged (see staging.py) behind the same
 interface.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -35,22 +33,18 @@ class StreamSide:
         i1 = int(np.searchsorted(self.pos, b, side="left"))
         return max(i0, 0), i1
 
-    def views(self, a: int, b: int) -> list[memoryview]:
-        """Writable/readable buffers covering stream bytes [a, b), in order."""
-        raise NotImplementedError
-
     def iov(self, a: int, b: int) -> np.ndarray:
         """``(n, 2)`` uint64 (address, length) runs covering stream bytes [a, b), in order."""
         raise NotImplementedError
 
     def before_send(self, a: int, b: int) -> None:
-        """Make stream bytes [a, b) readable through :meth:`views` (e.g. pack a GPU chunk)."""
+        """Make stream bytes [a, b) readable through :meth:`iov` (e.g. pack a GPU chunk)."""
 
     def after_send(self, a: int, b: int) -> None:
         """Stream bytes [a, b) have been handed to the transport; staging may be reused."""
 
     def after_receive(self, a: int, b: int) -> None:
-        """Stream bytes [a, b) have arrived in :meth:`views`; move them home (e.g. unpack)."""
+        """Stream bytes [a, b) have arrived in :meth:`iov`; move them home (e.g. unpack)."""
 
     def finish(self) -> None:
         """Every byte of the stream has arrived; complete the destination (e.g. unpack)."""
@@ -60,17 +54,13 @@ class StreamSide:
 
 
 class HostStreamSide(StreamSide):
-    """A stream side over host memory: views point straight into the KV tensors."""
+    """A stream side over host memory: the runs point straight into the KV tensors."""
 
-    def __init__(self, plan: TransferPlan, side: str, tensor_views: Sequence[memoryview],
-                 tensor_addrs: np.ndarray | None = None):
+    def __init__(self, plan: TransferPlan, side: str, tensor_addrs: np.ndarray):
         super().__init__(plan, side)
-        self._tv = tensor_views
-        self._addr = None if tensor_addrs is None else tensor_addrs[self.tensor].astype(np.uint64) + self.offset.astype(np.uint64)
+        self._addr = tensor_addrs[self.tensor].astype(np.uint64) + self.offset.astype(np.uint64)
 
     def iov(self, a: int, b: int) -> np.ndarray:
-        if self._addr is None:
-            raise NotImplementedError("this stream side was built without tensor addresses")
         i0, i1 = self.run_range(a, b)
         out = np.empty((i1 - i0, 2), dtype=np.uint64)
         out[:, 0] = self._addr[i0:i1]
@@ -79,18 +69,6 @@ class HostStreamSide(StreamSide):
         out[0, 0] += np.uint64(head)
         out[0, 1] -= np.uint64(head)
         out[-1, 1] -= np.uint64(int(self.pos[i1]) - b)
-        return out
-
-    def views(self, a: int, b: int) -> list[memoryview]:
-        i0, i1 = self.run_range(a, b)
-        out = []
-        pos, off, tensor, tv = self.pos, self.offset, self.tensor, self._tv
-        for i in range(i0, i1):
-            p0 = int(pos[i])
-            s = max(a, p0) - p0
-            e = min(b, int(pos[i + 1])) - p0
-            o = int(off[i])
-            out.append(tv[int(tensor[i])][o + s : o + e])
         return out
 
 

@@ -446,7 +446,8 @@ class TcpBackend(Backend):
         return "tcp" in peer.backends
 
     # -- outgoing ----------------------------------------------------------------------------
-    def _open(self, peer: PeerMetadata, channel: int, timeout: float, link_id: str) -> socket.socket:
+    def _open(self, peer: PeerMetadata, channel: int, timeout: float, link_id: str,
+              meta: bytes | None = None) -> socket.socket:
         ep = peer.backends["tcp"]
         host, port = ep.get("host"), ep.get("port")
         if not isinstance(host, str) or type(port) is not int:
@@ -460,8 +461,9 @@ class TcpBackend(Backend):
         # the handshake's socket errors are the peer's loss too; the socket never leaks
         try:
             self._tune(sock)
-            me = self.local.local_metadata()
-            sock.sendall(encode_frame(FrameType.HELLO, {"session": link_id, "ch": channel, "meta": me.to_bytes()}))
+            if meta is None:
+                meta = self.local.local_metadata().to_bytes()
+            sock.sendall(encode_frame(FrameType.HELLO, {"session": link_id, "ch": channel, "meta": meta}))
             prefix, h = _read_frame_header(sock, memoryview(bytearray(FRAME_PREFIX_SIZE)), 0)
             if prefix.type is not FrameType.HELLO_ACK:
                 raise RemoteProtocolError(f"expected HELLO_ACK from {peer.name!r}, got {prefix.type.name}")
@@ -479,16 +481,17 @@ class TcpBackend(Backend):
 
     def new_link_id(self) -> str:
         """A session id for one link: the peer groups that link's connections by it."""
-        return f"{self.local.local_metadata().session}/{next(self._link_ids)}"
+        return f"{self.local.session}/{next(self._link_ids)}"
 
     def connect(self, peer: PeerMetadata, timeout: float) -> TcpLink:
         # each link has its own id, so that concurrent connects to one peer never mix connections
         link_id = self.new_link_id()
-        ctrl = self._open(peer, 0, timeout, link_id)
+        meta = self.local.local_metadata().to_bytes()  # once for all of this link's connections
+        ctrl = self._open(peer, 0, timeout, link_id, meta)
         link = TcpLink(self, peer, ctrl, initiator=True)
         try:
             for ch in range(1, self.config.streams + 1):
-                link.add_data_socket(self._open(peer, ch, timeout, link_id))
+                link.add_data_socket(self._open(peer, ch, timeout, link_id, meta))
         except BaseException:
             link.close()
             raise

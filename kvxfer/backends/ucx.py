@@ -64,7 +64,7 @@ from ..errors import (
 )
 from ..handle import TransferHandle
 from ..layout import KVLayout
-from ..metadata import PeerMetadata
+from ..metadata import PeerMetadata, boot_id
 from ..plan import TransferPlan
 from .base import Backend, BackendLink, LocalSide, TransferRequest
 from .ucx_config import ErrorHandling, TransferMode, UcxConfig, ucx_config
@@ -162,7 +162,7 @@ class UcxBackend(Backend):
             with self._lock:
                 links = [lk for lk in self._links.values() if not lk.error_handling]
             for lk in links:
-                if lk.peer.boot_id == self.local.local_metadata().boot_id and not _pid_alive(lk.peer.pid):
+                if lk.peer.boot_id == boot_id() and not _pid_alive(lk.peer.pid):
                     lk.ep_failed = True  # closing an endpoint to a dead peer without error handling may abort
                     self.defer(lk.close, PeerLostError(f"peer {lk.peer.name!r} (pid {lk.peer.pid}) is gone"))
 
@@ -231,7 +231,7 @@ class UcxBackend(Backend):
             try:
                 return _ucxx.UCXEndpoint.create_from_worker_address(self._worker, ua, True), True
             except Exception as exc:
-                same_host = peer.boot_id == self.local.local_metadata().boot_id
+                same_host = peer.boot_id == boot_id()
                 if mode is ErrorHandling.PEER or not same_host:
                     raise PeerLostError(f"UCX cannot reach {peer.name!r} with error handling on: {exc!r}") from None
                 log.info("UCX reaches %r only without error handling (shared memory?); watching its pid", peer.name)
