@@ -155,6 +155,30 @@ def run_workload(wl, variants: dict[str, KernelSpec]) -> dict:
             res["oneshot_gather_wall_ms"] = round(wall_ms(lambda: ops.gather(plan, layout, out)), 3)
         g.close()
         s.close()
+    # the block-pair kernel (addresses computed on the GPU from block ids; what ops.gather and
+    # ops.scatter use for plans between layouts of one block structure)
+    from kvxfer.ops.pairs import BUF_DST, BUF_SRC, prepare_pairs
+
+    t0 = time.perf_counter()
+    pg = prepare_pairs(plan.block_pairs, layout, out, buffer_side=BUF_DST)
+    prep_ms = (time.perf_counter() - t0) * 1e3
+    ps = prepare_pairs(plan.block_pairs, buf, dlayout, buffer_side=BUF_SRC)
+    res["pairs"] = {"gather_GBps": gbps(n, cuda_ms(lambda: pg.launch(torch.cuda.current_stream()), reps)),
+                    "scatter_GBps": gbps(n, cuda_ms(lambda: ps.launch(torch.cuda.current_stream()), reps)),
+                    "prepare_ms": round(prep_ms, 2)}
+    ref = out.clone()
+    ref.zero_()
+    ops.prepare_gather(plan, layout, ref).launch(torch.cuda.current_stream())
+    out.fill_(7)
+    pg.launch(torch.cuda.current_stream())
+    torch.cuda.synchronize()
+    res["pairs"]["gather_matches_jobs_kernel"] = bool(torch.equal(out, ref))
+    res["pairs"]["oneshot_gather_wall_ms"] = round(wall_ms(lambda: ops.gather(plan, layout, out)), 3)
+    pg2 = prepare_pairs(plan.block_pairs, layout, out, buffer_side=BUF_DST, rows_inner=False)
+    ps2 = prepare_pairs(plan.block_pairs, buf, dlayout, buffer_side=BUF_SRC, rows_inner=False)
+    res["pairs_rows_outer"] = {"gather_GBps": gbps(n, cuda_ms(lambda: pg2.launch(torch.cuda.current_stream()), reps)),
+                               "scatter_GBps": gbps(n, cuda_ms(lambda: ps2.launch(torch.cuda.current_stream()), reps))}
+    del ref, pg, ps, pg2, ps2
     d = res["default"]
     res["gather_vs_device_copy"] = round(d["gather_GBps"] / res["device_copy_GBps"], 3)
     res["scatter_vs_device_copy"] = round(d["scatter_GBps"] / res["device_copy_GBps"], 3)
@@ -210,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:14} {r['device_copy_GBps']:7.0f} {r['index_select_GBps']:7.0f} {d['gather_GBps']:7.0f} "
               f"{d['scatter_GBps']:7.0f} {r['gather_vs_device_copy']:6.2f} {r['scatter_vs_device_copy']:6.2f} "
               f"{r['gather_vs_index_select']:6.1f}")
+    print("block-pair kernel (pairs): gather / scatter GB/s, ratio to device copy")
+    for name, r in results["workloads"].items():
+        pr = r["pairs"]
+        print(f"{name:14} {pr['gather_GBps']:7.0f} {pr['scatter_GBps']:7.0f} {pr['gather_GBps'] / r['device_copy_GBps']:6.2f} "
+              f"{pr['scatter_GBps'] / r['device_copy_GBps']:6.2f}  matches jobs kernel: {pr['gather_matches_jobs_kernel']}"
+              f"  (rows outer: {r['pairs_rows_outer']['gather_GBps']:.0f} / {r['pairs_rows_outer']['scatter_GBps']:.0f})")
     print(f"wrote {path}")
     return 0
 

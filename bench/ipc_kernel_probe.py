@@ -28,10 +28,7 @@ def spec(**d):
 VARIANTS = {
     "default": (spec(), None),
     "t256_u8_cps4": (spec(), 4),
-    "t128_u8": (spec(KVX_THREADS=128), None),
-    "t512_u4": (spec(KVX_THREADS=512, KVX_UNROLL=4, KVX_MIN_BLOCKS=1), None),
     "t256_u16": (spec(KVX_UNROLL=16, KVX_MIN_BLOCKS=1), None),
-    "t256_u4": (spec(KVX_UNROLL=4), None),
 }
 
 
@@ -82,6 +79,17 @@ def main() -> None:
                     row[f"{vname}_push_GBps"] = nbytes / timeit(lambda: push.launch(stream.ptr), stream) / 1e9
                 except Exception as exc:  # a variant that does not build or launch is reported
                     row[f"{vname}_error"] = repr(exc)[:200]
+            # the block-pair kernel (what the cuda_ipc backend launches), upload included
+            from kvxfer.ops.pairs import copy_block_pairs
+
+            push_bp = plan_transfer(ld.geometry, ls.geometry, d, s).block_pairs
+            from kvxfer.ops.pairs import PAIRS_KERNEL
+
+            pairs_variants = {"pairs": (PAIRS_KERNEL, None), "pairs_rows_inner": (PAIRS_KERNEL, True),
+                              "pairs_u16": (KernelSpec("kv_copy.cu", "kv_copy_pairs", (("KVX_MIN_BLOCKS", 1), ("KVX_UNROLL", 16))), None)}
+            for tag, (psp, ri) in pairs_variants.items():
+                row[f"{tag}_pull_GBps"] = nbytes / timeit(lambda: copy_block_pairs(plan.block_pairs, ls, ld, stream=stream.ptr, device=1, spec=psp, rows_inner=ri), stream) / 1e9
+                row[f"{tag}_push_GBps"] = nbytes / timeit(lambda: copy_block_pairs(push_bp, ld, ls, stream=stream.ptr, device=1, spec=psp, rows_inner=ri), stream) / 1e9
             # correctness of the default pull
             ops.prepare(plan.jobs, ls, ld, device=1).launch(stream.ptr)
             stream.synchronize()

@@ -201,9 +201,9 @@ kv_copy_jobs(const KvTask* __restrict__ tasks, const KvJob* __restrict__ jobs, i
 // block-id runs, so the host cost of a transfer does not grow with layers x blocks.
 //
 // An item is (pair p, row m, run k): nblk[k] * run bytes from
-//   pair.src + sblk[k] * src_bstride + m * src_stride   to   pair.dst + dblk[k] * dst_bstride + m * dst_stride.
+//   pair.src + sblk[k] * src_bstride + m * src_stride   to   pair.dst + dblk[k] * dst_bstride + m * dst_stride,
+// or, for the side that is a contiguous buffer (gather / scatter), at the item's stream offset.
 // Pairs whose blocks are not back to back use runs of one block (the `single` arrays).
-// One warp copies one item; warps stride over all items.
 // ---------------------------------------------------------------------------------------------
 struct KvPair {
     u64 src;          // source tensor base + segment offset
@@ -220,37 +220,144 @@ struct KvPair {
     i64 pad;
 };
 
-// runs: [sblk | dblk | nblk] of `n` entries each, coalesced runs first, then single blocks
+template <typename U>
+__device__ __forceinline__ void kvx_copy_unit(const char* s, char* d, i64 n, int lane) {
+    kvx_copy_piece<U>(s, d, (int)(n / (i64)sizeof(U)), lane);
+}
+
+// Run tables: KVX_RUN_FIELDS arrays of `n` entries each. For run k:
+//   [0] source block id, [1] destination block id, [2] blocks in the run,
+//   [3] blocks of the pair's stream before this run's parent run, [4] blocks in the parent run,
+//   [5] blocks of the parent run before this run (a parent run is cut into bounded items).
+// Fields 3-5 place the run in the transfer's stream (plan.py): job (pair, parent run) holds
+// `count` rows of nblk * run bytes, so row m of run k starts at
+//   pair stream base + run * (count * field3 + m * field4 + field5).
+#define KVX_RUN_FIELDS 6
+
+// Which side of a kv_copy_pairs launch is a contiguous buffer in stream order (KvPair.src or
+// .dst then holds the buffer address of the pair's first stream byte).
+#define KVX_BUF_NONE 0
+#define KVX_BUF_SRC 1
+#define KVX_BUF_DST 2
+
+// Coalesced runs first, then single blocks; `n` runs per table.
+struct KvRun {
+    i64 sblk, dblk, nblk, bpre, plen, within;
+};
+
+__device__ __forceinline__ KvRun kvx_run(const i64* runs, i64 n, i64 k) {
+    KvRun r;
+    r.sblk = __ldg(&runs[k]);
+    r.dblk = __ldg(&runs[n + k]);
+    r.nblk = __ldg(&runs[2 * n + k]);
+    r.bpre = __ldg(&runs[3 * n + k]);
+    r.plen = __ldg(&runs[4 * n + k]);
+    r.within = __ldg(&runs[5 * n + k]);
+    return r;
+}
+
+// A launch may cover only some consecutive pairs of a plan (a piece of a pipelined transfer):
+// `pairs` then points at the first of them and `item_base` is its item0 (item0 stays numbered
+// over the whole plan, so the run tables are shared by every piece).
+// Each item is cut into 2^split_shift equal parts (the host picks split_shift > 0 only when a
+// transfer has fewer items than warps, and only where every part stays a multiple of the
+// pair's access width). Warp w copies the parts [w * per, (w + 1) * per) in order: it locates
+// its first part once (binary search over item0), then steps (part, row, block run, pair)
+// incrementally, loading the next item's run while the current item copies. `rows_inner`
+// picks the numbering: (pair, run, row) follows the stream (K then V of a block, for a gather
+// or scatter), (pair, row, run) walks one row across blocks (measured faster over NVLink). Pair fields are
+// re-read per item through the read-only cache (a few L1 hits per item of KiBs) instead of
+// being held in registers, which keeps the copy loop free of spills.
 extern "C" __global__ void __launch_bounds__(KVX_THREADS, KVX_MIN_BLOCKS)
 kv_copy_pairs(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restrict__ coal_runs, i64 ncoal,
-              const i64* __restrict__ single_runs, i64 nsingle, i64 nitems) {
+              const i64* __restrict__ single_runs, i64 nsingle, i64 nitems, int split_shift, int buf_side,
+              i64 item_base, int rows_inner) {
     const i64 nwarps = (i64)gridDim.x * (KVX_THREADS / 32);
+    const i64 w = (i64)blockIdx.x * (KVX_THREADS / 32) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
-    for (i64 it = (i64)blockIdx.x * (KVX_THREADS / 32) + (threadIdx.x >> 5); it < nitems; it += nwarps) {
-        // the pair holding item `it`: binary search over item0 (npairs is small; L1-resident)
-        i64 lo = 0, hi = npairs - 1;
-        while (lo < hi) {
-            const i64 mid = (lo + hi + 1) >> 1;
-            if (__ldg(&pairs[mid].item0) <= it) lo = mid; else hi = mid - 1;
-        }
-        const KvPair* p = pairs + lo;
-        const bool is_coal = __ldg(&p->coal) != 0;
-        const i64* runs = is_coal ? coal_runs : single_runs;
-        const i64 nr = is_coal ? ncoal : nsingle;
-        const i64 local = it - __ldg(&p->item0);
-        const i64 m = local / nr;
-        const i64 k = local - m * nr;
+    const i64 total = nitems << split_shift;
+    const i64 per = (total + nwarps - 1) / nwarps;
+    i64 pos = w * per;
+    const i64 end = min(pos + per, total);
+    if (pos >= end) return;  // warp-uniform
+    const i64 nparts = (i64)1 << split_shift;
+    const i64 first_item = (pos >> split_shift) + item_base;  // item0 of pairs[0] when launching a piece
+    i64 part = pos & (nparts - 1);
+    i64 lo = 0, hi = npairs - 1;  // the last pair whose first item is <= first_item
+    while (lo < hi) {
+        const i64 mid = (lo + hi + 1) >> 1;
+        if (__ldg(&pairs[mid].item0) <= first_item) lo = mid; else hi = mid - 1;
+    }
+    const KvPair* p = pairs + lo;
+    bool coal = __ldg(&p->coal) != 0;
+    const i64* runs = coal ? coal_runs : single_runs;
+    i64 nr = coal ? ncoal : nsingle;
+    const i64 local = first_item - __ldg(&p->item0);
+    const i64 count = __ldg(&p->count);
+    i64 k, m;
+    if (rows_inner) {  // items numbered (pair, run, row): the stream's own order
+        k = local / count;
+        m = local - k * count;
+    } else {  // (pair, row, run): a warp walks one row of many blocks
+        m = local / nr;
+        k = local - m * nr;
+    }
+    KvRun r = kvx_run(runs, nr, k);
+    for (;;) {
         const i64 run = __ldg(&p->run);
-        const i64 nb = __ldg(&runs[2 * nr + k]);
-        const char* s = (const char*)__ldg(&p->src) + __ldg(&runs[k]) * __ldg(&p->src_bstride) + m * __ldg(&p->src_stride);
-        char* d = (char*)__ldg(&p->dst) + __ldg(&runs[nr + k]) * __ldg(&p->dst_bstride) + m * __ldg(&p->dst_stride);
-        const i64 n = nb * run;
-        switch (__ldg(&p->unit)) {
-            case 4: kvx_copy_piece<uint4>(s, d, (int)(n >> 4), lane); break;
-            case 3: kvx_copy_piece<u64>(s, d, (int)(n >> 3), lane); break;
-            case 2: kvx_copy_piece<unsigned int>(s, d, (int)(n >> 2), lane); break;
-            case 1: kvx_copy_piece<unsigned short>(s, d, (int)(n >> 1), lane); break;
-            default: kvx_copy_piece<unsigned char>(s, d, (int)n, lane); break;
+        const i64 len = (r.nblk * run) >> split_shift;
+        const i64 boff = (__ldg(&p->count) * r.bpre + m * r.plen + r.within) * run;  // in the stream
+        const i64 soff = buf_side == KVX_BUF_SRC ? boff : r.sblk * __ldg(&p->src_bstride) + m * __ldg(&p->src_stride);
+        const i64 doff = buf_side == KVX_BUF_DST ? boff : r.dblk * __ldg(&p->dst_bstride) + m * __ldg(&p->dst_stride);
+        const char* s = (const char*)__ldg(&p->src) + soff + part * len;
+        char* d = (char*)__ldg(&p->dst) + doff + part * len;
+        const int unit = (int)__ldg(&p->unit);
+        // where the next part is, and its run (loaded now, used after this copy)
+        const bool more = pos + 1 < end;
+        i64 npart = part + 1, nk = k, nm = m;
+        bool next_pair = false;
+        KvRun nxt = r;
+        if (more && npart == nparts) {
+            npart = 0;
+            const i64 cnt = __ldg(&p->count);
+            if (rows_inner) {
+                if (++nm == cnt) {
+                    nm = 0;
+                    if (++nk == nr) {
+                        nk = 0;
+                        next_pair = true;
+                    }
+                }
+            } else if (++nk == nr) {
+                nk = 0;
+                if (++nm == cnt) {
+                    nm = 0;
+                    next_pair = true;
+                }
+            }
+            if (!next_pair && nk != k) nxt = kvx_run(runs, nr, nk);
         }
+        switch (unit) {
+            case 4: kvx_copy_unit<uint4>(s, d, len, lane); break;
+            case 3: kvx_copy_unit<u64>(s, d, len, lane); break;
+            case 2: kvx_copy_unit<unsigned int>(s, d, len, lane); break;
+            case 1: kvx_copy_unit<unsigned short>(s, d, len, lane); break;
+            default: kvx_copy_unit<unsigned char>(s, d, len, lane); break;
+        }
+        if (!more) break;
+        ++pos;
+        part = npart;
+        k = nk;
+        m = nm;
+        if (next_pair) {
+            do {  // pairs without items (no runs of their kind) are skipped
+                ++p;
+                coal = __ldg(&p->coal) != 0;
+                nr = coal ? ncoal : nsingle;
+            } while (nr == 0);
+            runs = coal ? coal_runs : single_runs;
+            nxt = kvx_run(runs, nr, 0);
+        }
+        r = nxt;
     }
 }

@@ -9,7 +9,17 @@ import pytest
 from kvxfer import KVLayout, plan_transfer
 from kvxfer._memory import host_bytes
 from kvxfer.ops import reference
-from kvxfer.ops.pairs import MAX_ITEM_BYTES, pair_records
+from kvxfer.ops.pairs import (
+    BUF_DST,
+    BUF_NONE,
+    BUF_SRC,
+    MAX_ITEM_BYTES,
+    MIN_PART_BYTES,
+    PAIR_DTYPE,
+    RUN_FIELDS,
+    pair_records,
+    split_shift_for,
+)
 from kvpeers import LayoutSpec
 
 
@@ -28,8 +38,80 @@ def _ids(rng, n_src, n_dst):
     return s, d
 
 
+def _walk_like_the_kernel(rec, coal_runs, single_runs, nitems, nwarps, split, buf_side=BUF_NONE, item_base=0,
+                          rows_inner=None):
+    """What the warps of kv_copy_pairs do, step for step: each warp locates its first part by
+    binary search, then steps (part, row, run, pair) incrementally. Returns the bytes moved."""
+    ncoal, nsingle = coal_runs.size // RUN_FIELDS, single_runs.size // RUN_FIELDS
+    rows_inner = buf_side != BUF_NONE if rows_inner is None else rows_inner
+    nparts = 1 << split
+    total = nitems << split
+    per = -(-total // nwarps)
+
+    def pair(p):
+        r = rec[p]
+        runs, nr = (coal_runs, ncoal) if r["coal"] else (single_runs, nsingle)
+        return r, runs, nr
+
+    moved = 0
+    for w in range(nwarps):
+        pos, end = w * per, min(w * per + per, total)
+        if pos >= end:
+            continue
+        item, part = (pos >> split) + item_base, pos & (nparts - 1)
+        p = int(np.searchsorted(rec["item0"], item, side="right") - 1)
+        r, runs, nr = pair(p)
+        if rows_inner:
+            k, m = divmod(item - int(r["item0"]), int(r["count"]))
+        else:
+            m, k = divmod(item - int(r["item0"]), nr)
+        while True:
+            f = [int(runs[i * nr + k]) for i in range(RUN_FIELDS)]  # sblk dblk nblk bpre plen within
+            n = f[2] * int(r["run"])
+            assert n <= max(MAX_ITEM_BYTES, int(r["run"]))
+            ln = n >> split
+            assert ln << split == n and ln % (1 << int(r["unit"])) == 0
+            boff = (int(r["count"]) * f[3] + m * f[4] + f[5]) * int(r["run"])
+            soff = boff if buf_side == BUF_SRC else f[0] * int(r["src_bstride"]) + m * int(r["src_stride"])
+            doff = boff if buf_side == BUF_DST else f[1] * int(r["dst_bstride"]) + m * int(r["dst_stride"])
+            src = int(r["src"]) + soff + part * ln
+            dst = int(r["dst"]) + doff + part * ln
+            assert src % (1 << int(r["unit"])) == 0 and dst % (1 << int(r["unit"])) == 0
+            ctypes.memmove(dst, src, ln)
+            moved += ln
+            # the kernel's step, variable for variable: next part, run, row, pair
+            more = pos + 1 < end
+            npart, nk, nm, next_pair = part + 1, k, m, False
+            if more and npart == nparts:
+                npart = 0
+                if rows_inner:
+                    nm += 1
+                    if nm == int(r["count"]):
+                        nm, nk = 0, nk + 1
+                        if nk == nr:
+                            nk, next_pair = 0, True
+                else:
+                    nk += 1
+                    if nk == nr:
+                        nk, nm = 0, nm + 1
+                        if nm == int(r["count"]):
+                            nm, next_pair = 0, True
+            if not more:
+                break
+            pos, part, k, m = pos + 1, npart, nk, nm
+            if next_pair:
+                while True:
+                    p += 1
+                    r, runs, nr = pair(p)
+                    if nr:
+                        break
+    return moved
+
+
 @pytest.mark.parametrize("kind", ["kv_first", "blocks_first", "mla", "vllm_shared"])
-def test_walking_the_items_reproduces_the_reference_copy(kind):
+@pytest.mark.parametrize("nwarps", [1, 7, 64, 4096])
+@pytest.mark.parametrize("rows_inner", [False, True])
+def test_walking_the_items_reproduces_the_reference_copy(kind, nwarps, rows_inner):
     rng = np.random.default_rng(3)
     st, bd = LayoutSpec(kind, 64, layers=3, block_size=32, heads=8, head_dim=64).build(1)
     ref_t, _ = LayoutSpec(kind, 80, layers=3, block_size=32, heads=8, head_dim=64).build(2)
@@ -39,21 +121,77 @@ def test_walking_the_items_reproduces_the_reference_copy(kind):
     plan = plan_transfer(ls.geometry, lr.geometry, s, d, np.array([0, 2]))
     reference.copy_blocks(plan, _views(ls), _views(lr))
     rec, coal_runs, single_runs, nitems = pair_records(plan.block_pairs, ls.addrs, lo.addrs)
-    moved = 0
-    for it in range(nitems):  # what each warp of kv_copy_pairs does
-        p = rec[int(np.searchsorted(rec["item0"], it, side="right") - 1)]
-        runs = coal_runs if p["coal"] else single_runs
-        nr = runs.size // 3
-        m, k = divmod(it - int(p["item0"]), nr)
-        n = int(runs[2 * nr + k]) * int(p["run"])
-        assert n <= max(MAX_ITEM_BYTES, int(p["run"]))
-        src = int(p["src"]) + int(runs[k]) * int(p["src_bstride"]) + m * int(p["src_stride"])
-        dst = int(p["dst"]) + int(runs[nr + k]) * int(p["dst_bstride"]) + m * int(p["dst_stride"])
-        assert src % (1 << int(p["unit"])) == 0 and dst % (1 << int(p["unit"])) == 0
-        ctypes.memmove(dst, src, n)
-        moved += n
-    assert moved == plan.nbytes
+    split = split_shift_for(rec, nitems, nwarps)
+    assert (split > 0) == (nwarps == 4096)  # only idle warps cut items into parts
+    assert _walk_like_the_kernel(rec, coal_runs, single_runs, nitems, nwarps, split, rows_inner=rows_inner) == plan.nbytes
     assert all(np.array_equal(a, b) for a, b in zip(_bytes(ref_t), _bytes(out_t)))
+
+
+@pytest.mark.parametrize("kind", ["kv_first", "blocks_first", "mla", "vllm_shared"])
+@pytest.mark.parametrize("nwarps", [5, 4096])
+def test_buffer_sides_follow_the_plans_stream_order(kind, nwarps):
+    # gather into / scatter from a contiguous buffer lands every byte where the reference's
+    # stream puts it (the order a TCP or UCX peer expects)
+    rng = np.random.default_rng(4)
+    st, bd = LayoutSpec(kind, 64, layers=3, block_size=32, heads=8, head_dim=64).build(1)
+    out_t, _ = LayoutSpec(kind, 80, layers=3, block_size=32, heads=8, head_dim=64).build(2)
+    ls, lo = KVLayout.from_tensors(st, block_dim=bd), KVLayout.from_tensors(out_t, block_dim=bd)
+    s, d = _ids(rng, 64, 80)
+    plan = plan_transfer(ls.geometry, lo.geometry, s, d, np.array([0, 2]))
+    want = reference.gather(plan, _views(ls))
+    buf = np.zeros(plan.nbytes + 64, dtype=np.uint8)
+    rec, cr, sr, n = pair_records(plan.block_pairs, ls.addrs, [], buffer_side=BUF_DST, buffer=buf.ctypes.data)
+    assert _walk_like_the_kernel(rec, cr, sr, n, nwarps, split_shift_for(rec, n, nwarps), BUF_DST) == plan.nbytes
+    assert np.array_equal(buf[: plan.nbytes], want) and not buf[plan.nbytes:].any()
+    expect, _ = LayoutSpec(kind, 80, layers=3, block_size=32, heads=8, head_dim=64).build(2)
+    reference.scatter(plan, want, _views(KVLayout.from_tensors(expect, block_dim=bd)))
+    rec, cr, sr, n = pair_records(plan.block_pairs, [], lo.addrs, buffer_side=BUF_SRC, buffer=want.ctypes.data)
+    assert _walk_like_the_kernel(rec, cr, sr, n, nwarps, split_shift_for(rec, n, nwarps), BUF_SRC) == plan.nbytes
+    assert all(np.array_equal(a, b) for a, b in zip(_bytes(expect), _bytes(out_t)))
+
+
+def test_pieces_launched_one_by_one_cover_the_plan():
+    # a pipelined transfer launches the pairs of each piece with item_base; together the
+    # pieces gather exactly the reference stream, each piece its own slice of it
+    st, bd = LayoutSpec("kv_first", 64, layers=5, block_size=32, heads=8, head_dim=64).build(1)
+    ls = KVLayout.from_tensors(st, block_dim=bd)
+    s, d = _ids(np.random.default_rng(8), 64, 64)
+    plan = plan_transfer(ls.geometry, ls.geometry, s, d)
+    want = reference.gather(plan, _views(ls))
+    buf = np.zeros(plan.nbytes, dtype=np.uint8)
+    rec, cr, sr, n = pair_records(plan.block_pairs, ls.addrs, [], buffer_side=BUF_DST, buffer=buf.ctypes.data)
+    bounds = plan.chunk_bounds(plan.nbytes // 3)
+    assert len(bounds) == 3
+    for p0, p1, lo, hi in bounds:
+        end = int(rec["item0"][p1]) if p1 < rec.size else n
+        moved = _walk_like_the_kernel(rec[p0:p1], cr, sr, end - int(rec["item0"][p0]), 7, 0, BUF_DST,
+                                      item_base=int(rec["item0"][p0]))
+        assert moved == hi - lo
+        assert np.array_equal(buf[lo:hi], want[lo:hi]) and not buf[hi:].any()
+
+
+@pytest.mark.parametrize("kind", ["kv_first", "mla"])
+def test_a_single_block_is_cut_into_parts_for_idle_warps(kind):
+    st, bd = LayoutSpec(kind, 16, layers=2, block_size=32, heads=8, head_dim=64).build(1)
+    ref_t, _ = LayoutSpec(kind, 16, layers=2, block_size=32, heads=8, head_dim=64).build(2)
+    out_t, _ = LayoutSpec(kind, 16, layers=2, block_size=32, heads=8, head_dim=64).build(2)
+    ls, lr, lo = (KVLayout.from_tensors(x, block_dim=bd) for x in (st, ref_t, out_t))
+    plan = plan_transfer(ls.geometry, lr.geometry, [3], [11])
+    reference.copy_blocks(plan, _views(ls), _views(lr))
+    rec, coal_runs, single_runs, nitems = pair_records(plan.block_pairs, ls.addrs, lo.addrs)
+    split = split_shift_for(rec, nitems, 1024)
+    assert split >= 2 and int(rec["run"].min()) >> split >= MIN_PART_BYTES
+    assert _walk_like_the_kernel(rec, coal_runs, single_runs, nitems, 1024, split) == plan.nbytes
+    assert all(np.array_equal(a, b) for a, b in zip(_bytes(ref_t), _bytes(out_t)))
+
+
+def test_parts_keep_the_access_width():
+    rec = np.zeros(2, dtype=PAIR_DTYPE)
+    rec["run"], rec["unit"] = [4096, 4096 + 16], [4, 4]  # 4112 = 16 * 257: no halving keeps 16 B
+    assert split_shift_for(rec, 2, 1024) == 0
+    rec["run"] = [4096, 8192]
+    assert split_shift_for(rec, 2, 1024) == 2  # 4096 >> 2 = MIN_PART_BYTES
+    assert split_shift_for(rec, 2048, 1024) == 0
 
 
 def test_empty_plan_has_no_items():
@@ -75,7 +213,10 @@ def _as_gpu_bytes(t: np.ndarray, block_dim: int):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 @pytest.mark.parametrize("kind", ["kv_first", "blocks_first", "mla"])
-def test_kernel_matches_reference_on_gpu(kind):
+@pytest.mark.parametrize("few,max_warps,rows_inner", [(False, None, None), (True, None, None), (False, 3, None),
+                                                      (False, 3, True)],
+                         ids=["many-blocks", "one-block", "3-warps-walk-every-pair", "3-warps-rows-inner"])
+def test_kernel_matches_reference_on_gpu(kind, few, max_warps, rows_inner):
     pytest.importorskip("cupy", reason="the CUDA ops need cupy")
     from kvxfer.ops.pairs import copy_block_pairs
 
@@ -86,11 +227,44 @@ def test_kernel_matches_reference_on_gpu(kind):
     ref_t, _ = spec_d.build(2)
     g_src = [_as_gpu_bytes(t, bd) for t in st]
     g_dst = [_as_gpu_bytes(t, bd) for t in ref_t]  # the destination starts as the reference did
-    s, d = _ids(rng, 64, 80)
+    s, d = (np.array([7]), np.array([70])) if few else _ids(rng, 64, 80)
     ls, lr = KVLayout.from_tensors(st, block_dim=bd), KVLayout.from_tensors(ref_t, block_dim=bd)
     reference.copy_blocks(plan_transfer(ls.geometry, lr.geometry, s, d), _views(ls), _views(lr))
     gs, gd = KVLayout.from_tensors(g_src, block_dim=bd), KVLayout.from_tensors(g_dst, block_dim=bd)
-    copy_block_pairs(plan_transfer(gs.geometry, gd.geometry, s, d).block_pairs, gs, gd)
+    copy_block_pairs(plan_transfer(gs.geometry, gd.geometry, s, d).block_pairs, gs, gd, max_warps=max_warps,
+                     rows_inner=rows_inner)
     torch.cuda.synchronize()
     for g, r in zip(g_dst, _bytes(ref_t)):
         assert np.array_equal(g.cpu().numpy().reshape(-1), r.reshape(-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_pieces_on_gpu_gather_then_scatter_round_trip():
+    pytest.importorskip("cupy", reason="the CUDA ops need cupy")
+    from kvxfer.ops.pairs import PairPieces
+
+    spec = LayoutSpec("kv_first", 64, layers=5, block_size=32, heads=8, head_dim=64)
+    st, bd = spec.build(1)
+    g_src = [_as_gpu_bytes(t, bd) for t in st]
+    g_dst = [torch.zeros_like(t) for t in g_src]
+    gs, gd = KVLayout.from_tensors(g_src, block_dim=bd), KVLayout.from_tensors(g_dst, block_dim=bd)
+    s, d = _ids(np.random.default_rng(9), 64, 64)
+    plan = plan_transfer(gs.geometry, gd.geometry, s, d)
+    lh = KVLayout.from_tensors(st, block_dim=bd)
+    want = reference.gather(plan_transfer(lh.geometry, lh.geometry, s, d), _views(lh))
+    buf = torch.full((plan.nbytes,), 7, dtype=torch.uint8, device="cuda")
+    bounds = plan.chunk_bounds(plan.nbytes // 3)
+    stream = torch.cuda.current_stream()
+    g = PairPieces(plan.block_pairs, gs, buf, buffer_side=BUF_DST, bounds=[b[:2] for b in bounds], stream=stream, device=0)
+    for i in reversed(range(len(g))):  # any order: each piece writes its own slice
+        g.launch(i)
+    sc = PairPieces(plan.block_pairs, buf, gd, buffer_side=BUF_SRC, bounds=[b[:2] for b in bounds], stream=stream, device=0)
+    for i in range(len(sc)):
+        sc.launch(i)
+    torch.cuda.synchronize()
+    assert np.array_equal(buf.cpu().numpy(), want)
+    for g_in, g_out in zip(g_src, g_dst):  # [K/V, block, bytes]: blocks s landed at d, nothing else
+        exp = np.zeros_like(g_out.cpu().numpy())
+        exp[:, d] = g_in.cpu().numpy()[:, s]
+        assert np.array_equal(g_out.cpu().numpy(), exp)

@@ -418,6 +418,11 @@ def gather(plan: TransferPlan, src: Any, out: Any, *, stream: Any = None, device
         TransportError, KernelCompileError, BackendUnavailableError: as :func:`copy_jobs`.
     """
     _check_buffer(out, plan, "gather output")
+    if plan.block_pairs is not None:  # addresses computed on the GPU: no per-job host work
+        from .pairs import gather_pairs
+
+        gather_pairs(plan.block_pairs, src, out, stream=stream, device=device)
+        return
     copy_jobs(_jobs.gather_jobs(plan), src, [out], stream=stream, device=device)
 
 
@@ -429,6 +434,11 @@ def scatter(plan: TransferPlan, buf: Any, dst: Any, *, stream: Any = None, devic
         TransportError, KernelCompileError, BackendUnavailableError: as :func:`copy_jobs`.
     """
     _check_buffer(buf, plan, "scatter input")
+    if plan.block_pairs is not None:
+        from .pairs import scatter_pairs
+
+        scatter_pairs(plan.block_pairs, buf, dst, stream=stream, device=device)
+        return
     copy_jobs(_jobs.scatter_jobs(plan), [buf], dst, stream=stream, device=device)
 
 

@@ -18,10 +18,12 @@ from ..plan import BlockPairs
 from . import cuda as _cuda
 from ._loader import KernelSpec, get_kernel
 
-__all__ = ["PAIRS_KERNEL", "PAIR_DTYPE", "pair_records", "copy_block_pairs"]
+__all__ = ["BUF_DST", "BUF_NONE", "BUF_SRC", "PAIRS_KERNEL", "PAIR_DTYPE", "RUN_FIELDS", "PairPieces", "PreparedPairs", "copy_block_pairs",
+           "gather_pairs", "pair_records", "prepare_pairs", "scatter_pairs", "split_shift_for"]
 
 PAIRS_KERNEL = KernelSpec("kv_copy.cu", "kv_copy_pairs")
 MAX_ITEM_BYTES = 64 << 10  # one warp copies at most this much per item: long runs are split
+MIN_PART_BYTES = 1 << 10  # items are cut into parts for idle warps, never below this size
 
 # Must match `struct KvPair` in csrc/kv_copy.cu.
 PAIR_DTYPE = np.dtype(
@@ -50,58 +52,154 @@ def _unit(mix: np.ndarray) -> np.ndarray:
     return out
 
 
-def pair_records(bp: BlockPairs, src_bases: np.ndarray, dst_bases: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(pair records, coalesced runs, single-block runs, item count) for ``kv_copy_pairs``.
+RUN_FIELDS = 6  # KVX_RUN_FIELDS in csrc/kv_copy.cu
+BUF_NONE, BUF_SRC, BUF_DST = 0, 1, 2  # KVX_BUF_* in csrc/kv_copy.cu: which side is a stream-ordered buffer
 
-    Each runs array is ``[src ids | dst ids | blocks per run]``. Coalesced runs are split so that
-    no item exceeds :data:`MAX_ITEM_BYTES` (a long contiguous run would leave one warp copying
-    it alone).
-    """
-    pairs = bp.pairs
-    s, d = bp.src_blocks, bp.dst_blocks
+
+class _Template:
+    """What the records of a (pairs, bases, buffer) hold whatever blocks move: everything but
+    ``item0``, plus memoized launch decisions. Cached: a connector's transfers reuse a few."""
+
+    __slots__ = ("pairs", "rec", "any_coal", "any_single", "splits")
+
+    def __init__(self, pairs: np.ndarray, rec: np.ndarray):
+        self.pairs, self.rec = pairs, rec
+        self.any_coal = bool(pairs["coal"].any())
+        self.any_single = not bool(pairs["coal"].all())
+        self.splits: dict[tuple[int, int], int] = {}
+
+
+_TEMPLATES: dict[tuple, _Template] = {}
+_TEMPLATES_MAX = 256
+
+
+def _template(pairs: np.ndarray, src_bases: Any, dst_bases: Any, buffer_side: int, buffer: int, nblocks: int) -> _Template:
+    if buffer_side not in (BUF_NONE, BUF_SRC, BUF_DST):
+        raise ValueError(f"buffer_side={buffer_side}; expected BUF_NONE, BUF_SRC or BUF_DST")
+    sb = b"" if buffer_side == BUF_SRC else np.asarray(src_bases, dtype=np.uint64).tobytes()
+    db = b"" if buffer_side == BUF_DST else np.asarray(dst_bases, dtype=np.uint64).tobytes()
+    key = (id(pairs), buffer_side, int(buffer), nblocks if buffer_side != BUF_NONE else 0, sb, db)
+    hit = _TEMPLATES.get(key)
+    if hit is not None and hit.pairs is pairs:
+        return hit
     rec = np.zeros(pairs.size, dtype=PAIR_DTYPE)
-    if pairs.size == 0 or s.size == 0:
-        return rec, np.zeros(0, np.int64), np.zeros(0, np.int64), 0
-    coal = pairs["coal"]
-    # coalesced runs, split to bounded items
-    max_run = int(pairs["src_run"][coal].max()) if coal.any() else 1
-    per_item = max(1, MAX_ITEM_BYTES // max_run)
-    lens = bp.run_lengths
-    pieces = -(-lens // per_item)
-    idx = np.repeat(np.arange(lens.size), pieces)
-    within = (np.arange(idx.size, dtype=np.int64) - np.repeat(np.cumsum(pieces) - pieces, pieces)) * per_item
-    starts = bp.run_starts[idx]
-    coal_runs = np.concatenate((s[starts] + within, d[starts] + within, np.minimum(per_item, lens[idx] - within)))
-    single_runs = np.concatenate((s, d, np.ones(s.size, dtype=np.int64)))
-    n_coal, n_single = idx.size, s.size
-
-    src_bases = np.asarray(src_bases, dtype=np.uint64)
-    dst_bases = np.asarray(dst_bases, dtype=np.uint64)
     t = pairs["t"]
-    rec["src"] = src_bases[t] + pairs["src_off"].astype(np.uint64)
-    rec["dst"] = dst_bases[t] + pairs["dst_off"].astype(np.uint64)
+    run, count = pairs["src_run"], pairs["src_count"]
     rec["src_bstride"] = pairs["src_bstride"]
     rec["dst_bstride"] = pairs["dst_bstride"]
-    rec["run"] = pairs["src_run"]
-    rec["count"] = pairs["src_count"]
     rec["src_stride"] = np.where(pairs["src_count"] > 1, pairs["src_stride"], 0)
     rec["dst_stride"] = np.where(pairs["dst_count"] > 1, pairs["dst_stride"], 0)
-    rec["coal"] = coal
-    items = pairs["src_count"] * np.where(coal, n_coal, n_single)
-    rec["item0"] = np.cumsum(items) - items
+    if buffer_side != BUF_NONE:
+        per_pair = run * count * nblocks  # each pair's share of the stream
+        side = "src" if buffer_side == BUF_SRC else "dst"
+        rec[side] = (np.cumsum(per_pair) - per_pair).astype(np.uint64) + np.uint64(buffer)
+        rec[f"{side}_bstride"] = 0
+        rec[f"{side}_stride"] = 0
+    if buffer_side != BUF_SRC:
+        rec["src"] = np.frombuffer(sb, dtype=np.uint64)[t] + pairs["src_off"].astype(np.uint64)
+    if buffer_side != BUF_DST:
+        rec["dst"] = np.frombuffer(db, dtype=np.uint64)[t] + pairs["dst_off"].astype(np.uint64)
+    rec["run"] = run
+    rec["count"] = count
+    rec["coal"] = pairs["coal"]
     mix = rec["src"] | rec["dst"]
     for f in ("src_bstride", "dst_bstride", "run", "src_stride", "dst_stride"):
         mix |= rec[f].astype(np.uint64)
     rec["unit"] = _unit(mix)
-    return rec, coal_runs, single_runs, int(items.sum())
+    if len(_TEMPLATES) >= _TEMPLATES_MAX:
+        _TEMPLATES.clear()
+    tmpl = _TEMPLATES[key] = _Template(pairs, rec)
+    return tmpl
+
+
+_EMPTY_RUNS = np.zeros(0, dtype=np.int64)
+
+
+def _records(bp: BlockPairs, src_bases: Any, dst_bases: Any, buffer_side: int,
+             buffer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, _Template | None]:
+    pairs = bp.pairs
+    s, d = bp.src_blocks, bp.dst_blocks
+    if pairs.size == 0 or s.size == 0:
+        return np.zeros(pairs.size, dtype=PAIR_DTYPE), _EMPTY_RUNS, _EMPTY_RUNS, 0, None
+    tmpl = _template(pairs, src_bases, dst_bases, buffer_side, buffer, int(s.size))
+    coal_runs = single_runs = _EMPTY_RUNS
+    n_coal = 0
+    if tmpl.any_coal:  # coalesced runs, split to bounded items
+        coal = pairs["coal"]
+        max_run = int(pairs["src_run"][coal].max())
+        per_item = max(1, MAX_ITEM_BYTES // max_run)
+        lens = bp.run_lengths
+        if lens.size == s.size or int(lens.max()) <= per_item:  # no run needs splitting
+            pre = np.cumsum(lens) - lens
+            starts = bp.run_starts
+            coal_runs = np.concatenate((s[starts], d[starts], lens, pre, lens, np.zeros(lens.size, dtype=np.int64)))
+            n_coal = int(lens.size)
+        else:
+            pieces = -(-lens // per_item)
+            idx = np.repeat(np.arange(lens.size), pieces)
+            within = (np.arange(idx.size, dtype=np.int64) - np.repeat(np.cumsum(pieces) - pieces, pieces)) * per_item
+            starts = bp.run_starts[idx]
+            parent_len = lens[idx]
+            coal_runs = np.concatenate((s[starts] + within, d[starts] + within, np.minimum(per_item, parent_len - within),
+                                        (np.cumsum(lens) - lens)[idx], parent_len, within))
+            n_coal = int(idx.size)
+    n_single = 0
+    if tmpl.any_single:
+        ones = np.ones(s.size, dtype=np.int64)
+        single_runs = np.concatenate((s, d, ones, np.arange(s.size, dtype=np.int64), ones, np.zeros(s.size, dtype=np.int64)))
+        n_single = int(s.size)
+    rec = tmpl.rec.copy()
+    items = rec["count"] * np.where(rec["coal"], n_coal, n_single)
+    csum = np.cumsum(items)
+    rec["item0"] = csum - items
+    return rec, coal_runs, single_runs, int(csum[-1]), tmpl
+
+
+def pair_records(bp: BlockPairs, src_bases: np.ndarray, dst_bases: np.ndarray, *, buffer_side: int = BUF_NONE,
+                 buffer: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(pair records, coalesced runs, single-block runs, item count) for ``kv_copy_pairs``.
+
+    Each runs array holds :data:`RUN_FIELDS` arrays back to back: ``[src ids | dst ids |
+    blocks per run | blocks of the stream before the parent run | blocks of the parent run |
+    blocks of the parent run before this one]`` (see ``KvRun`` in ``csrc/kv_copy.cu``); a kind
+    of run no pair uses is left empty. Coalesced runs are split so that no item exceeds
+    :data:`MAX_ITEM_BYTES` (a long contiguous run would leave one warp copying it alone).
+
+    ``buffer_side`` :data:`BUF_SRC` / :data:`BUF_DST`: that side is the contiguous buffer at
+    device address ``buffer`` holding the plan's stream (scatter from it / gather into it);
+    its ``*_bases`` are ignored. The block-independent part is cached per (pairs, bases).
+    """
+    return _records(bp, src_bases, dst_bases, buffer_side, buffer)[:4]
+
+
+def split_shift_for(rec: np.ndarray, nitems: int, warps: int) -> int:
+    """log2 of the parts each item is cut into, so that a transfer of few items keeps ``warps``
+    warps busy (the ``small`` workload: 64 items of 32 KiB). A part must stay a multiple of its
+    pair's access width and at least :data:`MIN_PART_BYTES`; 0 when items already outnumber warps.
+    """
+    if nitems <= 0 or nitems >= warps or rec.size == 0:
+        return 0
+    want = (warps // nitems).bit_length() - 1
+    runs = rec["run"].astype(np.int64)
+    units = rec["unit"].astype(np.int64)
+    shift = 0
+    while shift < want:
+        nxt = shift + 1
+        if np.any(runs % (np.int64(1) << (units + nxt))) or int(runs.min()) >> nxt < MIN_PART_BYTES:
+            break
+        shift = nxt
+    return shift
 
 
 def copy_block_pairs(bp: BlockPairs, src_bases: Any, dst_bases: Any, *, stream: Any = None,
-                     device: int | None = None, spec: KernelSpec = PAIRS_KERNEL) -> None:
+                     device: int | None = None, spec: KernelSpec = PAIRS_KERNEL, max_warps: int | None = None,
+                     rows_inner: bool | None = None) -> None:
     """Copy every block of ``bp`` from the source tensors to the destination tensors, one launch.
 
     ``src_bases``/``dst_bases``: a KVLayout, or per-tensor device addresses / torch tensors /
     cupy arrays. Asynchronous on the launch stream (the caller's, as in :func:`kvxfer.ops.cuda.copy_jobs`).
+    ``max_warps`` caps the launch (tests use it to make each warp walk many items);
+    ``rows_inner`` overrides the item order (benchmarks compare both).
 
     Raises:
         TransportError: the upload or launch failed.
@@ -110,37 +208,205 @@ def copy_block_pairs(bp: BlockPairs, src_bases: Any, dst_bases: Any, *, stream: 
     """
     src, src_objs = _cuda._flatten_bases(src_bases, "src_bases")
     dst, dst_objs = _cuda._flatten_bases(dst_bases, "dst_bases")
-    objs = src_objs + dst_objs
-    rec, coal_runs, single_runs, nitems = pair_records(bp, np.asarray(src, np.uint64), np.asarray(dst, np.uint64))
-    if nitems == 0:
+    _launch_pairs(bp, src, dst, src_objs + dst_objs, (src_bases, dst_bases), BUF_NONE, 0, stream, device, spec, max_warps,
+                  rows_inner)
+
+
+def gather_pairs(bp: BlockPairs, src: Any, out: Any, *, stream: Any = None, device: int | None = None,
+                 max_warps: int | None = None) -> None:
+    """Copy ``bp``'s source blocks (tensors ``src``) into the contiguous buffer ``out`` in the
+    plan's stream order (the same bytes as :func:`kvxfer.ops.cuda.gather` of the plan), one
+    launch, with addresses computed on the GPU. Raises as :func:`copy_block_pairs`."""
+    srcs, objs = _cuda._flatten_bases(src, "src")
+    buf, bobjs = _cuda._flatten_bases([out], "out")
+    _launch_pairs(bp, srcs, [], objs + bobjs, (src, out), BUF_DST, buf[0], stream, device, PAIRS_KERNEL, max_warps)
+
+
+def scatter_pairs(bp: BlockPairs, buf: Any, dst: Any, *, stream: Any = None, device: int | None = None,
+                  max_warps: int | None = None) -> None:
+    """Copy the stream-ordered buffer ``buf`` into ``bp``'s destination blocks (tensors ``dst``),
+    one launch. Raises as :func:`copy_block_pairs`."""
+    b, bobjs = _cuda._flatten_bases([buf], "buf")
+    dsts, objs = _cuda._flatten_bases(dst, "dst")
+    _launch_pairs(bp, [], dsts, bobjs + objs, (buf, dst), BUF_SRC, b[0], stream, device, PAIRS_KERNEL, max_warps)
+
+
+class _Payload:
+    """A launch of kv_copy_pairs resolved on the host: records, run tables and launch shape."""
+
+    __slots__ = ("bytes", "coal_off", "single_off", "npairs", "ncoal", "nsingle", "nitems", "split", "ctas",
+                 "buffer_side", "device", "item0", "rows_inner")
+
+    def __init__(self, bp: BlockPairs, src: list[int], dst: list[int], buffer_side: int, buffer: int, device: int,
+                 spec: KernelSpec, max_warps: int | None, rows_inner: bool | None = None):
+        rec, coal_runs, single_runs, self.nitems, tmpl = _records(bp, src, dst, buffer_side, buffer)
+        self.buffer_side, self.device = buffer_side, device
+        # item numbering (see kv_copy_pairs): the stream's order for a buffer side, one row across
+        # blocks for block-to-block copies (faster over NVLink, bench/results/ipc_kernel_probe_*)
+        self.rows_inner = (buffer_side != BUF_NONE) if rows_inner is None else bool(rows_inner)
+        self.item0 = rec["item0"].copy()
+        self.npairs, self.ncoal, self.nsingle = rec.size, coal_runs.size // RUN_FIELDS, single_runs.size // RUN_FIELDS
+        self.coal_off = -(-rec.nbytes // 64) * 64
+        self.single_off = self.coal_off + coal_runs.nbytes
+        self.bytes = np.zeros(self.single_off + single_runs.nbytes, dtype=np.uint8)
+        self.bytes[: rec.nbytes] = rec.view(np.uint8)
+        self.bytes[self.coal_off : self.single_off] = coal_runs.view(np.uint8)
+        self.bytes[self.single_off :] = single_runs.view(np.uint8)
+        self.split, self.ctas = 0, 0
+        if self.nitems:
+            warps, self.ctas = _cuda._workers_for(spec, device, bp.nbytes, None)
+            if max_warps is not None:
+                warps = max(1, min(warps, int(max_warps)))
+                self.ctas = -(-warps // (_cuda._threads(spec) // 32))
+            key = (self.nitems, warps)
+            split = tmpl.splits.get(key) if tmpl is not None else None
+            if split is None:
+                split = split_shift_for(rec, self.nitems, warps)
+                if tmpl is not None:
+                    tmpl.splits[key] = split
+            self.split = split
+
+    def args(self, base: int, pairs: tuple[int, int] | None = None) -> tuple:
+        """Kernel arguments with the records at device address ``base``; ``pairs`` (first,
+        end) launches only those consecutive pairs."""
+        p0, p1, nitems, item_base = 0, self.npairs, self.nitems, 0
+        if pairs is not None:
+            p0, p1 = pairs
+            item0 = self.item0
+            item_base = int(item0[p0])
+            nitems = (int(item0[p1]) if p1 < self.npairs else self.nitems) - item_base
+        return (np.uint64(base + p0 * PAIR_DTYPE.itemsize), np.int64(p1 - p0), np.uint64(base + self.coal_off),
+                np.int64(self.ncoal), np.uint64(base + self.single_off), np.int64(self.nsingle), np.int64(nitems),
+                np.int32(self.split), np.int32(self.buffer_side), np.int64(item_base), np.int32(self.rows_inner))
+
+
+def _launch_pairs(bp: BlockPairs, src: list[int], dst: list[int], objs: list[Any], sources: tuple, buffer_side: int,
+                  buffer: int, stream: Any, device: int | None, spec: KernelSpec, max_warps: int | None,
+                  rows_inner: bool | None = None) -> None:
+    dev = _cuda._device_of(objs, sources, device)
+    pl = _Payload(bp, src, dst, buffer_side, buffer, dev, spec, max_warps, rows_inner)
+    if pl.nitems == 0:
         return
-    dev = _cuda._device_of(objs, (src_bases, dst_bases), device)
     cupy = _cuda._cupy()
     sptr = _cuda._stream_ptr(stream, objs, dev)
     st = _cuda._state(dev, sptr)
-    head = -(-rec.nbytes // 64) * 64
-    c_off = head
-    s_off = c_off + coal_runs.nbytes
-    total = s_off + single_runs.nbytes
-    warps, ctas = _cuda._workers_for(spec, dev, bp.nbytes, None)
+    total = pl.bytes.nbytes
     with st.lock, cupy.cuda.Device(dev):
         cstream = _cuda._cupy_stream(sptr, dev)
+        is_capturing = getattr(cupy.cuda.runtime, "streamIsCapturing", None)
+        if is_capturing is not None and is_capturing(sptr):
+            raise TransportError("kv_copy_pairs cannot upload its records while the stream is capturing a CUDA graph; "
+                                 "use prepare_pairs() before capture")
         slot = _cuda._staging(st, total)
-        view = slot[1]
-        view[: rec.nbytes] = rec.view(np.uint8)
-        view[c_off:s_off] = coal_runs.view(np.uint8)
-        view[s_off:total] = single_runs.view(np.uint8)
+        slot[1][:total] = pl.bytes
         mem = _cuda._device_buffer(st, total, cstream)
         base = int(mem.ptr)
         try:
-            cupy.cuda.runtime.memcpyAsync(base, view.ctypes.data, total, _cuda._H2D, sptr)
+            cupy.cuda.runtime.memcpyAsync(base, slot[1].ctypes.data, total, _cuda._H2D, sptr)
             ev = cupy.cuda.Event(disable_timing=True)
             ev.record(cstream)
             slot[2] = ev
-            fn = get_kernel(spec, dev)
-            fn((ctas,), (_cuda._threads(spec),),
-               (np.uint64(base), np.int64(rec.size), np.uint64(base + c_off), np.int64(coal_runs.size // 3),
-                np.uint64(base + s_off), np.int64(single_runs.size // 3), np.int64(nitems)),
-               stream=cstream)
+            get_kernel(spec, dev)((pl.ctas,), (_cuda._threads(spec),), pl.args(base), stream=cstream)
         except Exception as exc:
             raise TransportError(f"kv_copy_pairs upload or launch failed on cuda:{dev}: {exc}") from exc
+
+
+class PreparedPairs:
+    """A block-pair copy whose records live on the GPU: :meth:`launch` uploads nothing and
+    allocates nothing (CUDA-graph capturable). The tensors and buffer it was prepared for must
+    outlive every launch."""
+
+    def __init__(self, payload: _Payload, spec: KernelSpec):
+        self._pl, self._spec = payload, spec
+        self.nbytes_records = payload.bytes.nbytes
+        self._mem = None
+        if payload.nitems:
+            cupy = _cuda._cupy()
+            with cupy.cuda.Device(payload.device):
+                self._mem = cupy.cuda.alloc(payload.bytes.nbytes)
+                cupy.cuda.runtime.memcpy(int(self._mem.ptr), payload.bytes.ctypes.data, payload.bytes.nbytes, _cuda._H2D)
+
+    def launch(self, stream: Any = None) -> None:
+        """Run the copy on ``stream`` (int handle, torch or cupy stream; default cupy's current).
+
+        Raises:
+            TransportError: the launch failed.
+        """
+        if self._mem is None:
+            return
+        dev = self._pl.device
+        sptr = _cuda._stream_ptr(stream, (), dev)
+        try:
+            with _cuda._cupy().cuda.Device(dev):
+                get_kernel(self._spec, dev)((self._pl.ctas,), (_cuda._threads(self._spec),), self._pl.args(int(self._mem.ptr)),
+                                            stream=_cuda._cupy_stream(sptr, dev))
+        except Exception as exc:
+            raise TransportError(f"kv_copy_pairs launch failed on cuda:{dev}: {exc}") from exc
+
+
+class PairPieces:
+    """A block-pair copy uploaded once (stream-ordered) and launched piece by piece: piece ``i``
+    copies the consecutive pairs ``bounds[i]`` (see :meth:`kvxfer.plan.TransferPlan.chunk_bounds`),
+    so a pipelined transfer pays the host work of one launch per piece, not one plan.
+
+    The records live in a device allocation of their own for as long as this object does.
+    """
+
+    def __init__(self, bp: BlockPairs, src: Any, dst: Any, *, buffer_side: int, bounds: list[tuple[int, int]],
+                 stream: Any, device: int, spec: KernelSpec = PAIRS_KERNEL):
+        srcs, sobjs = _cuda._flatten_bases([src] if buffer_side == BUF_SRC else src, "src")
+        dsts, dobjs = _cuda._flatten_bases([dst] if buffer_side == BUF_DST else dst, "dst")
+        buffer = srcs[0] if buffer_side == BUF_SRC else dsts[0] if buffer_side == BUF_DST else 0
+        self._pl = _Payload(bp, srcs, dsts, buffer_side, buffer, device, spec, None)
+        self._spec, self._bounds, self._dev = spec, bounds, device
+        cupy = _cuda._cupy()
+        self._sptr = _cuda._stream_ptr(stream, sobjs + dobjs, device)
+        self._mem = None
+        if self._pl.nitems:
+            st = _cuda._state(device, self._sptr)
+            total = self._pl.bytes.nbytes
+            with st.lock, cupy.cuda.Device(device):
+                self._cstream = _cuda._cupy_stream(self._sptr, device)
+                self._mem = cupy.cuda.alloc(total)
+                slot = _cuda._staging(st, total)
+                slot[1][:total] = self._pl.bytes
+                cupy.cuda.runtime.memcpyAsync(int(self._mem.ptr), slot[1].ctypes.data, total, _cuda._H2D, self._sptr)
+                ev = cupy.cuda.Event(disable_timing=True)
+                ev.record(self._cstream)
+                slot[2] = ev
+            self._fn = get_kernel(spec, device)
+
+    def __len__(self) -> int:
+        return len(self._bounds)
+
+    def launch(self, i: int) -> None:
+        """Queue piece ``i`` on the stream given at construction.
+
+        Raises:
+            TransportError: the launch failed.
+        """
+        if self._mem is None:
+            return
+        p0, p1 = self._bounds[i]
+        try:
+            with _cuda._cupy().cuda.Device(self._dev):
+                self._fn((self._pl.ctas,), (_cuda._threads(self._spec),), self._pl.args(int(self._mem.ptr), (p0, p1)),
+                         stream=self._cstream)
+        except Exception as exc:
+            raise TransportError(f"kv_copy_pairs launch failed on cuda:{self._dev}: {exc}") from exc
+
+
+def prepare_pairs(bp: BlockPairs, src: Any, dst: Any, *, buffer_side: int = BUF_NONE, device: int | None = None,
+                  spec: KernelSpec = PAIRS_KERNEL, max_warps: int | None = None,
+                  rows_inner: bool | None = None) -> PreparedPairs:
+    """Resolve and upload (synchronously) a block-pair copy, gather (``buffer_side=BUF_DST``:
+    ``dst`` is the buffer) or scatter (``BUF_SRC``: ``src`` is the buffer) for repeated launches.
+
+    Raises:
+        TransportError, KernelCompileError, BackendUnavailableError: as :func:`copy_block_pairs`.
+    """
+    srcs, sobjs = _cuda._flatten_bases([src] if buffer_side == BUF_SRC else src, "src")
+    dsts, dobjs = _cuda._flatten_bases([dst] if buffer_side == BUF_DST else dst, "dst")
+    dev = _cuda._device_of(sobjs + dobjs, (src, dst), device)
+    buffer = srcs[0] if buffer_side == BUF_SRC else dsts[0] if buffer_side == BUF_DST else 0
+    return PreparedPairs(_Payload(bp, srcs, dsts, buffer_side, buffer, dev, spec, max_warps, rows_inner), spec)
