@@ -60,6 +60,15 @@ class BlockPairs:
         per_block = int((self.pairs["src_run"] * self.pairs["src_count"]).sum())
         return per_block * int(self.src_blocks.size)
 
+    @property
+    def nruns(self) -> int:
+        """Contiguous source runs the plan reads (without expanding jobs)."""
+        if self.src_blocks.size == 0:
+            return 0
+        coal = self.pairs["coal"]
+        per_run = np.where(coal, self.run_lengths.size, self.src_blocks.size)
+        return int((self.pairs["src_count"] * per_run).sum())
+
     def jobs(self) -> np.ndarray:
         """The copy jobs (JOB_DTYPE) in stream order."""
         pairs, s, d = self.pairs, self.src_blocks, self.dst_blocks
@@ -134,6 +143,47 @@ class TransferPlan:
             return self.block_pairs.nbytes
         return int(self.stream_offsets[-1])
 
+    @property
+    def nruns(self) -> int:
+        """Contiguous source runs of the plan (cheap for block-pair plans: no job expansion)."""
+        if self._jobs is None and self.block_pairs is not None:
+            return self.block_pairs.nruns
+        j = self.jobs
+        return int(j["src_count"].sum()) if j.size else 0
+
+    def chunk_bounds(self, target: int) -> list[tuple[int, int, int, int]]:
+        """The stream cut into consecutive pieces of about ``target`` bytes, for pipelining:
+        ``(first pair, end pair, first stream byte, end byte)`` of each. A piece is a run of
+        whole (tensor, segment) pairs of :attr:`block_pairs`, so it is a plan of its own whose
+        stream is exactly that slice of this plan's stream. A plan without block pairs, or that
+        fits ``target``, is one piece (its pair bounds then mean "everything").
+        """
+        n = self.nbytes
+        bp = self.block_pairs
+        if bp is None or bp.pairs.size <= 1 or n <= target or bp.src_blocks.size == 0:
+            return [(0, 0 if bp is None else int(bp.pairs.size), 0, n)]
+        per_pair = bp.pairs["src_run"] * bp.pairs["src_count"] * bp.src_blocks.size
+        ends = np.cumsum(per_pair).tolist()
+        out: list[tuple[int, int, int, int]] = []
+        first, lo = 0, 0
+        for p, end in enumerate(ends):
+            if end - lo >= target or p == len(ends) - 1:
+                out.append((first, p + 1, lo, int(end)))
+                first, lo = p + 1, int(end)
+        return out
+
+    def piece(self, first: int, end: int) -> TransferPlan:
+        """The plan of pairs ``[first, end)`` (a piece from :meth:`chunk_bounds`)."""
+        bp = self.block_pairs
+        if bp is None or (first == 0 and end == bp.pairs.size):
+            return self
+        return TransferPlan(block_pairs=BlockPairs(bp.pairs[first:end], bp.src_blocks, bp.dst_blocks,
+                                                   bp.run_starts, bp.run_lengths))
+
+    def chunks(self, target: int) -> list[tuple[TransferPlan, int, int]]:
+        """:meth:`chunk_bounds` as ``(plan of the piece, first stream byte, end)``."""
+        return [(self.piece(p0, p1), lo, hi) for p0, p1, lo, hi in self.chunk_bounds(target)]
+
     def runs(self, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Elementary contiguous runs of one side (``"src"`` or ``"dst"``) in stream order.
 
@@ -176,9 +226,14 @@ def validate_block_ids(ids: np.ndarray, num_blocks: int, what: str, *, unique: b
             f"{what} out of range: {bad[:8].tolist()}{'...' if bad.size > 8 else ''}; "
             f"valid ids are 0..{num_blocks - 1}"
         )
-    if unique:
-        uniq, counts = np.unique(ids, return_counts=True)
-        if uniq.size != ids.size:
+    if unique and ids.size > 1:
+        if ids.size <= 32:  # the common one-request-of-few-blocks case: no sort
+            dup = len(set(ids.tolist())) != ids.size
+        else:
+            srt = np.sort(ids)
+            dup = bool((srt[1:] == srt[:-1]).any())
+        if dup:
+            uniq, counts = np.unique(ids, return_counts=True)
             raise BlockIdError(f"{what} has duplicates: {uniq[counts > 1][:8].tolist()}; each destination block may be written once")
 
 

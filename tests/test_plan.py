@@ -72,3 +72,27 @@ def test_empty_plan():
     g = KVLayout.from_tensors([np.zeros((8, 4), np.uint8)]).geometry
     p = plan_transfer(g, g, [], [])
     assert p.nbytes == 0 and len(p.jobs) == 0
+
+
+@pytest.mark.parametrize("kind", ["kv_first", "blocks_first", "mla", "vllm_shared"])
+def test_nruns_of_block_pairs_matches_the_expanded_jobs(kind):
+    st, bd = LayoutSpec(kind, 64, layers=3).build(1)
+    g = KVLayout.from_tensors(st, block_dim=bd).geometry
+    for s, d in [([1, 2, 3, 9], [4, 5, 6, 20]), ([5], [7]), (list(range(10)), list(range(20, 30))), ([], [])]:
+        cheap = plan_transfer(g, g, s, d).nruns  # from the compact form
+        jobs = plan_transfer(g, g, s, d).jobs
+        assert cheap == (int(jobs["src_count"].sum()) if jobs.size else 0)
+
+
+def test_chunk_bounds_cut_the_stream_at_pair_boundaries():
+    st, bd = LayoutSpec("kv_first", 64, layers=5, block_size=32, heads=8, head_dim=64).build(1)
+    lay = KVLayout.from_tensors(st, block_dim=bd)
+    views = [host_bytes(int(a), t.span) for a, t in zip(lay.addrs, lay.geometry.tensors)]
+    plan = plan_transfer(lay.geometry, lay.geometry, [1, 2, 3, 9, 20], [4, 5, 6, 7, 8])
+    full = reference.gather(plan, views)
+    pieces = plan.chunks(plan.nbytes // 3)
+    assert len(pieces) == 3 and pieces[0][1] == 0 and pieces[-1][2] == plan.nbytes
+    assert all(a[2] == b[1] for a, b in zip(pieces, pieces[1:]))  # consecutive, no gaps
+    for sub, lo, hi in pieces:
+        assert np.array_equal(reference.gather(sub, views), full[lo:hi])
+    assert [(0, plan.nbytes)] == [(lo, hi) for _, lo, hi in plan.chunks(plan.nbytes)]

@@ -147,6 +147,33 @@ def _check_within(jobs: np.ndarray, side: str, spans: np.ndarray, whose: str) ->
         )
 
 
+_LIMITS: dict[tuple, tuple[np.ndarray, int]] = {}  # (id(pairs), side, spans) -> (pairs, largest safe block id)
+
+
+def _largest_safe_block(pairs: np.ndarray, side: str, spans: np.ndarray) -> int:
+    """The largest block id whose every (tensor, segment) pair stays inside the registered spans
+    on ``side`` (-1 if none does, or a pair names an unknown tensor). Cached per pairs array
+    (the planner caches those per layout pair), so a transfer pays one comparison."""
+    key = (id(pairs), side, spans.tobytes())
+    hit = _LIMITS.get(key)
+    if hit is not None and hit[0] is pairs:
+        return hit[1]
+    t = pairs["t"]
+    if pairs.size == 0:
+        limit = np.iinfo(np.int64).max
+    elif int(t.min()) < 0 or int(t.max()) >= spans.size:
+        limit = -1
+    else:
+        room = spans[t] - pairs[f"{side}_off"] - (pairs[f"{side}_count"] - 1) * pairs[f"{side}_stride"] - pairs[f"{side}_run"]
+        bstride = pairs[f"{side}_bstride"]
+        per = np.where(room < 0, -1, np.where(bstride > 0, room // np.maximum(bstride, 1), np.iinfo(np.int64).max))
+        limit = int(per.min())
+    if len(_LIMITS) > 1024:
+        _LIMITS.clear()
+    _LIMITS[key] = (pairs, limit)
+    return limit
+
+
 def _check_pairs_within(bp: BlockPairs, side: str, spans: np.ndarray, whose: str) -> None:
     """The compact form of :func:`_check_within`: the furthest byte any block of ``bp`` reaches
     on ``side``, per (tensor, segment) pair, must lie inside that tensor's registered span.
@@ -157,18 +184,19 @@ def _check_pairs_within(bp: BlockPairs, side: str, spans: np.ndarray, whose: str
     ids = bp.src_blocks if side == "src" else bp.dst_blocks
     if ids.size == 0 or bp.pairs.size == 0:
         return
+    if int(ids.min()) >= 0 and int(ids.max()) <= _largest_safe_block(bp.pairs, side, spans):
+        return
     p = bp.pairs
     t = p["t"]
     if int(t.min()) < 0 or int(t.max()) >= spans.size:
         raise BlockIdError(f"the transfer names {whose} tensor {int(t.max())}; {whose} side has {spans.size}")
-    lo = int(ids.min())
+    if int(ids.min()) < 0:
+        raise BlockIdError(f"the transfer names {whose} block {int(ids.min())}")
     end = p[f"{side}_off"] + int(ids.max()) * p[f"{side}_bstride"] + (p[f"{side}_count"] - 1) * p[f"{side}_stride"] + p[f"{side}_run"]
-    bad = (lo < 0) | (end > spans[t])
-    if np.any(bad):
-        j = int(np.flatnonzero(np.broadcast_to(bad, t.shape))[0])
-        raise BlockIdError(
-            f"the transfer would reach byte {int(end[j])} of {whose} tensor {int(t[j])}, outside its registered {int(spans[t[j]])} B"
-        )
+    j = int(np.flatnonzero(end > spans[t])[0])
+    raise BlockIdError(
+        f"the transfer would reach byte {int(end[j])} of {whose} tensor {int(t[j])}, outside its registered {int(spans[t[j]])} B"
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,125 @@
+"""Probe: where the host time of a ``small`` cuda_ipc transfer goes (GPU1 writes to GPU0).
+
+Same two-process setup as ``bench/bench_ipc.py``. The consumer measures, for the ``small``
+workload (1 block x 32 layers, 2 MiB): ``write().wait()`` end to end; the time until
+``write()`` returns; the block-pair launch plus a stream sync alone on the calling thread
+(the floor of one transfer); an empty event round trip; then a cProfile of 300 writes (top
+functions by own time). Prints JSON and the profile; writes JSON to argv[1] when given.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import json
+import multiprocessing as mp
+import pstats
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, __import__("os").path.dirname(__file__))
+from bench_ipc import _producer  # noqa: E402
+
+
+def _pct(xs, q):
+    return round(float(np.percentile(np.asarray(xs) * 1e6, q)), 1)
+
+
+def _consumer(conn, device: int, res: dict) -> None:
+    import cupy as cp
+
+    import kvxfer
+    from kvxfer.backends.cuda_ipc import backend_of
+    from kvxfer.ops.pairs import copy_block_pairs
+    from kvxfer.ops.workloads import by_name
+    from kvxfer.plan import plan_transfer
+
+    cp.cuda.Device(device).use()
+    wl = by_name("small")
+    conn.send(("setup", "small"))
+    md, _ = conn.recv()
+    ts = [cp.zeros(wl.shape, dtype=cp.int16) for _ in range(wl.layers)]
+    c = kvxfer.Connector("consumer", backend="cuda_ipc")
+    c.register(ts, block_dim=wl.block_dim)
+    peer = c.connect(md)
+    be = backend_of(c)
+    src, dst = wl.block_ids()
+    out: dict = {}
+    for _ in range(50):
+        c.write(peer, src, dst).wait(10)
+    e2e, submit = [], []
+    for _ in range(500):
+        t0 = time.perf_counter()
+        h = c.write(peer, src, dst)
+        t1 = time.perf_counter()
+        h.wait(10)
+        t2 = time.perf_counter()
+        submit.append(t1 - t0)
+        e2e.append(t2 - t0)
+    out["write_e2e_p50_us"], out["write_e2e_p99_us"] = _pct(e2e, 50), _pct(e2e, 99)
+    out["write_returns_p50_us"] = _pct(submit, 50)
+    # the floor: plan + pair launch + sync on this thread, no connector, no completion thread
+    link = next(iter(be.links))
+    s = cp.cuda.Stream(non_blocking=True)
+    lay = c.layout
+    floor, launch_only = [], []
+    for i in range(550):
+        t0 = time.perf_counter()
+        plan = plan_transfer(lay.geometry, link.peer.geometry, src, dst)
+        copy_block_pairs(plan.block_pairs, lay.addrs, link.remote_addrs, stream=s, device=device)
+        t1 = time.perf_counter()
+        s.synchronize()
+        t2 = time.perf_counter()
+        if i >= 50:
+            floor.append(t2 - t0)
+            launch_only.append(t1 - t0)
+    out["plan_launch_sync_p50_us"], out["plan_launch_p50_us"] = _pct(floor, 50), _pct(launch_only, 50)
+    ev = []
+    for i in range(550):
+        e = cp.cuda.Event(disable_timing=True)
+        t0 = time.perf_counter()
+        e.record(s)
+        e.synchronize()
+        if i >= 50:
+            ev.append(time.perf_counter() - t0)
+    out["event_roundtrip_p50_us"] = _pct(ev, 50)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        c.write(peer, src, dst).wait(10)
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+    out["profile_top"] = buf.getvalue()[-6000:]
+    c.close()
+    conn.send(("exit", None))
+    res.update(out)
+
+
+def main() -> int:
+    ctx = mp.get_context("spawn")
+    pc, cc = ctx.Pipe()
+    res = ctx.Manager().dict()
+    prod = ctx.Process(target=_producer, args=(pc, 0))
+    cons = ctx.Process(target=_consumer, args=(cc, 1, res))
+    prod.start()
+    cons.start()
+    cons.join(240)
+    prod.join(20)
+    for p in (cons, prod):
+        if p.is_alive():
+            p.kill()
+    out = dict(res)
+    prof = out.pop("profile_top", "")
+    print(json.dumps(out, indent=1))
+    print(prof)
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            json.dump({**out, "profile_top": prof}, f, indent=1)
+    return 0 if out else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
