@@ -28,7 +28,14 @@ from kvxfer import BlockIdError, Connector, LayoutMismatchError, PeerLostError  
 from kvpeers import LayoutSpec, PeerProcess, block_bytes  # noqa: E402
 
 TRANSPORTS = ["tcp", "sm,self"]
-MODES = ["direct", "packed"]
+MODES = ["direct", "packed", "packed-pieces"]
+
+
+def _set_mode(monkeypatch, mode: str) -> None:
+    # packed-pieces: packed, with every (tensor, segment) pair its own pipelined piece
+    monkeypatch.setenv("KVXFER_UCX_MODE", "packed" if mode == "packed-pieces" else mode)
+    if mode == "packed-pieces":
+        monkeypatch.setenv("KVXFER_UCX_CHUNK_BYTES", "4096")
 
 
 @pytest.fixture(params=TRANSPORTS, ids=["tcp", "sm"])
@@ -41,7 +48,7 @@ def ucx_tls(request, monkeypatch):
 
 @pytest.fixture(params=MODES)
 def ucx_mode(request, monkeypatch):
-    monkeypatch.setenv("KVXFER_UCX_MODE", request.param)
+    _set_mode(monkeypatch, request.param)
     return request.param
 
 
@@ -86,9 +93,9 @@ def test_read_write_layers_notify(kind, ucx_tls, ucx_mode, local_factory):
         peer.close()
 
 
-@pytest.mark.parametrize("mode", ["auto", "direct", "packed"])
+@pytest.mark.parametrize("mode", ["auto", "direct", "packed", "packed-pieces"])
 def test_64mib_every_byte(mode, ucx_tls, monkeypatch, local_factory):
-    monkeypatch.setenv("KVXFER_UCX_MODE", mode)
+    _set_mode(monkeypatch, mode)
     spec = LayoutSpec("kv_first", 512, layers=2, block_size=16, heads=4, head_dim=64)  # 64 KiB a block... x2 layers
     peer = PeerProcess("remote", spec, seed=3, backend="ucx")
     try:

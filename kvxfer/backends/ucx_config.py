@@ -49,7 +49,9 @@ class UcxConfig:
     pack_min_ranges: int = 256  # ... and there are at least this many ranges
     staging_max: int = 1 << 30  # AUTO never packs more than this many bytes per transfer
     staging_cache: int = 4  # registered staging buffers kept for reuse
+    chunk_bytes: int = 64 << 20  # packed transfers move in pieces of about this size, pipelined
     wakeup_ms: int = 50  # progress thread's epoll timeout: a safety net, not a poll
+    polling: bool = False  # progress thread busy-polls (one core) instead of sleeping in epoll
     liveness_interval: float = 0.5  # seconds between pid checks of same-host peers (NONE)
     close_timeout: float = 2.0  # seconds an endpoint close may take
 
@@ -59,8 +61,10 @@ class UcxConfig:
                 f"ucx error_handling must be one of {[e.value for e in ErrorHandling]} and mode one of "
                 f"{[m.value for m in TransferMode]}"
             )
-        if self.pack_below < 0 or self.pack_min_ranges < 1 or self.staging_max < 4096 or self.staging_cache < 0:
-            raise ConfigError("ucx pack_below >= 0, pack_min_ranges >= 1, staging_max >= 4096, staging_cache >= 0")
+        if (self.pack_below < 0 or self.pack_min_ranges < 1 or self.staging_max < 4096 or self.staging_cache < 0
+                or self.chunk_bytes < 4096):
+            raise ConfigError("ucx pack_below >= 0, pack_min_ranges >= 1, staging_max >= 4096, staging_cache >= 0, "
+                              "chunk_bytes >= 4096")
         if not 1 <= self.wakeup_ms <= 10_000:
             raise ConfigError(f"ucx wakeup_ms={self.wakeup_ms}; expected 1..10000")
         if not self.liveness_interval > 0 or not self.close_timeout > 0:

@@ -16,11 +16,21 @@ per link.
   range straight between KV tensors, then one ``ucp_ep_flush_nbx``; when the flush completes
   every byte is in place remotely. The responder's Python is not in the data path; a NOTE
   message carrying the notification follows the flush.
-- PACKED (many small ranges): the initiator packs into a registered staging buffer (see
-  :mod:`kvxfer.backends.ucx_staging`) and sends REQ naming the blocks, its staging address
-  and rkey; the responder validates every id against its own layout, then moves one buffer
-  with one RMA (get for a write, put for a read) between the two staging buffers,
-  scatters/gathers on its side, and answers DONE or ERR.
+- PACKED (many small ranges): the initiator sends REQ naming the blocks, its registered
+  staging buffer (address, rkey; see :mod:`kvxfer.backends.ucx_staging`) and the byte count;
+  the responder validates every id against its own layout. The responder moves the bytes
+  with RMA between the two staging buffers, in pieces of about ``chunk_bytes`` (runs of whole
+  (tensor, segment) pairs, :meth:`~kvxfer.plan.TransferPlan.chunks`), so that packing, the
+  wire and unpacking overlap:
+
+  * read: the responder queues the gather of every piece, puts each piece into the initiator's
+    buffer as soon as it is staged, flushes, and sends LANDED (bytes in place so far); the
+    initiator scatters each piece as it lands and is done at the last one.
+  * write: the initiator queues its gathers and sends READY as each piece is staged; the
+    responder gets each new piece, scatters it once the get is complete, and answers DONE
+    after the last one (and after delivering the notification).
+
+  A refusal is ERR.
 
 A lost peer fails every pending handle with PeerLostError; a handle that times out closes its
 link, since RMA may still land.
@@ -30,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +71,8 @@ __all__ = ["UcxLink", "lost_error"]
 
 log = logging.getLogger(__name__)
 
+_STAGING_RKEYS = 8  # unpacked staging keys kept per link
+
 
 def lost_error(status: int, peer: str) -> PeerLostError:
     """The error for a UCX completion with a failed ``status`` on the link to ``peer``."""
@@ -75,6 +88,14 @@ class _Xfer:
     handle: TransferHandle
     staging: Staging | None = None
     finished: bool = False
+    t0: float = field(default_factory=time.perf_counter)
+    chunks: list = field(default_factory=list)  # packed: (plan, first byte, end) of each piece
+    landed: int = 0  # packed read: staged bytes the responder has put into our buffer
+    scattered: int = 0  # packed read: pieces whose scatter is queued
+    token: Any = None  # the last queued scatter
+    pieces: Any = None  # packed read: the prepared scatter
+    t_req: float = 0.0
+    t_first: float = 0.0
 
 
 @dataclass(eq=False)
@@ -87,7 +108,15 @@ class _Serving:
     notify: bytes | None
     staging: Staging
     rkey: int
-    extra: dict = field(default_factory=dict)
+    address: int = 0  # the initiator's staging buffer
+    chunks: list = field(default_factory=list)
+    ready: int = 0  # packed write: staged bytes the initiator said we may fetch (and we asked for)
+    scattered: int = 0
+    token: Any = None
+    pieces: Any = None
+    t_rma: float = 0.0
+    t_plan: float = 0.0
+    t0: float = field(default_factory=time.perf_counter)
 
 
 class UcxLink(BackendLink):
@@ -110,6 +139,7 @@ class UcxLink(BackendLink):
         self._mine: dict[int, _Xfer] = {}
         self._serving: dict[int, _Serving] = {}
         self._rkeys: list[_ucp.RemoteKey] | None = None
+        self._staging_rkeys: dict[bytes, int] = {}
 
     @property
     def closed(self) -> bool:
@@ -206,20 +236,61 @@ class UcxLink(BackendLink):
     def _start_packed(self, x: _Xfer) -> None:
         pool, packer = self.backend.staging(), self.backend.packer()
         x.staging = pool.get(x.plan.nbytes)
-        if x.req.op is Op.WRITE:
-            packer.gather(x.plan, x.staging)
+        x.chunks = x.plan.chunk_bounds(self.backend.config.chunk_bytes)
         self.send(Msg.REQ, proto.request_body(x.req, x.staging.address, x.staging.rkey, x.plan.nbytes))
+        x.t_req = time.perf_counter()
+        if x.req.op is Op.READ:
+            x.pieces = packer.pieces(x.plan, x.staging, x.chunks, gather=False)
+        else:
+            # every piece's gather is queued at once; each READY goes out as its piece is staged
+            pieces = packer.pieces(x.plan, x.staging, x.chunks, gather=True)
+            tokens = [pieces.launch(i) for i in range(len(x.chunks))]
+            for (_, _, _, hi), tok in zip(x.chunks, tokens):
+                packer.wait(tok)
+                if x.finished or self._closed:
+                    return
+                self.send(Msg.READY, proto.progress_body(x.req.xfer_id, hi))
 
-    def _on_done(self, xid: int) -> None:
+    def _on_landed(self, xid: int, upto: int) -> None:
+        """Packed read: the responder's bytes [0, upto) are in our staging buffer."""
         with self._lock:
             x = self._mine.get(xid)
         if x is None or x.finished:
             return
-        if x.req.op is Op.READ:
-            assert x.staging is not None
-            self.backend.packer().scatter(x.plan, x.staging)
-            if x.req.notify is not None:
-                self.send(Msg.NOTE, proto.note_body(x.req.notify))
+        if x.req.op is not Op.READ or not x.landed < upto <= x.plan.nbytes:
+            raise RemoteProtocolError(f"LANDED {upto} B for transfer {xid} (had {x.landed} of {x.plan.nbytes} B)")
+        x.landed = upto
+        if not x.t_first:
+            x.t_first = time.perf_counter()
+        packer = self.backend.packer()
+        assert x.staging is not None
+        while x.scattered < len(x.chunks) and x.chunks[x.scattered][3] <= upto:
+            x.token = x.pieces.launch(x.scattered)
+            x.scattered += 1
+        if upto < x.plan.nbytes:
+            return
+        t_done = time.perf_counter()
+        packer.wait(x.token)
+        if x.req.notify is not None:
+            self.send(Msg.NOTE, proto.note_body(x.req.notify))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("packed read %d of %d B in %d pieces: REQ sent after %.2f ms, first piece after %.2f ms, "
+                      "last after %.2f ms, last scatter %.2f ms", xid, x.plan.nbytes, len(x.chunks),
+                      (x.t_req - x.t0) * 1e3, (x.t_first - x.t0) * 1e3, (t_done - x.t0) * 1e3,
+                      (time.perf_counter() - t_done) * 1e3)
+        self._complete(x)
+
+    def _on_done(self, xid: int) -> None:
+        """Packed write: the responder has every byte in place."""
+        with self._lock:
+            x = self._mine.get(xid)
+        if x is None or x.finished:
+            return
+        if x.req.op is not Op.WRITE:
+            raise RemoteProtocolError(f"DONE for packed read {xid}")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("packed write %d of %d B in %d pieces: %.2f ms", xid, x.plan.nbytes, len(x.chunks),
+                      (time.perf_counter() - x.t0) * 1e3)
         self._complete(x)
 
     def _on_err(self, xid: int, kind: str, msg: str) -> None:
@@ -251,7 +322,11 @@ class UcxLink(BackendLink):
 
     # -- responder --------------------------------------------------------------------------
     def on_request(self, h: dict) -> None:
-        """Work thread: serve a packed transfer the peer asked for (validated first)."""
+        """Work thread: serve a packed transfer the peer asked for (validated first). A read is
+        gathered piece by piece and each piece put into the initiator's buffer as soon as it is
+        staged (LANDED after each piece's flush); a write is fetched piece by piece as the
+        initiator says READY, and each piece scattered as it arrives (DONE at the end)."""
+        t0 = time.perf_counter()
         p = proto.decode_request(h)
         req, xid, notify, addr, key, nbytes = p.req, p.req.xfer_id, p.req.notify, p.address, p.rkey, p.nbytes
         try:
@@ -262,49 +337,109 @@ class UcxLink(BackendLink):
             log.info("refusing transfer %d from %r: %s", xid, self.peer.name, exc)
             self.send(Msg.ERR, proto.err_body(xid, type(exc).__name__, str(exc)))
             return
-        if plan.nbytes == 0:
-            self._served(_Serving(xid, req.op, plan, notify, None, 0), 0)  # type: ignore[arg-type]
+        if plan.nbytes == 0:  # an initiator moves empty plans without a request
+            self.send(Msg.ERR, proto.err_body(xid, "RemoteProtocolError", "a packed request must move bytes"))
             return
         staging = self.backend.staging().get(plan.nbytes)
         try:
-            rkey = self.backend.ucp.rkey_unpack(self.ep_handle, key)
+            rkey = self._staging_rkey(key)
         except _ucp.UcxCallError as exc:
             self.backend.staging().put(staging)
             self.send(Msg.ERR, proto.err_body(xid, "RemoteProtocolError", f"bad staging rkey: {exc}"))
             return
-        s = _Serving(xid, req.op, plan, notify, staging, rkey)
+        s = _Serving(xid, req.op, plan, notify, staging, rkey, addr, plan.chunk_bounds(self.backend.config.chunk_bytes),
+                     t0=t0)
         with self._lock:
             self._serving[xid] = s
-        if req.op is Op.READ:
-            self.backend.packer().gather(plan, staging)
-        put = req.op is Op.READ
+        packer = self.backend.packer()
+        s.pieces = packer.pieces(plan, staging, s.chunks, gather=req.op is Op.READ)
+        s.t_plan = time.perf_counter()
+        if req.op is Op.WRITE:
+            return  # READY messages drive it
+        tokens = [s.pieces.launch(i) for i in range(len(s.chunks))]
+        for (_, _, lo, hi), tok in zip(s.chunks, tokens):
+            packer.wait(tok)
+            if self._closed:
+                return
+            s.t_rma = s.t_rma or time.perf_counter()
+            if not self._post(True, s, lo, hi, self._landed):
+                return
+
+    def _post(self, put: bool, s: _Serving, lo: int, hi: int, then: Any) -> bool:
+        """Move staged bytes [lo, hi) between the two buffers (put: ours to the initiator's),
+        then ``then(s, hi, status)`` on the work thread once they are remotely complete."""
+        ucp = self.backend.ucp
         try:
-            self.backend.ucp.post_rma(put, self.ep_handle, [staging.address], [addr], [plan.nbytes], [rkey],
-                                      [self.backend.ucp.request_param(staging.memh)])
+            ucp.post_rma(put, self.ep_handle, [s.staging.address + lo], [s.address + lo], [hi - lo], [s.rkey],
+                         [ucp.request_param(s.staging.memh)])
         except _ucp.UcxCallError as exc:
             self.close(PeerLostError(f"RMA with {self.peer.name!r} failed: {exc}"))
-            return
-        self.backend.ucp.flush(self.ep_handle, lambda st: self.backend.defer(self._served, s, st))
+            return False
+        ucp.flush(self.ep_handle, lambda st: self.backend.defer(then, s, hi, st))
         self.backend.wake()
+        return True
 
-    def _served(self, s: _Serving, status: int) -> None:
+    def _landed(self, s: _Serving, upto: int, status: int) -> None:
+        """Packed read, responder: bytes [0, upto) are in the initiator's buffer."""
+        if status != 0:
+            self.ep_failed = True
+            self.close(lost_error(status, self.peer.name))
+            return
+        self.send(Msg.LANDED, proto.progress_body(s.xid, upto))
+        if upto == s.plan.nbytes:
+            self._finish_serving(s)
+
+    def _on_ready(self, xid: int, upto: int) -> None:
+        """Packed write, responder: the initiator has staged bytes [0, upto); fetch the new ones."""
+        with self._lock:
+            s = self._serving.get(xid)
+        if s is None:
+            return  # refused or closed meanwhile
+        if s.op is not Op.WRITE or not s.ready < upto <= s.plan.nbytes:
+            raise RemoteProtocolError(f"READY {upto} B for transfer {xid} (had {s.ready} of {s.plan.nbytes} B)")
+        lo, s.ready = s.ready, upto
+        if not s.t_rma:
+            s.t_rma = time.perf_counter()
+        self._post(False, s, lo, upto, self._fetched)
+
+    def _fetched(self, s: _Serving, upto: int, status: int) -> None:
+        """Packed write, responder: bytes [0, upto) are in our buffer; scatter the whole pieces."""
+        if status != 0:
+            self.ep_failed = True
+            self.close(lost_error(status, self.peer.name))
+            return
+        packer = self.backend.packer()
+        while s.scattered < len(s.chunks) and s.chunks[s.scattered][3] <= upto:
+            s.token = s.pieces.launch(s.scattered)
+            s.scattered += 1
+        if upto == s.plan.nbytes:
+            packer.wait(s.token)
+            if s.notify is not None:
+                self.backend.local.deliver_notification(self.peer.name, s.notify)
+            self.send(Msg.DONE, proto.done_body(s.xid))
+            self._finish_serving(s)
+
+    def _finish_serving(self, s: _Serving) -> None:
         with self._lock:
             self._serving.pop(s.xid, None)
-        try:
-            if status != 0:
-                self.ep_failed = True
-                self.close(lost_error(status, self.peer.name))
-                return
-            if s.op is Op.WRITE:
-                if s.staging is not None:
-                    self.backend.packer().scatter(s.plan, s.staging)
-                if s.notify is not None:
-                    self.backend.local.deliver_notification(self.peer.name, s.notify)
-            self.send(Msg.DONE, proto.done_body(s.xid))
-        finally:
-            if s.staging is not None:
-                self.backend.ucp.rkey_destroy(s.rkey)
-                self.backend.staging().put(s.staging)
+        if log.isEnabledFor(logging.DEBUG):
+            t1 = time.perf_counter()
+            log.debug("served packed %s %d of %d B in %d pieces: checked and prepared in %.2f ms, first RMA after "
+                      "%.2f ms, then %.2f ms", s.op.value, s.xid, s.plan.nbytes, len(s.chunks),
+                      ((s.t_plan or s.t0) - s.t0) * 1e3, ((s.t_rma or t1) - s.t0) * 1e3, (t1 - (s.t_rma or t1)) * 1e3)
+        if s.staging is not None:
+            self.backend.staging().put(s.staging)
+
+    def _staging_rkey(self, packed: bytes) -> int:
+        """The initiator's staging buffer key, unpacked once: its buffers are pooled, so the
+        same few keys come back (unpacking a GPU key maps the peer's memory)."""
+        rkey = self._staging_rkeys.pop(packed, None)
+        if rkey is None:
+            rkey = self.backend.ucp.rkey_unpack(self.ep_handle, packed)
+            if len(self._staging_rkeys) >= _STAGING_RKEYS:
+                self.backend.ucp.rkey_destroy(self._staging_rkeys.pop(next(iter(self._staging_rkeys))))
+        self._staging_rkeys[packed] = rkey  # most recently used last
+        return rkey
 
     # -- incoming dispatch -------------------------------------------------------------------
     def on_message(self, kind: Msg, h: dict) -> None:
@@ -316,6 +451,10 @@ class UcxLink(BackendLink):
             self.on_request(h)
         elif kind is Msg.DONE:
             self._on_done(proto.decode_done(h))
+        elif kind is Msg.LANDED:
+            self._on_landed(*proto.decode_progress(h))
+        elif kind is Msg.READY:
+            self._on_ready(*proto.decode_progress(h))
         elif kind is Msg.ERR:
             self._on_err(*proto.decode_err(h))
         elif kind is Msg.NOTE:
@@ -347,7 +486,7 @@ class UcxLink(BackendLink):
                 return
             self._closed = True
             mine, self._mine = list(self._mine.values()), {}
-            serving, self._serving = list(self._serving.values()), {}
+            self._serving = {}  # their staging is not reused: UCX may still touch it
         err = exc or PeerLostError(f"link to {self.peer.name!r} closed")
         self.ready.set()
         for x in mine:
@@ -355,10 +494,9 @@ class UcxLink(BackendLink):
             x.handle.set_failed(err)
         self.backend.forget(self)
         self.backend.local.link_lost(self, err)
-        # staging of interrupted transfers is not reused: UCX may still touch it
-        for s in serving:
-            if s.staging is not None:
-                self.backend.ucp.rkey_destroy(s.rkey)
+        for rkey in self._staging_rkeys.values():
+            self.backend.ucp.rkey_destroy(rkey)
+        self._staging_rkeys.clear()
         if self._rkeys is not None:
             for k in self._rkeys:
                 self.backend.ucp.rkey_destroy(k.rkey)

@@ -36,6 +36,7 @@ __all__ = [
     "decode_hello",
     "decode_hello_ack",
     "decode_note",
+    "decode_progress",
     "decode_request",
     "done_body",
     "encode_message",
@@ -44,6 +45,7 @@ __all__ = [
     "hello_body",
     "note_body",
     "peer_regions",
+    "progress_body",
     "request_body",
 ]
 
@@ -59,6 +61,8 @@ class Msg(IntEnum):
     ERR = 5
     NOTE = 6
     BYE = 7
+    LANDED = 8  # responder -> initiator (packed read): staged bytes [0, b) are in the initiator's buffer
+    READY = 9  # initiator -> responder (packed write): staged bytes [0, b) may be fetched
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +207,19 @@ def decode_err(h: dict) -> tuple[int, str, str]:
     if type(xid) is not int or not isinstance(k, str) or not isinstance(m, str):
         raise RemoteProtocolError("malformed ERR")
     return xid, k, m
+
+
+def progress_body(xid: int, upto: int) -> dict[str, Any]:
+    return {"x": xid, "b": upto}
+
+
+def decode_progress(h: dict) -> tuple[int, int]:
+    """(transfer id, bytes of the staged stream covered) of a LANDED or READY message.
+    Raises RemoteProtocolError (the link checks the count against the transfer)."""
+    xid, upto = h.get("x"), h.get("b")
+    if type(xid) is not int or type(upto) is not int or upto < 0:
+        raise RemoteProtocolError("malformed LANDED/READY")
+    return xid, upto
 
 
 def note_body(payload: bytes) -> dict[str, Any]:

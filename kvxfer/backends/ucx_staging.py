@@ -75,7 +75,13 @@ class StagingPool:
 
 
 class Packer:
-    """Gather/scatter between a plan's side of this layout and a contiguous staging buffer."""
+    """Gather/scatter between a plan's side of this layout and a contiguous staging buffer.
+
+    ``gather``/``scatter`` move one plan (often one chunk of a transfer, see
+    :meth:`~kvxfer.plan.TransferPlan.chunks`) at ``offset`` in the buffer and return a token
+    for :meth:`wait`: GPU copies are queued on the packer's own stream (in order, so waiting for
+    the last token covers the earlier ones); host copies are done when the call returns.
+    """
 
     def __init__(self, layout: KVLayout):
         self.layout = layout
@@ -91,26 +97,69 @@ class Packer:
                 self._stream = cupy.cuda.Stream(non_blocking=True)
         return self._stream
 
-    def gather(self, plan: TransferPlan, buf: Staging) -> None:
+    def _record(self) -> Any:
+        import cupy
+
+        with cupy.cuda.Device(self.layout.device):
+            ev = cupy.cuda.Event(disable_timing=True)
+            ev.record(self._gpu_stream())
+        return ev
+
+    def gather(self, plan: TransferPlan, buf: Staging, offset: int = 0) -> Any:
+        """Copy ``plan``'s source blocks into ``buf`` from byte ``offset``; returns a token."""
         if self.host:
             from ..ops.reference import gather
 
-            gather(plan, self._views, buf.array)
-        else:
-            from ..ops import cuda as ops_cuda
+            gather(plan, self._views, buf.array[offset : offset + plan.nbytes])
+            return None
+        from ..ops import cuda as ops_cuda
 
-            s = self._gpu_stream()
-            ops_cuda.gather(plan, self.layout, buf.array, stream=s, device=self.layout.device)
-            s.synchronize()  # UCX reads the buffer outside any stream
+        ops_cuda.gather(plan, self.layout, buf.address + offset, stream=self._gpu_stream(), device=self.layout.device)
+        return self._record()
 
-    def scatter(self, plan: TransferPlan, buf: Staging) -> None:
+    def scatter(self, plan: TransferPlan, buf: Staging, offset: int = 0) -> Any:
+        """Copy ``buf`` from byte ``offset`` into ``plan``'s destination blocks; returns a token."""
         if self.host:
             from ..ops.reference import scatter
 
-            scatter(plan, buf.array, self._views)
-        else:
-            from ..ops import cuda as ops_cuda
+            scatter(plan, buf.array[offset : offset + plan.nbytes], self._views)
+            return None
+        from ..ops import cuda as ops_cuda
 
-            s = self._gpu_stream()
-            ops_cuda.scatter(plan, buf.array, self.layout, stream=s, device=self.layout.device)
-            s.synchronize()
+        ops_cuda.scatter(plan, buf.address + offset, self.layout, stream=self._gpu_stream(), device=self.layout.device)
+        return self._record()
+
+    def pieces(self, plan: TransferPlan, buf: Staging, bounds: list[tuple[int, int, int, int]], gather: bool) -> _Pieces:
+        """The pieces ``bounds`` (:meth:`~kvxfer.plan.TransferPlan.chunk_bounds`) of a gather into
+        (or scatter from) ``buf``, prepared once; ``launch(i)`` queues piece ``i``, returns a token."""
+        return _Pieces(self, plan, buf, bounds, gather)
+
+    @staticmethod
+    def wait(token: Any) -> None:
+        """Block until the copy behind ``token`` (and every earlier one) is done."""
+        if token is not None:
+            token.synchronize()
+
+
+class _Pieces:
+    """A gather or scatter prepared once and run piece by piece (see :meth:`Packer.pieces`)."""
+
+    def __init__(self, packer: Packer, plan: TransferPlan, buf: Staging, bounds: list[tuple[int, int, int, int]],
+                 gather: bool):
+        self._packer, self._plan, self._buf, self._bounds, self._gather = packer, plan, buf, bounds, gather
+        self._gpu: Any = None
+        if not packer.host and plan.block_pairs is not None:
+            from ..ops.pairs import BUF_DST, BUF_SRC, PairPieces
+
+            lay = packer.layout
+            src, dst = (lay, buf.address) if gather else (buf.address, lay)
+            self._gpu = PairPieces(plan.block_pairs, src, dst, buffer_side=BUF_DST if gather else BUF_SRC,
+                                   bounds=[b[:2] for b in bounds], stream=packer._gpu_stream(), device=lay.device)
+
+    def launch(self, i: int) -> Any:
+        p0, p1, lo, _ = self._bounds[i]
+        if self._gpu is not None:
+            self._gpu.launch(i)
+            return self._packer._record()
+        sub = self._plan.piece(p0, p1)
+        return self._packer.gather(sub, self._buf, lo) if self._gather else self._packer.scatter(sub, self._buf, lo)

@@ -1,0 +1,94 @@
+"""GPU memory over the UCX backend (device machine): packed (one-launch gather, RMA between
+registered GPU staging buffers, one-launch scatter, pipelined in pieces) and direct RMA, read
+and write, layer subsets and notifications, every byte compared."""
+
+import multiprocessing as mp
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)"),
+]
+pytest.importorskip("cupy", reason="GPU packing needs cupy")
+pytest.importorskip("ucxx", reason="the UCX backend needs ucxx (the ucx extra)")
+
+NB, LAYERS = 256, 4
+ENV = {"UCX_TLS": "tcp,sm,cuda_copy,cuda_ipc", "UCX_WARN_UNUSED_ENV_VARS": "n"}
+
+
+def _cache(seed, device):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 2**15, (2, NB, 16, 8, 128), generator=g, dtype=torch.int16).to(device) for _ in range(LAYERS)]
+
+
+def _peer(conn, device, env):
+    os.environ.update(env)
+    import kvxfer
+
+    kv = _cache(1, device)
+    with kvxfer.Connector("gpu-peer", backend="ucx") as c:
+        c.register(kv, block_dim=1)
+        conn.send(c.metadata())
+        while True:
+            cmd = conn.recv()
+            if cmd[0] == "exit":
+                return
+            if cmd[0] == "note":
+                n = c.wait_notification(timeout=10)
+                conn.send((n.peer, n.payload))
+                continue
+            ids = torch.as_tensor(cmd[1], device=device)
+            conn.send([t.index_select(1, ids).cpu().numpy() for t in kv])
+
+
+@pytest.mark.parametrize("mode,chunk", [("packed", 1 << 20), ("packed", 64 << 20), ("direct", 0)],
+                         ids=["packed-pieces", "packed-one-piece", "direct"])
+def test_gpu_cache_over_ucx_every_byte(mode, chunk, monkeypatch):
+    env = dict(ENV, KVXFER_UCX_MODE=mode, **({"KVXFER_UCX_CHUNK_BYTES": str(chunk)} if chunk else {}))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    import kvxfer
+
+    peer_device = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_peer, args=(child, peer_device, env), daemon=True)
+    p.start()
+    try:
+        assert parent.poll(120), "peer did not start"
+        meta = parent.recv()
+        kv = _cache(2, "cuda:0")
+        rng = np.random.default_rng(0)
+        with kvxfer.Connector("local", backend="ucx") as c:
+            c.register(kv, block_dim=1)
+            peer = c.connect(meta)
+            src, dst = rng.choice(NB, 200, replace=False), rng.choice(NB, 200, replace=False)
+            for t in kv:  # poison the destination
+                t[:, torch.as_tensor(dst, device="cuda:0")] = -1
+            st = c.read(peer, src, dst, layers=[0, 2, 3], notify=b"pulled").wait(60)
+            assert st.backend == "ucx"
+            parent.send(("note",))
+            assert parent.recv() == ("local", b"pulled")
+            parent.send(("blocks", src))
+            remote = parent.recv()
+            for i, t in enumerate(kv):
+                got = t.index_select(1, torch.as_tensor(dst, device="cuda:0")).cpu().numpy()
+                assert (got == -1).all() if i == 1 else np.array_equal(got, remote[i]), f"layer {i}"
+            src2, dst2 = rng.choice(NB, 150, replace=False), rng.choice(NB, 150, replace=False)
+            c.write(peer, src2, dst2, notify=b"pushed").wait(60)
+            parent.send(("note",))
+            assert parent.recv() == ("local", b"pushed")
+            parent.send(("blocks", dst2))
+            remote = parent.recv()
+            for i, t in enumerate(kv):
+                want = t.index_select(1, torch.as_tensor(src2, device="cuda:0")).cpu().numpy()
+                assert np.array_equal(want, remote[i]), f"layer {i}"
+    finally:
+        parent.send(("exit",))
+        p.join(30)
+        if p.is_alive():
+            p.kill()
