@@ -507,7 +507,8 @@ def _stub_ucx_link(peer: PeerMetadata = META) -> Any:
         backend=backend, peer=peer, ep_handle=0, _lock=threading.Lock(), _mine={}, _serving={}, _rkeys=None,
         ready=threading.Event(), refusal=None,
         send=lambda kind, body: None, close=lambda exc=None: None,
-        _on_done=lambda xid: None, _on_err=lambda xid, k, m: None, _served=lambda s, status: None,
+        _on_done=lambda xid: None, _on_err=lambda xid, k, m: None, _on_landed=lambda xid, upto: None,
+        _on_ready=lambda xid, upto: None,
     )
     link.on_request = lambda h: _ucx().UcxLink.on_request(link, h)
     return link

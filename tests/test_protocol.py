@@ -62,3 +62,24 @@ def test_transfer_request_round_trip_and_validation():
 def test_malformed_metadata(blob):
     with pytest.raises(RemoteProtocolError):
         PeerMetadata.from_bytes(blob)
+
+
+def test_ucx_progress_messages_are_checked():
+    from kvxfer.backends import ucx_protocol as up
+
+    raw = up.encode_message(up.Msg.LANDED, "sess", up.progress_body(7, 4096))
+    kind, session, h = up.decode_envelope(raw)
+    assert (kind, session, up.decode_progress(h)) == (up.Msg.LANDED, "sess", (7, 4096))
+    for bad in ({"x": 7}, {"x": "7", "b": 1}, {"x": 7, "b": -1}, {"x": 7, "b": 1.5}):
+        with pytest.raises(RemoteProtocolError, match="LANDED/READY"):
+            up.decode_progress(bad)
+
+
+def test_ucx_piece_size_aims_at_four_pieces_within_bounds():
+    from kvxfer.backends.ucx_config import MIN_PIECE, piece_bytes, ucx_config
+
+    cfg = ucx_config()
+    assert piece_bytes(cfg, 1 << 30) == 256 << 20  # 1 GiB: four pieces of 256 MiB
+    assert piece_bytes(cfg, 4 << 30) == cfg.chunk_bytes  # capped
+    assert piece_bytes(cfg, 8 << 20) == MIN_PIECE  # small transfers: one piece
+    assert piece_bytes(ucx_config(chunk_bytes=4096), 1 << 30) == 4096

@@ -19,7 +19,7 @@ per link.
 - PACKED (many small ranges): the initiator sends REQ naming the blocks, its registered
   staging buffer (address, rkey; see :mod:`kvxfer.backends.ucx_staging`) and the byte count;
   the responder validates every id against its own layout. The responder moves the bytes
-  with RMA between the two staging buffers, in pieces of about ``chunk_bytes`` (runs of whole
+  with RMA between the two staging buffers, in about four pieces (``piece_bytes``; runs of whole
   (tensor, segment) pairs, :meth:`~kvxfer.plan.TransferPlan.chunks`), so that packing, the
   wire and unpacking overlap:
 
@@ -61,6 +61,7 @@ from ..plan import TransferPlan
 from . import _ucp
 from . import ucx_protocol as proto
 from .base import BackendLink, TransferRequest, plan_for_responder, remote_error
+from .ucx_config import piece_bytes
 from .ucx_protocol import Msg
 from .ucx_staging import Staging
 
@@ -236,7 +237,7 @@ class UcxLink(BackendLink):
     def _start_packed(self, x: _Xfer) -> None:
         pool, packer = self.backend.staging(), self.backend.packer()
         x.staging = pool.get(x.plan.nbytes)
-        x.chunks = x.plan.chunk_bounds(self.backend.config.chunk_bytes)
+        x.chunks = x.plan.chunk_bounds(piece_bytes(self.backend.config, x.plan.nbytes))
         self.send(Msg.REQ, proto.request_body(x.req, x.staging.address, x.staging.rkey, x.plan.nbytes))
         x.t_req = time.perf_counter()
         if x.req.op is Op.READ:
@@ -347,7 +348,7 @@ class UcxLink(BackendLink):
             self.backend.staging().put(staging)
             self.send(Msg.ERR, proto.err_body(xid, "RemoteProtocolError", f"bad staging rkey: {exc}"))
             return
-        s = _Serving(xid, req.op, plan, notify, staging, rkey, addr, plan.chunk_bounds(self.backend.config.chunk_bytes),
+        s = _Serving(xid, req.op, plan, notify, staging, rkey, addr, plan.chunk_bounds(piece_bytes(self.backend.config, plan.nbytes)),
                      t0=t0)
         with self._lock:
             self._serving[xid] = s
