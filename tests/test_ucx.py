@@ -28,14 +28,17 @@ from kvxfer import BlockIdError, Connector, LayoutMismatchError, PeerLostError  
 from kvpeers import LayoutSpec, PeerProcess, block_bytes  # noqa: E402
 
 TRANSPORTS = ["tcp", "sm,self"]
-MODES = ["direct", "packed", "packed-pieces"]
+MODES = ["direct", "packed", "packed-pieces", "packed-polling"]
 
 
 def _set_mode(monkeypatch, mode: str) -> None:
-    # packed-pieces: packed, with every (tensor, segment) pair its own pipelined piece
-    monkeypatch.setenv("KVXFER_UCX_MODE", "packed" if mode == "packed-pieces" else mode)
-    if mode == "packed-pieces":
+    # packed-pieces: packed, with every (tensor, segment) pair its own pipelined piece;
+    # packed-polling: packed pieces with a busy-polling progress thread (the GPU default)
+    monkeypatch.setenv("KVXFER_UCX_MODE", "packed" if mode.startswith("packed") else mode)
+    if mode in ("packed-pieces", "packed-polling"):
         monkeypatch.setenv("KVXFER_UCX_CHUNK_BYTES", "4096")
+    if mode == "packed-polling":
+        monkeypatch.setenv("KVXFER_UCX_PROGRESS", "poll")
 
 
 @pytest.fixture(params=TRANSPORTS, ids=["tcp", "sm"])

@@ -67,7 +67,7 @@ from ..layout import KVLayout
 from ..metadata import PeerMetadata, boot_id
 from ..plan import TransferPlan
 from .base import Backend, BackendLink, LocalSide, TransferRequest
-from .ucx_config import ErrorHandling, TransferMode, UcxConfig, ucx_config
+from .ucx_config import ErrorHandling, Progress, TransferMode, UcxConfig, ucx_config
 
 try:  # ucxx is optional: the Connector treats ImportError as "ucx not available"
     import ucxx._lib.libucxx as _ucxx
@@ -120,7 +120,8 @@ class UcxBackend(Backend):
         self._packer: Packer | None = None
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._am_cb = self.ucp.set_am_handler(self._worker_h, proto.AM_ID, self._on_am)
-        self._worker.start_progress_thread(polling_mode=self.config.polling, epoll_timeout=self.config.wakeup_ms)
+        polling = self.config.progress is Progress.POLL
+        self._worker.start_progress_thread(polling_mode=polling, epoll_timeout=self.config.wakeup_ms)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work_loop, name="kvxfer-ucx-work", daemon=True)
         self._thread.start()

@@ -14,7 +14,7 @@ from enum import Enum
 from ..config import from_env
 from ..errors import ConfigError
 
-__all__ = ["ErrorHandling", "TransferMode", "UcxConfig", "piece_bytes", "ucx_config"]
+__all__ = ["ErrorHandling", "Progress", "TransferMode", "UcxConfig", "piece_bytes", "ucx_config"]
 
 
 class ErrorHandling(Enum):
@@ -29,6 +29,18 @@ class ErrorHandling(Enum):
     AUTO = "auto"
     PEER = "peer"
     NONE = "none"
+
+
+class Progress(Enum):
+    """How the progress thread waits for UCX events.
+
+    WAIT (default): sleeps in epoll until an event or ``wakeup_ms``. POLL: busy-polls one core;
+    the lowest latency between pipelined pieces (one llama8b GPU read on 2x H200: 240 GB/s
+    polling vs 188 GB/s waiting; 4 reads in flight 327 vs 267 GB/s). Worth a core on a GPU host.
+    """
+
+    POLL = "poll"
+    WAIT = "wait"
 
 
 class TransferMode(Enum):
@@ -51,15 +63,16 @@ class UcxConfig:
     staging_cache: int = 4  # registered staging buffers kept for reuse
     chunk_bytes: int = 256 << 20  # packed transfers move in up to ~4 pipelined pieces of at most this size
     wakeup_ms: int = 50  # progress thread's epoll timeout: a safety net, not a poll
-    polling: bool = False  # progress thread busy-polls (one core) instead of sleeping in epoll
+    progress: Progress = Progress.WAIT  # progress thread: sleep in epoll or busy-poll (see Progress)
     liveness_interval: float = 0.5  # seconds between pid checks of same-host peers (NONE)
     close_timeout: float = 2.0  # seconds an endpoint close may take
 
     def __post_init__(self) -> None:
-        if not isinstance(self.error_handling, ErrorHandling) or not isinstance(self.mode, TransferMode):
+        if (not isinstance(self.error_handling, ErrorHandling) or not isinstance(self.mode, TransferMode)
+                or not isinstance(self.progress, Progress)):
             raise ConfigError(
-                f"ucx error_handling must be one of {[e.value for e in ErrorHandling]} and mode one of "
-                f"{[m.value for m in TransferMode]}"
+                f"ucx error_handling must be one of {[e.value for e in ErrorHandling]}, mode one of "
+                f"{[m.value for m in TransferMode]} and progress one of {[p.value for p in Progress]}"
             )
         if (self.pack_below < 0 or self.pack_min_ranges < 1 or self.staging_max < 4096 or self.staging_cache < 0
                 or self.chunk_bytes < 4096):
