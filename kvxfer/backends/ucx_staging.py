@@ -1,9 +1,9 @@
 """The UCX backend's packed path: registered staging buffers and the gather/scatter around them.
 
 Layer: backends (memory of ucx.py). A PACKED transfer gathers a plan's ranges into one
-registered contiguous buffer (numpy for host memory, the one-launch kernels of
-:mod:`kvxfer.ops.cuda` for GPU memory), moves it with one RMA and scatters it on the other
-side. Buffers are registered with ``ucp_mem_map`` once and reused by size class.
+registered contiguous buffer (vectorized numpy for host memory, :mod:`kvxfer.ops.host`; the
+one-launch block-pair kernel for GPU memory), moves it with RMA in pieces and scatters it on
+the other side. Buffers are registered with ``ucp_mem_map`` once and reused by size class.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class Packer:
     def gather(self, plan: TransferPlan, buf: Staging, offset: int = 0) -> Any:
         """Copy ``plan``'s source blocks into ``buf`` from byte ``offset``; returns a token."""
         if self.host:
-            from ..ops.reference import gather
+            from ..ops.host import gather
 
             gather(plan, self._views, buf.array[offset : offset + plan.nbytes])
             return None
@@ -120,7 +120,7 @@ class Packer:
     def scatter(self, plan: TransferPlan, buf: Staging, offset: int = 0) -> Any:
         """Copy ``buf`` from byte ``offset`` into ``plan``'s destination blocks; returns a token."""
         if self.host:
-            from ..ops.reference import scatter
+            from ..ops.host import scatter
 
             scatter(plan, buf.array[offset : offset + plan.nbytes], self._views)
             return None
