@@ -310,3 +310,40 @@ def test_connecting_back_reuses_the_peers_link_and_keeps_pending_work(ucx_tls, l
     assert a.wait_notification(10).payload == b"back"
     assert block_bytes(ta, bd, [50, 51]) == block_bytes(tb, bd, [40, 41])
     assert block_bytes(ta, bd, list(range(32))) == block_bytes(tb, bd, list(range(32)))
+
+
+def _progress_stub(mine=None, serving=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(_lock=threading.Lock(), _mine=mine or {}, _serving=serving or {})
+
+
+def test_progress_messages_that_do_not_fit_the_transfer_are_protocol_errors():
+    # a peer's LANDED / READY / DONE is checked against the transfer it names before any copy
+    from types import SimpleNamespace
+
+    from kvxfer import RemoteProtocolError
+    from kvxfer.backends.ucx_link import UcxLink
+    from kvxfer.handle import Op
+
+    plan = SimpleNamespace(nbytes=1 << 20)
+    read = SimpleNamespace(req=SimpleNamespace(op=Op.READ, xfer_id=1), plan=plan, finished=False, landed=4096)
+    write = SimpleNamespace(req=SimpleNamespace(op=Op.WRITE, xfer_id=2), plan=plan, finished=False, landed=0)
+    link = _progress_stub(mine={1: read, 2: write})
+    UcxLink._on_landed(link, 99, 10)  # unknown transfer (finished meanwhile): ignored
+    for upto in (4096, 100, (1 << 20) + 1):  # not past what landed, going back, beyond the transfer
+        with pytest.raises(RemoteProtocolError, match="LANDED"):
+            UcxLink._on_landed(link, 1, upto)
+    with pytest.raises(RemoteProtocolError, match="LANDED"):
+        UcxLink._on_landed(link, 2, 4096)  # a write's bytes never "land" at its initiator
+    with pytest.raises(RemoteProtocolError, match="DONE"):
+        UcxLink._on_done(link, 1)  # a packed read ends with its last LANDED, not DONE
+    serving_read = SimpleNamespace(op=Op.READ, plan=plan, ready=0)
+    serving_write = SimpleNamespace(op=Op.WRITE, plan=plan, ready=8192)
+    link = _progress_stub(serving={5: serving_read, 6: serving_write})
+    UcxLink._on_ready(link, 99, 10)  # refused or closed meanwhile: ignored
+    with pytest.raises(RemoteProtocolError, match="READY"):
+        UcxLink._on_ready(link, 5, 4096)  # READY belongs to writes
+    for upto in (8192, 4096, (1 << 20) + 1):
+        with pytest.raises(RemoteProtocolError, match="READY"):
+            UcxLink._on_ready(link, 6, upto)
