@@ -1,6 +1,9 @@
 """Deadline watchdog: fails transfer handles that outlive their deadline.
 
-Layer: connector internals. One thread sleeps until the earliest deadline (no polling).
+Layer: connector internals. One thread sleeps until the earliest deadline (no polling); it is
+woken only when a new deadline comes before every pending one. Entries of handles that finished
+(or were dropped) are purged whenever the heap doubles, so a busy connector with long timeouts
+holds about as many entries as transfers in flight, not as many as it started in a timeout.
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ from .handle import TransferHandle
 __all__ = ["Watchdog"]
 
 
+_COMPACT_MIN = 1024  # never purge a heap smaller than this
+
+
 class Watchdog:
     def __init__(self, name: str):
         self._heap: list[tuple[float, int, weakref.ref[TransferHandle]]] = []
+        self._compact_at = _COMPACT_MIN
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self._closed = False
@@ -29,8 +36,24 @@ class Watchdog:
     def add(self, handle: TransferHandle, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         with self._cond:
+            if len(self._heap) >= self._compact_at:
+                self._purge()
+            first = not self._heap or deadline < self._heap[0][0]
             heapq.heappush(self._heap, (deadline, next(self._seq), weakref.ref(handle)))
-            self._cond.notify()
+            if first:  # the thread sleeps until the old head's deadline otherwise: let it be
+                self._cond.notify()
+
+    def _purge(self) -> None:
+        """Drop entries whose handle finished or is gone (caller holds the lock)."""
+        live = [e for e in self._heap if (h := e[2]()) is not None and not h.done()]
+        heapq.heapify(live)
+        self._heap = live
+        self._compact_at = max(_COMPACT_MIN, 2 * len(live))
+
+    def __len__(self) -> int:
+        """Entries held (pending deadlines, plus finished ones not purged yet)."""
+        with self._cond:
+            return len(self._heap)
 
     def _run(self) -> None:
         while True:
