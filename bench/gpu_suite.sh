@@ -24,15 +24,20 @@ step() {  # step NAME SECONDS CMD...
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv >>"$LOG" 2>&1
 if [ "$PART" = all ] || [ "$PART" = tests ]; then
-  step gpu-tests "${T_TESTS:-170}" python3 -m pytest -q -rs -m gpu -p no:cacheprovider --timeout 120 ${GPU_TESTS:-tests/test_tcp_gpu.py tests/test_cuda_ipc.py tests/test_ops_cuda.py}
+  step gpu-tests "${T_TESTS:-240}" python3 -m pytest -q -rs -m gpu -p no:cacheprovider --timeout 120 ${GPU_TESTS:-tests/test_ops_pairs.py tests/test_ops_cuda.py tests/test_tcp_gpu.py tests/test_ucx_gpu.py tests/test_cuda_ipc.py}
   [ -n "${E2E_CMD:-}" ] && step e2e-cuda 90 $E2E_CMD
 fi
 if [ "$PART" = all ] || [ "$PART" = bench ]; then
   step bench-ipc "${T_IPC:-80}" python3 bench/bench_ipc.py --workloads "${IPC_WL:-llama8b,llama8b-tp8,small}" --out "$RES/ipc_bench.json" --commit "$COMMIT"
   step bench-tcp "${T_TCP:-80}" python3 bench/bench_tcp.py --memory both --local-device cuda:0 --peer-device cuda:1 --iters 4 --json "$RES/tcp_gpu_vs_host.json"
   step kvxfer-bench "${T_KB:-110}" python3 -m kvxfer.tools.bench --backend all --memory cuda --devices 0,1 --workload llama8b --op both --iters 5 --no-progress --json "$RES/kvxfer_bench_llama8b.json"
-  step ucx-gpu-llama8b "${T_UCX:-50}" env UCX_TLS=tcp,sm,cuda_copy,cuda_ipc python3 bench/bench_ucx.py gpu --workload llama8b
-  [ -n "${UCX_TP8:-}" ] && step ucx-gpu-tp8 50 env UCX_TLS=tcp,sm,cuda_copy,cuda_ipc python3 bench/bench_ucx.py gpu --workload llama8b-tp8
+  step ipc-latency 60 python3 bench/ipc_latency_probe.py "$RES/ipc_latency.json"
+  step ucx-gpu-llama8b "${T_UCX:-60}" env UCX_TLS=tcp,sm,cuda_copy,cuda_ipc python3 bench/bench_ucx.py gpu --workload llama8b --depth 1 4
+  [ -f "$OUT/bench_ucx_gpu.json" ] && mv "$OUT/bench_ucx_gpu.json" "$RES/ucx_gpu_llama8b.json"
+  [ -n "${UCX_TP8:-}" ] && step ucx-gpu-tp8 50 env UCX_TLS=tcp,sm,cuda_copy,cuda_ipc python3 bench/bench_ucx.py gpu --workload llama8b-tp8 --depth 1 2
+  # the illegal address seen once with 4 packed reads in flight (bench/results/ucx_gpu_illegal_address_*.log):
+  # many rounds of 4 in flight, 256 MiB pieces, every byte of every destination checked at the end
+  [ -n "${UCX_STRESS:-}" ] && step ucx-gpu-stress 120 env UCX_TLS=tcp,sm,cuda_copy,cuda_ipc python3 bench/bench_ucx.py gpu --workload llama8b --depth 4 --iters 40
   cp "$OUT"/*.json "$RES"/ 2>/dev/null
 fi
 tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
