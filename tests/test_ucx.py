@@ -115,6 +115,35 @@ def test_64mib_every_byte(mode, ucx_tls, monkeypatch, local_factory):
         peer.close()
 
 
+@pytest.mark.parametrize("pieces", [False, True], ids=["one-piece", "pieces"])
+def test_packed_transfers_in_flight_together_every_byte(pieces, ucx_tls, monkeypatch, local_factory):
+    # several packed reads and writes at once (disjoint destinations): staging buffers, pieces
+    # and progress messages of concurrent transfers must never mix
+    _set_mode(monkeypatch, "packed-pieces" if pieces else "packed")
+    spec = LayoutSpec("kv_first", 256, layers=3, block_size=16, heads=4, head_dim=32)
+    peer = PeerProcess("remote", spec, seed=5, backend="ucx")
+    try:
+        local, tensors, bd = local_factory("local", spec, 6)
+        p = local.connect(peer.metadata)
+        rng = np.random.default_rng(1)
+        for _ in range(3):
+            # no block is both read and written at once, on either side
+            mine_ids, theirs = rng.permutation(256), rng.permutation(256)
+            dsts, lsrc = mine_ids[:160].reshape(4, 40), mine_ids[160:190]
+            src, wdst = theirs[:40], theirs[40:160].reshape(4, 30)
+            reads = [local.read(p, src, d) for d in dsts]
+            writes = [local.write(p, lsrc, d, notify=f"w{i}".encode()) for i, d in enumerate(wdst)]
+            for h in reads + writes:
+                h.wait(60)
+            want = peer.call("blocks", src, None)
+            assert all(block_bytes(tensors, bd, d) == want for d in dsts)
+            mine = block_bytes(tensors, bd, lsrc)
+            assert all(peer.call("blocks", d, None) == mine for d in wdst)
+            assert sorted(peer.call("wait_note", 10)[1] for _ in range(4)) == [b"w0", b"w1", b"w2", b"w3"]
+    finally:
+        peer.close()
+
+
 def test_bad_ids_local_and_mismatch(ucx_tls, local_factory):
     spec = LayoutSpec("kv_first", 16)
     peer = PeerProcess("remote", spec, seed=1, backend="ucx")
