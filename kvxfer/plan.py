@@ -180,10 +180,6 @@ class TransferPlan:
         return TransferPlan(block_pairs=BlockPairs(bp.pairs[first:end], bp.src_blocks, bp.dst_blocks,
                                                    bp.run_starts, bp.run_lengths))
 
-    def chunks(self, target: int) -> list[tuple[TransferPlan, int, int]]:
-        """:meth:`chunk_bounds` as ``(plan of the piece, first stream byte, end)``."""
-        return [(self.piece(p0, p1), lo, hi) for p0, p1, lo, hi in self.chunk_bounds(target)]
-
     def runs(self, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Elementary contiguous runs of one side (``"src"`` or ``"dst"``) in stream order.
 

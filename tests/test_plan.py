@@ -90,9 +90,9 @@ def test_chunk_bounds_cut_the_stream_at_pair_boundaries():
     views = [host_bytes(int(a), t.span) for a, t in zip(lay.addrs, lay.geometry.tensors)]
     plan = plan_transfer(lay.geometry, lay.geometry, [1, 2, 3, 9, 20], [4, 5, 6, 7, 8])
     full = reference.gather(plan, views)
-    pieces = plan.chunks(plan.nbytes // 3)
+    pieces = [(plan.piece(p0, p1), lo, hi) for p0, p1, lo, hi in plan.chunk_bounds(plan.nbytes // 3)]
     assert len(pieces) == 3 and pieces[0][1] == 0 and pieces[-1][2] == plan.nbytes
     assert all(a[2] == b[1] for a, b in zip(pieces, pieces[1:]))  # consecutive, no gaps
     for sub, lo, hi in pieces:
         assert np.array_equal(reference.gather(sub, views), full[lo:hi])
-    assert [(0, plan.nbytes)] == [(lo, hi) for _, lo, hi in plan.chunks(plan.nbytes)]
+    assert [(0, plan.nbytes)] == [(lo, hi) for _, _, lo, hi in plan.chunk_bounds(plan.nbytes)]

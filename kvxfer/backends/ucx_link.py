@@ -20,7 +20,7 @@ per link.
   staging buffer (address, rkey; see :mod:`kvxfer.backends.ucx_staging`) and the byte count;
   the responder validates every id against its own layout. The responder moves the bytes
   with RMA between the two staging buffers, in about four pieces (``piece_bytes``; runs of whole
-  (tensor, segment) pairs, :meth:`~kvxfer.plan.TransferPlan.chunks`), so that packing, the
+  (tensor, segment) pairs, :meth:`~kvxfer.plan.TransferPlan.chunk_bounds`), so that packing, the
   wire and unpacking overlap:
 
   * read: the responder queues the gather of every piece, puts each piece into the initiator's
@@ -118,6 +118,13 @@ class _Serving:
     t_rma: float = 0.0
     t_plan: float = 0.0
     t0: float = field(default_factory=time.perf_counter)
+
+
+def _scatter_landed(t: _Xfer | _Serving, upto: int) -> None:
+    """Queue the scatter of every piece of ``t`` now wholly in its staging buffer (bytes [0, upto))."""
+    while t.scattered < len(t.chunks) and t.chunks[t.scattered][3] <= upto:
+        t.token = t.pieces.launch(t.scattered)
+        t.scattered += 1
 
 
 class UcxLink(BackendLink):
@@ -225,10 +232,16 @@ class UcxLink(BackendLink):
         self.backend.ucp.flush(self.ep_handle, lambda st: self.backend.defer(self._finish_direct, x, st))
         self.backend.wake()
 
+    def _endpoint_failed(self, status: int) -> bool:
+        """A failed completion ``status`` closes the link (True); 0 is success (False)."""
+        if status == 0:
+            return False
+        self.ep_failed = True
+        self.close(lost_error(status, self.peer.name))
+        return True
+
     def _finish_direct(self, x: _Xfer, status: int) -> None:
-        if status != 0:
-            self.ep_failed = True
-            self.close(lost_error(status, self.peer.name))
+        if self._endpoint_failed(status):
             return
         if x.req.notify is not None:
             self.send(Msg.NOTE, proto.note_body(x.req.notify))
@@ -265,9 +278,7 @@ class UcxLink(BackendLink):
             x.t_first = time.perf_counter()
         packer = self.backend.packer()
         assert x.staging is not None
-        while x.scattered < len(x.chunks) and x.chunks[x.scattered][3] <= upto:
-            x.token = x.pieces.launch(x.scattered)
-            x.scattered += 1
+        _scatter_landed(x, upto)
         if upto < x.plan.nbytes:
             return
         t_done = time.perf_counter()
@@ -382,9 +393,7 @@ class UcxLink(BackendLink):
 
     def _landed(self, s: _Serving, upto: int, status: int) -> None:
         """Packed read, responder: bytes [0, upto) are in the initiator's buffer."""
-        if status != 0:
-            self.ep_failed = True
-            self.close(lost_error(status, self.peer.name))
+        if self._endpoint_failed(status):
             return
         self.send(Msg.LANDED, proto.progress_body(s.xid, upto))
         if upto == s.plan.nbytes:
@@ -405,14 +414,10 @@ class UcxLink(BackendLink):
 
     def _fetched(self, s: _Serving, upto: int, status: int) -> None:
         """Packed write, responder: bytes [0, upto) are in our buffer; scatter the whole pieces."""
-        if status != 0:
-            self.ep_failed = True
-            self.close(lost_error(status, self.peer.name))
+        if self._endpoint_failed(status):
             return
         packer = self.backend.packer()
-        while s.scattered < len(s.chunks) and s.chunks[s.scattered][3] <= upto:
-            s.token = s.pieces.launch(s.scattered)
-            s.scattered += 1
+        _scatter_landed(s, upto)
         if upto == s.plan.nbytes:
             packer.wait(s.token)
             if s.notify is not None:

@@ -78,7 +78,7 @@ class Packer:
     """Gather/scatter between a plan's side of this layout and a contiguous staging buffer.
 
     ``gather``/``scatter`` move one plan (often one chunk of a transfer, see
-    :meth:`~kvxfer.plan.TransferPlan.chunks`) at ``offset`` in the buffer and return a token
+    :meth:`~kvxfer.plan.TransferPlan.chunk_bounds`) at ``offset`` in the buffer and return a token
     for :meth:`wait`: GPU copies are queued on the packer's own stream (in order, so waiting for
     the last token covers the earlier ones); host copies are done when the call returns.
     """

@@ -79,12 +79,11 @@ def _move(plan: TransferPlan, buf: np.ndarray, views: Sequence[np.ndarray], side
         if coal:
             for j in long_runs.tolist():
                 b0, L = int(ids[starts[j]]), int(lens[j])
-                chunk = share[int(pre[j]) * count * run : (int(pre[j]) + L) * count * run].reshape(count, L * run)
-                blocks = v[b0 : b0 + L].transpose(1, 0, 2).reshape(count, L * run) if side == "src" else None
+                chunk = share[int(pre[j]) * count * run : (int(pre[j]) + L) * count * run].reshape(count, L, run)
                 if side == "src":
-                    chunk[...] = blocks
+                    chunk[...] = v[b0 : b0 + L].transpose(1, 0, 2)
                 else:
-                    v[b0 : b0 + L] = chunk.reshape(count, L, run).transpose(1, 0, 2)
+                    v[b0 : b0 + L] = chunk.transpose(1, 0, 2)
         stream += n * count * run
     return True
 
