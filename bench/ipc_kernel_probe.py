@@ -1,4 +1,4 @@
-"""Probe: kv_copy over peer memory (GPU1 pulls from / pushes to GPU0) for build variants.
+"""Probe: kv_copy over peer memory (GPU1 pulls from / pushes to GPU0) for kernels and build variants.
 
 One process, two GPUs, peer access enabled; the llama8b and llama8b-tp8 geometries; CUDA-event
 medians; the same bytes through a contiguous cudaMemcpyPeerAsync as the ceiling. Finds which
@@ -27,8 +27,22 @@ def spec(**d):
 
 VARIANTS = {
     "default": (spec(), None),
-    "t256_u8_cps4": (spec(), 4),
-    "t256_u16": (spec(KVX_UNROLL=16, KVX_MIN_BLOCKS=1), None),
+}
+
+
+def pspec(kernel="kv_copy_pairs_cta", **d):
+    return KernelSpec("kv_copy.cu", kernel, tuple(sorted(d.items())))
+
+
+# block-pair kernels, records prepared on the GPU (no upload in the timing)
+PAIR_VARIANTS = {
+    "pairs_prep": pspec("kv_copy_pairs"),
+    "cta_prep": pspec(),
+    "cta_mb8_u1": pspec(KVX_MIN_BLOCKS=8, KVX_CTA_UNROLL=1),
+    "cta_mb8_u2": pspec(KVX_MIN_BLOCKS=8, KVX_CTA_UNROLL=2),
+    "cta_mb4_u4": pspec(KVX_MIN_BLOCKS=4, KVX_CTA_UNROLL=4),
+    "cta_t512_mb4_u1": pspec(KVX_THREADS=512, KVX_MIN_BLOCKS=4, KVX_CTA_UNROLL=1),
+    "cta_t128_mb16_u1": pspec(KVX_THREADS=128, KVX_MIN_BLOCKS=16, KVX_CTA_UNROLL=1),
 }
 
 
@@ -79,17 +93,27 @@ def main() -> None:
                     row[f"{vname}_push_GBps"] = nbytes / timeit(lambda: push.launch(stream.ptr), stream) / 1e9
                 except Exception as exc:  # a variant that does not build or launch is reported
                     row[f"{vname}_error"] = repr(exc)[:200]
-            # the block-pair kernel (what the cuda_ipc backend launches), upload included
-            from kvxfer.ops.pairs import copy_block_pairs
+            # the block-pair kernels (what the cuda_ipc backend launches): with the upload of the
+            # records (as a transfer does), then prepared, per build; every variant's pull checked
+            from kvxfer.ops.pairs import PAIRS_CTA_KERNEL, PAIRS_KERNEL, copy_block_pairs, prepare_pairs
 
             push_bp = plan_transfer(ld.geometry, ls.geometry, d, s).block_pairs
-            from kvxfer.ops.pairs import PAIRS_KERNEL
-
-            pairs_variants = {"pairs": (PAIRS_KERNEL, None), "pairs_rows_inner": (PAIRS_KERNEL, True),
-                              "pairs_u16": (KernelSpec("kv_copy.cu", "kv_copy_pairs", (("KVX_MIN_BLOCKS", 1), ("KVX_UNROLL", 16))), None)}
-            for tag, (psp, ri) in pairs_variants.items():
-                row[f"{tag}_pull_GBps"] = nbytes / timeit(lambda: copy_block_pairs(plan.block_pairs, ls, ld, stream=stream.ptr, device=1, spec=psp, rows_inner=ri), stream) / 1e9
-                row[f"{tag}_push_GBps"] = nbytes / timeit(lambda: copy_block_pairs(push_bp, ld, ls, stream=stream.ptr, device=1, spec=psp, rows_inner=ri), stream) / 1e9
+            for tag, psp in (("pairs", PAIRS_KERNEL), ("cta", PAIRS_CTA_KERNEL)):
+                row[f"{tag}_pull_GBps"] = nbytes / timeit(lambda: copy_block_pairs(plan.block_pairs, ls, ld, stream=stream.ptr, device=1, spec=psp), stream) / 1e9
+                row[f"{tag}_push_GBps"] = nbytes / timeit(lambda: copy_block_pairs(push_bp, ld, ls, stream=stream.ptr, device=1, spec=psp), stream) / 1e9
+            for tag, psp in PAIR_VARIANTS.items():
+                try:
+                    pull = prepare_pairs(plan.block_pairs, ls, ld, device=1, spec=psp)
+                    push = prepare_pairs(push_bp, ld, ls, device=1, spec=psp)
+                    for x in dst[:2]:
+                        x.fill(0)
+                    pull.launch(stream.ptr)
+                    stream.synchronize()
+                    row[f"{tag}_correct"] = all(bool((cp.asnumpy(b[:, d]) == cp.asnumpy(a[:, s])).all()) for a, b in zip(src[:2], dst[:2]))
+                    row[f"{tag}_pull_GBps"] = nbytes / timeit(lambda: pull.launch(stream.ptr), stream) / 1e9
+                    row[f"{tag}_push_GBps"] = nbytes / timeit(lambda: push.launch(stream.ptr), stream) / 1e9
+                except Exception as exc:  # a variant that does not build or launch is reported
+                    row[f"{tag}_error"] = repr(exc)[:200]
             # correctness of the default pull
             ops.prepare(plan.jobs, ls, ld, device=1).launch(stream.ptr)
             stream.synchronize()

@@ -256,6 +256,45 @@ __device__ __forceinline__ KvRun kvx_run(const i64* runs, i64 n, i64 k) {
     return r;
 }
 
+// Where part `part` of item (pair p, run r, row m) lies: source, destination, bytes.
+struct KvSpan {
+    const char* s;
+    char* d;
+    i64 len;
+};
+
+__device__ __forceinline__ KvSpan kvx_span(const KvPair* p, const KvRun& r, i64 m, i64 part, int split_shift,
+                                           int buf_side) {
+    const i64 run = __ldg(&p->run);
+    KvSpan sp;
+    sp.len = (r.nblk * run) >> split_shift;
+    const i64 boff = (__ldg(&p->count) * r.bpre + m * r.plen + r.within) * run;  // in the stream
+    const i64 soff = buf_side == KVX_BUF_SRC ? boff : r.sblk * __ldg(&p->src_bstride) + m * __ldg(&p->src_stride);
+    const i64 doff = buf_side == KVX_BUF_DST ? boff : r.dblk * __ldg(&p->dst_bstride) + m * __ldg(&p->dst_stride);
+    sp.s = (const char*)__ldg(&p->src) + soff + part * sp.len;
+    sp.d = (char*)__ldg(&p->dst) + doff + part * sp.len;
+    return sp;
+}
+
+// The last pair whose first item is <= item (pairs without items share item0 with the next).
+__device__ __forceinline__ const KvPair* kvx_pair_of(const KvPair* pairs, i64 npairs, i64 item) {
+    i64 lo = 0, hi = npairs - 1;
+    while (lo < hi) {
+        const i64 mid = (lo + hi + 1) >> 1;
+        if (__ldg(&pairs[mid].item0) <= item) lo = mid; else hi = mid - 1;
+    }
+    return pairs + lo;
+}
+
+// (run k, row m) of the pair-local item `local` in the launch's numbering.
+__device__ __forceinline__ void kvx_item_km(i64 local, i64 count, i64 nr, int rows_inner, i64& k, i64& m) {
+    if (rows_inner) {  // items numbered (pair, run, row): the stream's own order
+        kvx_divmod(local, count, k, m);
+    } else {  // (pair, row, run): a warp walks one row of many blocks
+        kvx_divmod(local, nr, m, k);
+    }
+}
+
 // A launch may cover only some consecutive pairs of a plan (a piece of a pipelined transfer):
 // `pairs` then points at the first of them and `item_base` is its item0 (item0 stays numbered
 // over the whole plan, so the run tables are shared by every piece).
@@ -283,34 +322,15 @@ kv_copy_pairs(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restric
     const i64 nparts = (i64)1 << split_shift;
     const i64 first_item = (pos >> split_shift) + item_base;  // item0 of pairs[0] when launching a piece
     i64 part = pos & (nparts - 1);
-    i64 lo = 0, hi = npairs - 1;  // the last pair whose first item is <= first_item
-    while (lo < hi) {
-        const i64 mid = (lo + hi + 1) >> 1;
-        if (__ldg(&pairs[mid].item0) <= first_item) lo = mid; else hi = mid - 1;
-    }
-    const KvPair* p = pairs + lo;
+    const KvPair* p = kvx_pair_of(pairs, npairs, first_item);
     bool coal = __ldg(&p->coal) != 0;
     const i64* runs = coal ? coal_runs : single_runs;
     i64 nr = coal ? ncoal : nsingle;
-    const i64 local = first_item - __ldg(&p->item0);
-    const i64 count = __ldg(&p->count);
     i64 k, m;
-    if (rows_inner) {  // items numbered (pair, run, row): the stream's own order
-        k = local / count;
-        m = local - k * count;
-    } else {  // (pair, row, run): a warp walks one row of many blocks
-        m = local / nr;
-        k = local - m * nr;
-    }
+    kvx_item_km(first_item - __ldg(&p->item0), __ldg(&p->count), nr, rows_inner, k, m);
     KvRun r = kvx_run(runs, nr, k);
     for (;;) {
-        const i64 run = __ldg(&p->run);
-        const i64 len = (r.nblk * run) >> split_shift;
-        const i64 boff = (__ldg(&p->count) * r.bpre + m * r.plen + r.within) * run;  // in the stream
-        const i64 soff = buf_side == KVX_BUF_SRC ? boff : r.sblk * __ldg(&p->src_bstride) + m * __ldg(&p->src_stride);
-        const i64 doff = buf_side == KVX_BUF_DST ? boff : r.dblk * __ldg(&p->dst_bstride) + m * __ldg(&p->dst_stride);
-        const char* s = (const char*)__ldg(&p->src) + soff + part * len;
-        char* d = (char*)__ldg(&p->dst) + doff + part * len;
+        const KvSpan sp = kvx_span(p, r, m, part, split_shift, buf_side);
         const int unit = (int)__ldg(&p->unit);
         // where the next part is, and its run (loaded now, used after this copy)
         const bool more = pos + 1 < end;
@@ -338,11 +358,11 @@ kv_copy_pairs(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restric
             if (!next_pair && nk != k) nxt = kvx_run(runs, nr, nk);
         }
         switch (unit) {
-            case 4: kvx_copy_unit<uint4>(s, d, len, lane); break;
-            case 3: kvx_copy_unit<u64>(s, d, len, lane); break;
-            case 2: kvx_copy_unit<unsigned int>(s, d, len, lane); break;
-            case 1: kvx_copy_unit<unsigned short>(s, d, len, lane); break;
-            default: kvx_copy_unit<unsigned char>(s, d, len, lane); break;
+            case 4: kvx_copy_unit<uint4>(sp.s, sp.d, sp.len, lane); break;
+            case 3: kvx_copy_unit<u64>(sp.s, sp.d, sp.len, lane); break;
+            case 2: kvx_copy_unit<unsigned int>(sp.s, sp.d, sp.len, lane); break;
+            case 1: kvx_copy_unit<unsigned short>(sp.s, sp.d, sp.len, lane); break;
+            default: kvx_copy_unit<unsigned char>(sp.s, sp.d, sp.len, lane); break;
         }
         if (!more) break;
         ++pos;
@@ -359,5 +379,59 @@ kv_copy_pairs(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restric
             nxt = kvx_run(runs, nr, 0);
         }
         r = nxt;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// kv_copy_pairs_cta: the copy of kv_copy_pairs (same records, same arguments) with a whole CTA
+// per item: CTA c copies the parts c, c + gridDim.x, ... and its threads stride over each part,
+// KVX_CTA_UNROLL accesses deep. It holds few registers, so many CTAs share an SM; this is the
+// shape of the probe kernel that reached 95-97% of a contiguous peer copy over NVLink
+// (../shared/BENCHMARKS.md). Every thread locates its item itself (the same few loads for the
+// whole CTA, served by L1), so no CTA-wide synchronisation is needed.
+#ifndef KVX_CTA_UNROLL
+#define KVX_CTA_UNROLL 2
+#endif
+
+template <typename U>
+__device__ __forceinline__ void kvx_copy_cta(const char* src, char* dst, i64 nbytes) {
+    const U* s = (const U*)src;
+    U* d = (U*)dst;
+    const int n = (int)(nbytes / (i64)sizeof(U));
+    for (int i = threadIdx.x; i < n; i += KVX_THREADS * KVX_CTA_UNROLL) {
+        U v[KVX_CTA_UNROLL];
+#pragma unroll
+        for (int k = 0; k < KVX_CTA_UNROLL; ++k) {
+            if (i + KVX_THREADS * k < n) v[k] = kvx_load(s + i + KVX_THREADS * k);
+        }
+#pragma unroll
+        for (int k = 0; k < KVX_CTA_UNROLL; ++k) {
+            if (i + KVX_THREADS * k < n) kvx_store(d + i + KVX_THREADS * k, v[k]);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(KVX_THREADS, KVX_MIN_BLOCKS)
+kv_copy_pairs_cta(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restrict__ coal_runs, i64 ncoal,
+                  const i64* __restrict__ single_runs, i64 nsingle, i64 nitems, int split_shift, int buf_side,
+                  i64 item_base, int rows_inner) {
+    const i64 total = nitems << split_shift;
+    const i64 mask = ((i64)1 << split_shift) - 1;
+    for (i64 g = blockIdx.x; g < total; g += gridDim.x) {  // CTA-uniform
+        const i64 item = (g >> split_shift) + item_base;
+        const KvPair* p = kvx_pair_of(pairs, npairs, item);
+        const bool coal = __ldg(&p->coal) != 0;
+        const i64 nr = coal ? ncoal : nsingle;
+        i64 k, m;
+        kvx_item_km(item - __ldg(&p->item0), __ldg(&p->count), nr, rows_inner, k, m);
+        const KvRun r = kvx_run(coal ? coal_runs : single_runs, nr, k);
+        const KvSpan sp = kvx_span(p, r, m, g & mask, split_shift, buf_side);
+        switch ((int)__ldg(&p->unit)) {
+            case 4: kvx_copy_cta<uint4>(sp.s, sp.d, sp.len); break;
+            case 3: kvx_copy_cta<u64>(sp.s, sp.d, sp.len); break;
+            case 2: kvx_copy_cta<unsigned int>(sp.s, sp.d, sp.len); break;
+            case 1: kvx_copy_cta<unsigned short>(sp.s, sp.d, sp.len); break;
+            default: kvx_copy_cta<unsigned char>(sp.s, sp.d, sp.len); break;
+        }
     }
 }

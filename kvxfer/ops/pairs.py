@@ -18,10 +18,12 @@ from ..plan import BlockPairs
 from . import cuda as _cuda
 from ._loader import KernelSpec, get_kernel
 
-__all__ = ["BUF_DST", "BUF_NONE", "BUF_SRC", "PAIRS_KERNEL", "PAIR_DTYPE", "RUN_FIELDS", "PairPieces", "PreparedPairs", "copy_block_pairs",
+__all__ = ["BUF_DST", "BUF_NONE", "BUF_SRC", "PAIRS_CTA_KERNEL", "PAIRS_KERNEL", "PAIR_DTYPE", "RUN_FIELDS", "PairPieces", "PreparedPairs", "copy_block_pairs",
            "gather_pairs", "pair_records", "prepare_pairs", "scatter_pairs", "split_shift_for"]
 
 PAIRS_KERNEL = KernelSpec("kv_copy.cu", "kv_copy_pairs")
+#: the same copy with one CTA per item (``kv_copy_pairs_cta``): many small CTAs per SM
+PAIRS_CTA_KERNEL = KernelSpec("kv_copy.cu", "kv_copy_pairs_cta")
 MAX_ITEM_BYTES = 64 << 10  # one warp copies at most this much per item: long runs are split
 MIN_PART_BYTES = 1 << 10  # items are cut into parts for idle warps, never below this size
 
@@ -255,13 +257,16 @@ class _Payload:
         self.split, self.ctas = 0, 0
         if self.nitems:
             warps, self.ctas = _cuda._workers_for(spec, device, bp.nbytes, None)
-            if max_warps is not None:
-                warps = max(1, min(warps, int(max_warps)))
-                self.ctas = -(-warps // (_cuda._threads(spec) // 32))
-            key = (self.nitems, warps)
+            # the workers that share items: warps, or whole CTAs for kv_copy_pairs_cta
+            per_worker = _cuda._threads(spec) // 32 if spec.kernel == PAIRS_KERNEL.kernel else 1
+            workers = warps if per_worker > 1 else self.ctas
+            if max_warps is not None:  # tests: a cap on the workers, so each walks many items
+                workers = max(1, min(workers, int(max_warps)))
+                self.ctas = -(-workers // per_worker)
+            key = (self.nitems, workers)
             split = tmpl.splits.get(key) if tmpl is not None else None
             if split is None:
-                split = split_shift_for(rec, self.nitems, warps)
+                split = split_shift_for(rec, self.nitems, workers)
                 if tmpl is not None:
                     tmpl.splits[key] = split
             self.split = split
