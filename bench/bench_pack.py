@@ -178,17 +178,7 @@ def run_workload(wl, variants: dict[str, KernelSpec]) -> dict:
     ps2 = prepare_pairs(plan.block_pairs, buf, dlayout, buffer_side=BUF_SRC, rows_inner=False)
     res["pairs_rows_outer"] = {"gather_GBps": gbps(n, cuda_ms(lambda: pg2.launch(torch.cuda.current_stream()), reps)),
                                "scatter_GBps": gbps(n, cuda_ms(lambda: ps2.launch(torch.cuda.current_stream()), reps))}
-    from kvxfer.ops.pairs import PAIRS_CTA_KERNEL
-
-    pg3 = prepare_pairs(plan.block_pairs, layout, out, buffer_side=BUF_DST, spec=PAIRS_CTA_KERNEL)
-    ps3 = prepare_pairs(plan.block_pairs, buf, dlayout, buffer_side=BUF_SRC, spec=PAIRS_CTA_KERNEL)
-    out.fill_(7)
-    pg3.launch(torch.cuda.current_stream())
-    torch.cuda.synchronize()
-    res["pairs_cta"] = {"gather_GBps": gbps(n, cuda_ms(lambda: pg3.launch(torch.cuda.current_stream()), reps)),
-                        "scatter_GBps": gbps(n, cuda_ms(lambda: ps3.launch(torch.cuda.current_stream()), reps)),
-                        "gather_matches_jobs_kernel": bool(torch.equal(out, ref))}
-    del ref, pg, ps, pg2, ps2, pg3, ps3
+    del ref, pg, ps, pg2, ps2
     d = res["default"]
     res["gather_vs_device_copy"] = round(d["gather_GBps"] / res["device_copy_GBps"], 3)
     res["scatter_vs_device_copy"] = round(d["scatter_GBps"] / res["device_copy_GBps"], 3)
@@ -250,11 +240,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:14} {pr['gather_GBps']:7.0f} {pr['scatter_GBps']:7.0f} {pr['gather_GBps'] / r['device_copy_GBps']:6.2f} "
               f"{pr['scatter_GBps'] / r['device_copy_GBps']:6.2f}  matches jobs kernel: {pr['gather_matches_jobs_kernel']}"
               f"  (rows outer: {r['pairs_rows_outer']['gather_GBps']:.0f} / {r['pairs_rows_outer']['scatter_GBps']:.0f})")
-    print("block-pair kernel, one CTA per item (pairs_cta): gather / scatter GB/s, ratio to device copy")
-    for name, r in results["workloads"].items():
-        pr = r["pairs_cta"]
-        print(f"{name:14} {pr['gather_GBps']:7.0f} {pr['scatter_GBps']:7.0f} {pr['gather_GBps'] / r['device_copy_GBps']:6.2f} "
-              f"{pr['scatter_GBps'] / r['device_copy_GBps']:6.2f}  matches jobs kernel: {pr['gather_matches_jobs_kernel']}")
     print(f"wrote {path}")
     return 0
 

@@ -30,19 +30,9 @@ VARIANTS = {
 }
 
 
-def pspec(kernel="kv_copy_pairs_cta", **d):
-    return KernelSpec("kv_copy.cu", kernel, tuple(sorted(d.items())))
-
-
-# block-pair kernels, records prepared on the GPU (no upload in the timing)
+# block-pair kernel builds, records prepared on the GPU (no upload in the timing)
 PAIR_VARIANTS = {
-    "pairs_prep": pspec("kv_copy_pairs"),
-    "cta_prep": pspec(),
-    "cta_mb8_u1": pspec(KVX_MIN_BLOCKS=8, KVX_CTA_UNROLL=1),
-    "cta_mb8_u2": pspec(KVX_MIN_BLOCKS=8, KVX_CTA_UNROLL=2),
-    "cta_mb4_u4": pspec(KVX_MIN_BLOCKS=4, KVX_CTA_UNROLL=4),
-    "cta_t512_mb4_u1": pspec(KVX_THREADS=512, KVX_MIN_BLOCKS=4, KVX_CTA_UNROLL=1),
-    "cta_t128_mb16_u1": pspec(KVX_THREADS=128, KVX_MIN_BLOCKS=16, KVX_CTA_UNROLL=1),
+    "pairs_prep": KernelSpec("kv_copy.cu", "kv_copy_pairs"),
 }
 
 
@@ -95,10 +85,10 @@ def main() -> None:
                     row[f"{vname}_error"] = repr(exc)[:200]
             # the block-pair kernels (what the cuda_ipc backend launches): with the upload of the
             # records (as a transfer does), then prepared, per build; every variant's pull checked
-            from kvxfer.ops.pairs import PAIRS_CTA_KERNEL, PAIRS_KERNEL, copy_block_pairs, prepare_pairs
+            from kvxfer.ops.pairs import PAIRS_KERNEL, copy_block_pairs, prepare_pairs
 
             push_bp = plan_transfer(ld.geometry, ls.geometry, d, s).block_pairs
-            for tag, psp in (("pairs", PAIRS_KERNEL), ("cta", PAIRS_CTA_KERNEL)):
+            for tag, psp in (("pairs", PAIRS_KERNEL),):
                 row[f"{tag}_pull_GBps"] = nbytes / timeit(lambda: copy_block_pairs(plan.block_pairs, ls, ld, stream=stream.ptr, device=1, spec=psp), stream) / 1e9
                 row[f"{tag}_push_GBps"] = nbytes / timeit(lambda: copy_block_pairs(push_bp, ld, ls, stream=stream.ptr, device=1, spec=psp), stream) / 1e9
             for tag, psp in PAIR_VARIANTS.items():

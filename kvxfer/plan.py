@@ -201,6 +201,8 @@ class TransferPlan:
 
 def as_block_ids(ids: Sequence[int] | np.ndarray, what: str) -> np.ndarray:
     """Turn a block-id list into a 1-D int64 array; BlockIdError when it is not integers."""
+    if type(ids) is np.ndarray and ids.dtype == np.int64 and ids.ndim == 1:  # the common case, checked cheaply
+        return ids
     arr = np.asarray(ids)
     if arr.ndim != 1:
         raise BlockIdError(f"{what} must be a 1-D list of block ids; got shape {arr.shape}")
@@ -211,11 +213,20 @@ def as_block_ids(ids: Sequence[int] | np.ndarray, what: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
+_FEW = 32  # block lists up to this long take pure-Python paths (numpy's per-call cost dominates)
+
+
 def validate_block_ids(ids: np.ndarray, num_blocks: int, what: str, *, unique: bool) -> None:
     """Bounds-check (and optionally uniqueness-check) block ids against ``num_blocks``."""
     if ids.size == 0:
         return
-    lo, hi = int(ids.min()), int(ids.max())
+    if ids.size <= _FEW:  # a request of few blocks: Python's min/max/set beat numpy's call overhead
+        few = ids.tolist()
+        lo, hi = min(few), max(few)
+        if lo >= 0 and hi < num_blocks and (not unique or len(set(few)) == len(few)):
+            return
+    else:
+        lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= num_blocks:
         bad = ids[(ids < 0) | (ids >= num_blocks)]
         raise BlockIdError(
@@ -223,7 +234,7 @@ def validate_block_ids(ids: np.ndarray, num_blocks: int, what: str, *, unique: b
             f"valid ids are 0..{num_blocks - 1}"
         )
     if unique and ids.size > 1:
-        if ids.size <= 32:  # the common one-request-of-few-blocks case: no sort
+        if ids.size <= _FEW:
             dup = len(set(ids.tolist())) != ids.size
         else:
             srt = np.sort(ids)
@@ -271,6 +282,11 @@ def _segment_pairs(src: LayoutGeometry, dst: LayoutGeometry, layers: tuple[int, 
     return out
 
 
+_ONE_RUN = (np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64))
+for _a in _ONE_RUN:
+    _a.flags.writeable = False
+
+
 def plan_transfer(
     src: LayoutGeometry,
     dst: LayoutGeometry,
@@ -303,7 +319,14 @@ def plan_transfer(
             raise BlockIdError(f"layers {layers.tolist()} name a tensor more than once")
     pairs = _segment_pairs(src, dst, None if layers is None else tuple(layers.tolist()))
 
-    if s.size:
+    if s.size == 1:
+        starts, lengths = _ONE_RUN
+    elif 0 < s.size <= _FEW:
+        sl, dl = s.tolist(), d.tolist()
+        cut = [0, *(i for i in range(1, len(sl)) if sl[i] - sl[i - 1] != 1 or dl[i] - dl[i - 1] != 1), len(sl)]
+        starts = np.array(cut[:-1], dtype=np.int64)
+        lengths = np.array([b - a for a, b in zip(cut, cut[1:])], dtype=np.int64)
+    elif s.size:
         brk = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
         starts = np.concatenate(([0], brk))
         lengths = np.diff(np.concatenate((starts, [s.size])))

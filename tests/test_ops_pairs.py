@@ -108,56 +108,6 @@ def _walk_like_the_kernel(rec, coal_runs, single_runs, nitems, nwarps, split, bu
     return moved
 
 
-def _copy_like_the_cta_kernel(rec, coal_runs, single_runs, nitems, nctas, split, buf_side=BUF_NONE, item_base=0,
-                              rows_inner=None):
-    """What kv_copy_pairs_cta does: CTA c copies the parts c, c + nctas, ..., each located from
-    scratch (binary search over item0, then run and row). Returns the bytes moved."""
-    ncoal, nsingle = coal_runs.size // RUN_FIELDS, single_runs.size // RUN_FIELDS
-    rows_inner = buf_side != BUF_NONE if rows_inner is None else rows_inner
-    moved = 0
-    for c in range(nctas):
-        for g in range(c, nitems << split, nctas):
-            item, part = (g >> split) + item_base, g & ((1 << split) - 1)
-            r = rec[int(np.searchsorted(rec["item0"], item, side="right") - 1)]
-            runs, nr = (coal_runs, ncoal) if r["coal"] else (single_runs, nsingle)
-            if rows_inner:
-                k, m = divmod(item - int(r["item0"]), int(r["count"]))
-            else:
-                m, k = divmod(item - int(r["item0"]), nr)
-            f = [int(runs[i * nr + k]) for i in range(RUN_FIELDS)]
-            ln = (f[2] * int(r["run"])) >> split
-            boff = (int(r["count"]) * f[3] + m * f[4] + f[5]) * int(r["run"])
-            soff = boff if buf_side == BUF_SRC else f[0] * int(r["src_bstride"]) + m * int(r["src_stride"])
-            doff = boff if buf_side == BUF_DST else f[1] * int(r["dst_bstride"]) + m * int(r["dst_stride"])
-            ctypes.memmove(int(r["dst"]) + doff + part * ln, int(r["src"]) + soff + part * ln, ln)
-            moved += ln
-    return moved
-
-
-@pytest.mark.parametrize("kind", ["kv_first", "blocks_first", "mla", "vllm_shared"])
-@pytest.mark.parametrize("nctas", [1, 13, 4096])
-@pytest.mark.parametrize("buf_side", [BUF_NONE, BUF_DST])
-def test_cta_per_item_copy_reproduces_the_reference(kind, nctas, buf_side):
-    rng = np.random.default_rng(6)
-    st, bd = LayoutSpec(kind, 64, layers=3, block_size=32, heads=8, head_dim=64).build(1)
-    ref_t, _ = LayoutSpec(kind, 80, layers=3, block_size=32, heads=8, head_dim=64).build(2)
-    out_t, _ = LayoutSpec(kind, 80, layers=3, block_size=32, heads=8, head_dim=64).build(2)
-    ls, lr, lo = (KVLayout.from_tensors(x, block_dim=bd) for x in (st, ref_t, out_t))
-    s, d = _ids(rng, 64, 80)
-    plan = plan_transfer(ls.geometry, lr.geometry, s, d, np.array([0, 2]))
-    if buf_side == BUF_DST:
-        want = reference.gather(plan, _views(ls))
-        buf = np.zeros(plan.nbytes + 64, dtype=np.uint8)
-        rec, cr, sr, n = pair_records(plan.block_pairs, ls.addrs, [], buffer_side=BUF_DST, buffer=buf.ctypes.data)
-        assert _copy_like_the_cta_kernel(rec, cr, sr, n, nctas, split_shift_for(rec, n, nctas), BUF_DST) == plan.nbytes
-        assert np.array_equal(buf[: plan.nbytes], want) and not buf[plan.nbytes:].any()
-        return
-    reference.copy_blocks(plan, _views(ls), _views(lr))
-    rec, cr, sr, n = pair_records(plan.block_pairs, ls.addrs, lo.addrs)
-    assert _copy_like_the_cta_kernel(rec, cr, sr, n, nctas, split_shift_for(rec, n, nctas)) == plan.nbytes
-    assert all(np.array_equal(a, b) for a, b in zip(_bytes(ref_t), _bytes(out_t)))
-
-
 @pytest.mark.parametrize("kind", ["kv_first", "blocks_first", "mla", "vllm_shared"])
 @pytest.mark.parametrize("nwarps", [1, 7, 64, 4096])
 @pytest.mark.parametrize("rows_inner", [False, True])
@@ -265,11 +215,10 @@ def _as_gpu_bytes(t: np.ndarray, block_dim: int):
 @pytest.mark.parametrize("kind", ["kv_first", "blocks_first", "mla"])
 @pytest.mark.parametrize("few,max_warps,rows_inner", [(False, None, None), (True, None, None), (False, 3, None),
                                                       (False, 3, True)],
-                         ids=["many-blocks", "one-block", "3-workers-walk-every-pair", "3-workers-rows-inner"])
-@pytest.mark.parametrize("kernel", ["warp", "cta"])
-def test_kernel_matches_reference_on_gpu(kind, few, max_warps, rows_inner, kernel):
+                         ids=["many-blocks", "one-block", "3-warps-walk-every-pair", "3-warps-rows-inner"])
+def test_kernel_matches_reference_on_gpu(kind, few, max_warps, rows_inner):
     pytest.importorskip("cupy", reason="the CUDA ops need cupy")
-    from kvxfer.ops.pairs import PAIRS_CTA_KERNEL, PAIRS_KERNEL, copy_block_pairs
+    from kvxfer.ops.pairs import copy_block_pairs
 
     rng = np.random.default_rng(5)
     spec_s = LayoutSpec(kind, 64, layers=3, block_size=32, heads=8, head_dim=64)
@@ -283,7 +232,7 @@ def test_kernel_matches_reference_on_gpu(kind, few, max_warps, rows_inner, kerne
     reference.copy_blocks(plan_transfer(ls.geometry, lr.geometry, s, d), _views(ls), _views(lr))
     gs, gd = KVLayout.from_tensors(g_src, block_dim=bd), KVLayout.from_tensors(g_dst, block_dim=bd)
     copy_block_pairs(plan_transfer(gs.geometry, gd.geometry, s, d).block_pairs, gs, gd, max_warps=max_warps,
-                     rows_inner=rows_inner, spec=PAIRS_KERNEL if kernel == "warp" else PAIRS_CTA_KERNEL)
+                     rows_inner=rows_inner)
     torch.cuda.synchronize()
     for g, r in zip(g_dst, _bytes(ref_t)):
         assert np.array_equal(g.cpu().numpy().reshape(-1), r.reshape(-1))
@@ -291,12 +240,9 @@ def test_kernel_matches_reference_on_gpu(kind, few, max_warps, rows_inner, kerne
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
-@pytest.mark.parametrize("kernel", ["warp", "cta"])
-def test_pieces_on_gpu_gather_then_scatter_round_trip(kernel):
+def test_pieces_on_gpu_gather_then_scatter_round_trip():
     pytest.importorskip("cupy", reason="the CUDA ops need cupy")
-    from kvxfer.ops.pairs import PAIRS_CTA_KERNEL, PAIRS_KERNEL, PairPieces
-
-    spec_k = PAIRS_KERNEL if kernel == "warp" else PAIRS_CTA_KERNEL
+    from kvxfer.ops.pairs import PairPieces
 
     spec = LayoutSpec("kv_first", 64, layers=5, block_size=32, heads=8, head_dim=64)
     st, bd = spec.build(1)
@@ -310,12 +256,10 @@ def test_pieces_on_gpu_gather_then_scatter_round_trip(kernel):
     buf = torch.full((plan.nbytes,), 7, dtype=torch.uint8, device="cuda")
     bounds = plan.chunk_bounds(plan.nbytes // 3)
     stream = torch.cuda.current_stream()
-    g = PairPieces(plan.block_pairs, gs, buf, buffer_side=BUF_DST, bounds=[b[:2] for b in bounds], stream=stream, device=0,
-                   spec=spec_k)
+    g = PairPieces(plan.block_pairs, gs, buf, buffer_side=BUF_DST, bounds=[b[:2] for b in bounds], stream=stream, device=0)
     for i in reversed(range(len(g))):  # any order: each piece writes its own slice
         g.launch(i)
-    sc = PairPieces(plan.block_pairs, buf, gd, buffer_side=BUF_SRC, bounds=[b[:2] for b in bounds], stream=stream, device=0,
-                    spec=spec_k)
+    sc = PairPieces(plan.block_pairs, buf, gd, buffer_side=BUF_SRC, bounds=[b[:2] for b in bounds], stream=stream, device=0)
     for i in range(len(sc)):
         sc.launch(i)
     torch.cuda.synchronize()

@@ -28,11 +28,27 @@ def test_no_coalescing_when_blocks_are_not_back_to_back():
     assert len(p.jobs) == 2 * 2  # per block, per layer
 
 
+def test_short_and_long_block_lists_find_the_same_runs():
+    # lists up to 32 ids take a pure-Python path; both must cut runs where either side breaks
+    g = KVLayout.from_tensors([np.zeros((2, 256, 8), np.uint8)], block_dim=1).geometry
+    rng = np.random.default_rng(11)
+    for n in (1, 2, 5, 31, 32, 33, 40):
+        for _ in range(20):
+            s = np.sort(rng.choice(256, n, replace=False)) if rng.random() < 0.5 else rng.choice(256, n, replace=False)
+            d = rng.choice(256, n, replace=False) if rng.random() < 0.5 else np.arange(n) + 3
+            bp = plan_transfer(g, g, s, d).block_pairs
+            breaks = [i for i in range(1, n) if s[i] != s[i - 1] + 1 or d[i] != d[i - 1] + 1]
+            assert bp.run_starts.tolist() == [0, *breaks]
+            assert bp.run_lengths.tolist() == np.diff([0, *breaks, n]).tolist()
+
+
 @pytest.mark.parametrize("src,dst,match", [
     ([0, 1], [0], "equal length"),
     ([0, 99], [0, 1], "source block ids out of range"),
     ([0, 1], [-1, 1], "destination block ids out of range"),
     ([0, 1], [3, 3], "duplicates"),
+    ([0, 1, 2], [5, 6, 5], "duplicates"),
+    ([0, 1], [3, 8], "destination block ids out of range"),
     ([[0]], [[1]], "1-D"),
     ([0.5], [1], "integers"),
 ])

@@ -316,6 +316,31 @@ def test_zero_blocks_and_close_idempotent(ucx_tls):
         a.close()
 
 
+@pytest.mark.parametrize("setting,host_polls", [(None, False), ("auto", False), ("poll", True), ("wait", False)])
+def test_progress_thread_polls_by_default_only_for_gpu_layouts(setting, host_polls, monkeypatch):
+    from types import SimpleNamespace
+
+    from kvxfer._tensors import MemoryKind
+    from kvxfer.backends.ucx import UcxBackend
+
+    if setting is None:
+        monkeypatch.delenv("KVXFER_UCX_PROGRESS", raising=False)
+    else:
+        monkeypatch.setenv("KVXFER_UCX_PROGRESS", setting)
+    spec = LayoutSpec("kv_first", 8)
+    (ta, bd), (tb, _) = spec.build(0), spec.build(1)
+    with Connector("a", backend="ucx") as a, Connector("b", backend="ucx") as b:
+        a.register(ta, block_dim=bd)
+        b.register(tb, block_dim=bd)
+        be = next(x for x in a._backends.values() if isinstance(x, UcxBackend))
+        assert be._polling is host_polls  # host memory: the thread keeps waiting in epoll unless told
+        gpu = SimpleNamespace(memory=MemoryKind.CUDA)
+        assert be._wants_polling(gpu) is (setting in (None, "auto", "poll"))
+        p = a.connect(b.metadata())
+        a.write(p, [1], [2]).wait(5)
+        assert np.asarray(tb[0])[:, 2].tobytes() == np.asarray(ta[0])[:, 1].tobytes()
+
+
 def test_importing_kvxfer_does_not_import_ucxx():
     import subprocess
     import sys

@@ -606,12 +606,15 @@ class CudaIpcBackend(Backend):
                 jobs: np.ndarray | None, src: np.ndarray | None, dst: np.ndarray | None,
                 pairs: BlockPairs | None = None) -> None:
         from ..ops.cuda import copy_jobs
-        from ..ops.pairs import copy_block_pairs
+        from ..ops.pairs import resolve_block_pairs
 
         cp = self._cp
         rt = cp.cuda.runtime
         copies = jobs is not None or pairs is not None
         timing = self.record_device_time and copies
+        # the host half of a block-pair copy runs before the lock and before the timing event
+        # (device time is the GPU's share: upload and kernel, not Python building records)
+        launch = None if pairs is None else resolve_block_pairs(pairs, src, dst, stream=self._stream, device=self.device)
         with self._submit_lock:
             link._begin(handle)
             events: list[int] = []
@@ -627,8 +630,8 @@ class CudaIpcBackend(Backend):
                         rt.eventRecord(t0, self._stream)
                     if jobs is not None and jobs.size:
                         copy_jobs(jobs, src, dst, stream=self._stream, device=self.device)
-                    elif pairs is not None:
-                        copy_block_pairs(pairs, src, dst, stream=self._stream, device=self.device)
+                    elif launch is not None:
+                        launch.enqueue()
                     done = self._event(timing)
                     (timed if timing else events).append(done)
                     rt.eventRecord(done, self._stream)

@@ -120,8 +120,8 @@ class UcxBackend(Backend):
         self._packer: Packer | None = None
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._am_cb = self.ucp.set_am_handler(self._worker_h, proto.AM_ID, self._on_am)
-        polling = self.config.progress is Progress.POLL
-        self._worker.start_progress_thread(polling_mode=polling, epoll_timeout=self.config.wakeup_ms)
+        self._polling = self._wants_polling(local.layout)
+        self._worker.start_progress_thread(polling_mode=self._polling, epoll_timeout=self.config.wakeup_ms)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work_loop, name="kvxfer-ucx-work", daemon=True)
         self._thread.start()
@@ -196,7 +196,19 @@ class UcxBackend(Backend):
         ep = peer.backends.get("ucx")
         return isinstance(ep, dict) and isinstance(ep.get("addr"), bytes) and bool(ep.get("regions")) and bool(self._regions)
 
+    def _wants_polling(self, layout: KVLayout | None) -> bool:
+        mode = self.config.progress
+        if mode is Progress.AUTO:
+            return layout is not None and layout.memory is MemoryKind.CUDA
+        return mode is Progress.POLL
+
     def on_layout_registered(self, layout: KVLayout) -> None:
+        if self._wants_polling(layout) and not self._polling:
+            # AUTO with GPU memory: restart the progress thread busy-polling (before any peer,
+            # which is why a layout is registered before connect)
+            self._worker.stop_progress_thread()
+            self._worker.start_progress_thread(polling_mode=True, epoll_timeout=self.config.wakeup_ms)
+            self._polling = True
         mt = _ucp.MemoryType.HOST if layout.memory is MemoryKind.HOST else _ucp.MemoryType.CUDA
         for addr, t in zip(layout.addrs.tolist(), layout.geometry.tensors):
             memh = self.ucp.mem_map(self._ctx_h, int(addr), t.span, mt)

@@ -34,11 +34,13 @@ class ErrorHandling(Enum):
 class Progress(Enum):
     """How the progress thread waits for UCX events.
 
-    WAIT (default): sleeps in epoll until an event or ``wakeup_ms``. POLL: busy-polls one core;
-    the lowest latency between pipelined pieces (one llama8b GPU read on 2x H200: 240 GB/s
-    polling vs 188 GB/s waiting; 4 reads in flight 327 vs 267 GB/s). Worth a core on a GPU host.
+    WAIT: sleeps in epoll until an event or ``wakeup_ms``. POLL: busy-polls one core; the lowest
+    latency between pipelined pieces (one llama8b GPU read on 2x H200: 240 GB/s polling vs
+    188 GB/s waiting; 4 reads in flight 327 vs 267 GB/s). AUTO (default): POLL once a KV layout
+    in GPU memory is registered (a core is worth it on a GPU host), WAIT for host memory.
     """
 
+    AUTO = "auto"
     POLL = "poll"
     WAIT = "wait"
 
@@ -63,7 +65,7 @@ class UcxConfig:
     staging_cache: int = 4  # registered staging buffers kept for reuse
     chunk_bytes: int = 256 << 20  # packed transfers move in up to ~4 pipelined pieces of at most this size
     wakeup_ms: int = 50  # progress thread's epoll timeout: a safety net, not a poll
-    progress: Progress = Progress.WAIT  # progress thread: sleep in epoll or busy-poll (see Progress)
+    progress: Progress = Progress.AUTO  # progress thread: sleep in epoll or busy-poll (see Progress)
     liveness_interval: float = 0.5  # seconds between pid checks of same-host peers (NONE)
     close_timeout: float = 2.0  # seconds an endpoint close may take
 

@@ -300,6 +300,23 @@ def prepare_scatter(plan: TransferPlan, buf: Any, dst: Any, **kw: Any) -> Prepar
 
 # -- one-shot copies ----------------------------------------------------------------------------
 
+class _Slot:
+    """Pinned host memory that uploads are staged in; busy until its event (recorded on the
+    stream after the upload, reused) completes."""
+
+    __slots__ = ("mem", "view", "event", "busy")
+
+    def __init__(self, size: int):
+        cupy = _cupy()
+        self.mem = cupy.cuda.alloc_pinned_memory(size)
+        self.view = np.frombuffer(self.mem, dtype=np.uint8, count=size)
+        self.event: Any = None
+        self.busy = False
+
+    def free(self) -> bool:
+        return not self.busy or self.event.done
+
+
 class _StreamState:
     """Per (device, stream): a device buffer reused in stream order, and pinned staging slots."""
 
@@ -308,7 +325,7 @@ class _StreamState:
     def __init__(self) -> None:
         self.mem: Any = None
         self.retired: list[tuple[Any, Any]] = []  # (old device buffer, event after its last use)
-        self.slots: list[list[Any]] = []  # [pinned memory, numpy view, event or None]
+        self.slots: list[_Slot] = []
         self.lock = threading.Lock()
 
 
@@ -317,34 +334,58 @@ _states_lock = threading.Lock()
 
 
 def _state(device: int, stream_ptr: int) -> _StreamState:
-    with _states_lock:
-        st = _states.get((device, stream_ptr))
-        if st is None:
-            st = _states[(device, stream_ptr)] = _StreamState()
-        return st
+    st = _states.get((device, stream_ptr))
+    if st is None:
+        with _states_lock:
+            st = _states.setdefault((device, stream_ptr), _StreamState())
+    return st
 
 
-def _staging(st: _StreamState, n: int) -> list[Any]:
-    cupy = _cupy()
+def _slot_size(n: int) -> int:
+    return 1 << max(20, (n - 1).bit_length())
+
+
+def _staging(st: _StreamState, n: int) -> _Slot:
     for slot in st.slots:
-        if slot[2] is None or slot[2].done:
-            if slot[1].nbytes < n:
-                size = 1 << max(20, (n - 1).bit_length())
-                slot[0] = cupy.cuda.alloc_pinned_memory(size)
-                slot[1] = np.frombuffer(slot[0], dtype=np.uint8, count=size)
-            slot[2] = None
+        if slot.free():
+            if slot.view.nbytes < n:
+                size = _slot_size(n)
+                slot.mem = _cupy().cuda.alloc_pinned_memory(size)
+                slot.view = np.frombuffer(slot.mem, dtype=np.uint8, count=size)
+            slot.busy = False
             return slot
     if len(st.slots) < _STAGING_SLOTS:
-        size = 1 << max(20, (n - 1).bit_length())
-        mem = cupy.cuda.alloc_pinned_memory(size)
-        slot = [mem, np.frombuffer(mem, dtype=np.uint8, count=size), None]
+        slot = _Slot(_slot_size(n))
         st.slots.append(slot)
         return slot
     oldest = st.slots[0]  # every slot is in flight: wait for the oldest copy, reuse its slot
-    oldest[2].synchronize()
+    oldest.event.synchronize()
     st.slots.append(st.slots.pop(0))
-    oldest[2] = None
+    oldest.busy = False
     return _staging(st, n)
+
+
+def _upload(st: _StreamState, data: np.ndarray, dst: int, sptr: int, cstream: Any, what: str) -> None:
+    """Stage ``data`` in pinned memory and copy it to device address ``dst`` in stream order
+    (the caller holds ``st.lock``); the slot stays busy until the copy has run."""
+    slot = _staging(st, data.nbytes)
+    slot.view[: data.nbytes] = data
+    cupy = _cupy()
+    try:
+        cupy.cuda.runtime.memcpyAsync(dst, slot.view.ctypes.data, data.nbytes, _H2D, sptr)
+    except Exception as exc:
+        raise TransportError(f"{what} upload failed: {exc}") from exc
+    if slot.event is None:
+        slot.event = cupy.cuda.Event(disable_timing=True)
+    slot.event.record(cstream)
+    slot.busy = True
+
+
+def _check_not_capturing(sptr: int, what: str) -> None:
+    is_capturing = getattr(_cupy().cuda.runtime, "streamIsCapturing", None)
+    if is_capturing is not None and is_capturing(sptr):
+        raise TransportError(f"{what} cannot upload its records while the stream is capturing a CUDA graph; "
+                             "prepare it before capture and launch it inside")
 
 
 def _device_buffer(st: _StreamState, n: int, stream: Any) -> Any:
@@ -386,20 +427,9 @@ def copy_jobs(jobs: np.ndarray, src_bases: Any, dst_bases: Any, *, stream: Any =
     buf, jobs_off = _payload(res.djobs, res.spans)
     with st.lock, cupy.cuda.Device(dev):
         cstream = _cupy_stream(sptr, dev)
-        is_capturing = getattr(cupy.cuda.runtime, "streamIsCapturing", None)
-        if is_capturing is not None and is_capturing(sptr):
-            raise TransportError("copy_jobs cannot upload jobs while the stream is capturing a CUDA graph; "
-                                 "call prepare() before capture and launch() inside it")
-        slot = _staging(st, buf.nbytes)
-        slot[1][: buf.nbytes] = buf
+        _check_not_capturing(sptr, "copy_jobs")
         mem = _device_buffer(st, buf.nbytes, cstream)
-        try:
-            cupy.cuda.runtime.memcpyAsync(int(mem.ptr), slot[1].ctypes.data, buf.nbytes, _H2D, sptr)
-        except Exception as exc:
-            raise TransportError(f"job upload to cuda:{dev} failed: {exc}") from exc
-        ev = cupy.cuda.Event(disable_timing=True)
-        ev.record(cstream)
-        slot[2] = ev
+        _upload(st, buf, int(mem.ptr), sptr, cstream, f"job records to cuda:{dev}")
         _launch(spec, dev, res.ctas, res.warps, int(mem.ptr), jobs_off, sptr)
 
 

@@ -18,12 +18,11 @@ from ..plan import BlockPairs
 from . import cuda as _cuda
 from ._loader import KernelSpec, get_kernel
 
-__all__ = ["BUF_DST", "BUF_NONE", "BUF_SRC", "PAIRS_CTA_KERNEL", "PAIRS_KERNEL", "PAIR_DTYPE", "RUN_FIELDS", "PairPieces", "PreparedPairs", "copy_block_pairs",
-           "gather_pairs", "pair_records", "prepare_pairs", "scatter_pairs", "split_shift_for"]
+__all__ = ["BUF_DST", "BUF_NONE", "BUF_SRC", "PAIRS_KERNEL", "PAIR_DTYPE", "RUN_FIELDS", "PairPieces", "PairsLaunch",
+           "PreparedPairs", "copy_block_pairs", "gather_pairs", "pair_records", "prepare_pairs", "resolve_block_pairs",
+           "scatter_pairs", "split_shift_for"]
 
 PAIRS_KERNEL = KernelSpec("kv_copy.cu", "kv_copy_pairs")
-#: the same copy with one CTA per item (``kv_copy_pairs_cta``): many small CTAs per SM
-PAIRS_CTA_KERNEL = KernelSpec("kv_copy.cu", "kv_copy_pairs_cta")
 MAX_ITEM_BYTES = 64 << 10  # one warp copies at most this much per item: long runs are split
 MIN_PART_BYTES = 1 << 10  # items are cut into parts for idle warps, never below this size
 
@@ -62,13 +61,32 @@ class _Template:
     """What the records of a (pairs, bases, buffer) hold whatever blocks move: everything but
     ``item0``, plus memoized launch decisions. Cached: a connector's transfers reuse a few."""
 
-    __slots__ = ("pairs", "rec", "any_coal", "any_single", "splits")
+    __slots__ = ("pairs", "rec", "any_coal", "any_single", "per_item", "splits", "filled")
 
     def __init__(self, pairs: np.ndarray, rec: np.ndarray):
         self.pairs, self.rec = pairs, rec
-        self.any_coal = bool(pairs["coal"].any())
-        self.any_single = not bool(pairs["coal"].all())
+        coal = pairs["coal"]
+        self.any_coal = bool(coal.any())
+        self.any_single = not bool(coal.all())
+        # blocks per coalesced item: long runs are cut so that no item exceeds MAX_ITEM_BYTES
+        self.per_item = max(1, MAX_ITEM_BYTES // int(pairs["src_run"][coal].max())) if self.any_coal else 1
         self.splits: dict[tuple[int, int], int] = {}
+        #: (coalesced runs, single blocks) -> (records with item0, item count): read-only, shared
+        self.filled: dict[tuple[int, int], tuple[np.ndarray, int]] = {}
+
+    def records(self, n_coal: int, n_single: int) -> tuple[np.ndarray, int]:
+        key = (n_coal, n_single)
+        hit = self.filled.get(key)
+        if hit is None:
+            rec = self.rec.copy()
+            items = rec["count"] * np.where(rec["coal"], n_coal, n_single)
+            csum = np.cumsum(items)
+            rec["item0"] = csum - items
+            rec.flags.writeable = False
+            if len(self.filled) >= 64:
+                self.filled.clear()
+            hit = self.filled[key] = (rec, int(csum[-1]))
+        return hit
 
 
 _TEMPLATES: dict[tuple, _Template] = {}
@@ -127,11 +145,12 @@ def _records(bp: BlockPairs, src_bases: Any, dst_bases: Any, buffer_side: int,
     coal_runs = single_runs = _EMPTY_RUNS
     n_coal = 0
     if tmpl.any_coal:  # coalesced runs, split to bounded items
-        coal = pairs["coal"]
-        max_run = int(pairs["src_run"][coal].max())
-        per_item = max(1, MAX_ITEM_BYTES // max_run)
+        per_item = tmpl.per_item
         lens = bp.run_lengths
-        if lens.size == s.size or int(lens.max()) <= per_item:  # no run needs splitting
+        if s.size == 1:
+            coal_runs = np.array((int(s[0]), int(d[0]), 1, 0, 1, 0), dtype=np.int64)
+            n_coal = 1
+        elif lens.size == s.size or int(lens.max()) <= per_item:  # no run needs splitting
             pre = np.cumsum(lens) - lens
             starts = bp.run_starts
             coal_runs = np.concatenate((s[starts], d[starts], lens, pre, lens, np.zeros(lens.size, dtype=np.int64)))
@@ -150,11 +169,8 @@ def _records(bp: BlockPairs, src_bases: Any, dst_bases: Any, buffer_side: int,
         ones = np.ones(s.size, dtype=np.int64)
         single_runs = np.concatenate((s, d, ones, np.arange(s.size, dtype=np.int64), ones, np.zeros(s.size, dtype=np.int64)))
         n_single = int(s.size)
-    rec = tmpl.rec.copy()
-    items = rec["count"] * np.where(rec["coal"], n_coal, n_single)
-    csum = np.cumsum(items)
-    rec["item0"] = csum - items
-    return rec, coal_runs, single_runs, int(csum[-1]), tmpl
+    rec, nitems = tmpl.records(n_coal, n_single)
+    return rec, coal_runs, single_runs, nitems, tmpl
 
 
 def pair_records(bp: BlockPairs, src_bases: np.ndarray, dst_bases: np.ndarray, *, buffer_side: int = BUF_NONE,
@@ -246,7 +262,7 @@ class _Payload:
         # item numbering (see kv_copy_pairs): the stream's order for a buffer side, one row across
         # blocks for block-to-block copies (faster over NVLink, bench/results/ipc_kernel_probe_*)
         self.rows_inner = (buffer_side != BUF_NONE) if rows_inner is None else bool(rows_inner)
-        self.item0 = rec["item0"].copy()
+        self.item0 = rec["item0"]  # read-only, shared by launches of equal shape
         self.npairs, self.ncoal, self.nsingle = rec.size, coal_runs.size // RUN_FIELDS, single_runs.size // RUN_FIELDS
         self.coal_off = -(-rec.nbytes // 64) * 64
         self.single_off = self.coal_off + coal_runs.nbytes
@@ -257,16 +273,13 @@ class _Payload:
         self.split, self.ctas = 0, 0
         if self.nitems:
             warps, self.ctas = _cuda._workers_for(spec, device, bp.nbytes, None)
-            # the workers that share items: warps, or whole CTAs for kv_copy_pairs_cta
-            per_worker = _cuda._threads(spec) // 32 if spec.kernel == PAIRS_KERNEL.kernel else 1
-            workers = warps if per_worker > 1 else self.ctas
-            if max_warps is not None:  # tests: a cap on the workers, so each walks many items
-                workers = max(1, min(workers, int(max_warps)))
-                self.ctas = -(-workers // per_worker)
-            key = (self.nitems, workers)
+            if max_warps is not None:
+                warps = max(1, min(warps, int(max_warps)))
+                self.ctas = -(-warps // (_cuda._threads(spec) // 32))
+            key = (self.nitems, warps)
             split = tmpl.splits.get(key) if tmpl is not None else None
             if split is None:
-                split = split_shift_for(rec, self.nitems, workers)
+                split = split_shift_for(rec, self.nitems, warps)
                 if tmpl is not None:
                     tmpl.splits[key] = split
             self.split = split
@@ -285,35 +298,63 @@ class _Payload:
                 np.int32(self.split), np.int32(self.buffer_side), np.int64(item_base), np.int32(self.rows_inner))
 
 
+class PairsLaunch:
+    """A block-pair copy resolved on the host (records built, launch shape chosen), not yet
+    queued: :meth:`enqueue` uploads the records and launches, in stream order. Splitting the
+    two lets a caller time only the GPU's share of a transfer (see the cuda_ipc backend)."""
+
+    __slots__ = ("_pl", "_spec", "_sptr", "_dev")
+
+    def __init__(self, pl: _Payload, spec: KernelSpec, sptr: int, dev: int):
+        self._pl, self._spec, self._sptr, self._dev = pl, spec, sptr, dev
+
+    def enqueue(self) -> None:
+        """Upload and launch on the stream the copy was resolved for.
+
+        Raises:
+            TransportError: the stream is capturing a CUDA graph, or the upload or launch failed.
+        """
+        pl, dev, sptr = self._pl, self._dev, self._sptr
+        if pl.nitems == 0:
+            return
+        cupy = _cuda._cupy()
+        st = _cuda._state(dev, sptr)
+        total = pl.bytes.nbytes
+        with st.lock, cupy.cuda.Device(dev):
+            cstream = _cuda._cupy_stream(sptr, dev)
+            _cuda._check_not_capturing(sptr, "kv_copy_pairs")
+            base = int(_cuda._device_buffer(st, total, cstream).ptr)
+            _cuda._upload(st, pl.bytes, base, sptr, cstream, f"kv_copy_pairs records to cuda:{dev}")
+            try:
+                get_kernel(self._spec, dev)((pl.ctas,), (_cuda._threads(self._spec),), pl.args(base), stream=cstream)
+            except Exception as exc:
+                raise TransportError(f"kv_copy_pairs launch failed on cuda:{dev}: {exc}") from exc
+
+
+def resolve_block_pairs(bp: BlockPairs, src_bases: Any, dst_bases: Any, *, stream: Any = None,
+                        device: int | None = None, spec: KernelSpec = PAIRS_KERNEL) -> PairsLaunch:
+    """The host half of :func:`copy_block_pairs`: everything but the upload and the launch.
+
+    Raises:
+        KernelCompileError: the kernel does not build. BackendUnavailableError: CuPy is missing.
+    """
+    src, src_objs = _cuda._flatten_bases(src_bases, "src_bases")
+    dst, dst_objs = _cuda._flatten_bases(dst_bases, "dst_bases")
+    return _resolve(bp, src, dst, src_objs + dst_objs, (src_bases, dst_bases), BUF_NONE, 0, stream, device, spec, None)
+
+
+def _resolve(bp: BlockPairs, src: list[int], dst: list[int], objs: list[Any], sources: tuple, buffer_side: int,
+             buffer: int, stream: Any, device: int | None, spec: KernelSpec, max_warps: int | None,
+             rows_inner: bool | None = None) -> PairsLaunch:
+    dev = _cuda._device_of(objs, sources, device)
+    pl = _Payload(bp, src, dst, buffer_side, buffer, dev, spec, max_warps, rows_inner)
+    return PairsLaunch(pl, spec, _cuda._stream_ptr(stream, objs, dev), dev)
+
+
 def _launch_pairs(bp: BlockPairs, src: list[int], dst: list[int], objs: list[Any], sources: tuple, buffer_side: int,
                   buffer: int, stream: Any, device: int | None, spec: KernelSpec, max_warps: int | None,
                   rows_inner: bool | None = None) -> None:
-    dev = _cuda._device_of(objs, sources, device)
-    pl = _Payload(bp, src, dst, buffer_side, buffer, dev, spec, max_warps, rows_inner)
-    if pl.nitems == 0:
-        return
-    cupy = _cuda._cupy()
-    sptr = _cuda._stream_ptr(stream, objs, dev)
-    st = _cuda._state(dev, sptr)
-    total = pl.bytes.nbytes
-    with st.lock, cupy.cuda.Device(dev):
-        cstream = _cuda._cupy_stream(sptr, dev)
-        is_capturing = getattr(cupy.cuda.runtime, "streamIsCapturing", None)
-        if is_capturing is not None and is_capturing(sptr):
-            raise TransportError("kv_copy_pairs cannot upload its records while the stream is capturing a CUDA graph; "
-                                 "use prepare_pairs() before capture")
-        slot = _cuda._staging(st, total)
-        slot[1][:total] = pl.bytes
-        mem = _cuda._device_buffer(st, total, cstream)
-        base = int(mem.ptr)
-        try:
-            cupy.cuda.runtime.memcpyAsync(base, slot[1].ctypes.data, total, _cuda._H2D, sptr)
-            ev = cupy.cuda.Event(disable_timing=True)
-            ev.record(cstream)
-            slot[2] = ev
-            get_kernel(spec, dev)((pl.ctas,), (_cuda._threads(spec),), pl.args(base), stream=cstream)
-        except Exception as exc:
-            raise TransportError(f"kv_copy_pairs upload or launch failed on cuda:{dev}: {exc}") from exc
+    _resolve(bp, src, dst, objs, sources, buffer_side, buffer, stream, device, spec, max_warps, rows_inner).enqueue()
 
 
 class PreparedPairs:
@@ -369,16 +410,11 @@ class PairPieces:
         self._mem = None
         if self._pl.nitems:
             st = _cuda._state(device, self._sptr)
-            total = self._pl.bytes.nbytes
             with st.lock, cupy.cuda.Device(device):
                 self._cstream = _cuda._cupy_stream(self._sptr, device)
-                self._mem = cupy.cuda.alloc(total)
-                slot = _cuda._staging(st, total)
-                slot[1][:total] = self._pl.bytes
-                cupy.cuda.runtime.memcpyAsync(int(self._mem.ptr), slot[1].ctypes.data, total, _cuda._H2D, self._sptr)
-                ev = cupy.cuda.Event(disable_timing=True)
-                ev.record(self._cstream)
-                slot[2] = ev
+                self._mem = cupy.cuda.alloc(self._pl.bytes.nbytes)
+                _cuda._upload(st, self._pl.bytes, int(self._mem.ptr), self._sptr, self._cstream,
+                              f"kv_copy_pairs records to cuda:{device}")
             self._fn = get_kernel(spec, device)
 
     def __len__(self) -> int:
