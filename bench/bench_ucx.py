@@ -76,12 +76,53 @@ def _serve(conn, env, geom, seed, device):
                            else t[:, ids].tobytes() for t in ts])
 
 
+def _mismatch(c, got, want) -> dict:
+    """What a wrong read left: layers right / wrong, and whether the staging buffer (back in
+    the pool) holds the stream the server sent."""
+    out = {"layers_right": sum(g == w for g, w in zip(got, want)), "layers": len(want)}
+    try:
+        be = next(x for x in c._backends.values() if type(x).__name__ == "UcxBackend")
+        stream = b"".join(want)
+        staged = []
+        for st in (be._pool._free if be._pool is not None else []):
+            arr = st.array[: len(stream)]
+            data = (arr.get() if hasattr(arr, "get") else arr).tobytes()
+            staged.append("stream" if data == stream else f"differs at {next(i for i in range(0, len(stream), 4096) if data[i:i + 4096] != stream[i:i + 4096])}")
+        out["staging"] = staged
+        first_bad = next(i for i, (g, w) in enumerate(zip(got, want)) if g != w)
+        g, w = got[first_bad], want[first_bad]
+        bad = [i for i in range(0, len(w), 32768) if g[i:i + 32768] != w[i:i + 32768]]
+        out["first_bad_layer"] = first_bad
+        out["bad_32k_blocks_in_it"] = [len(bad), bad[:4]]
+    except Exception as exc:  # diagnostics must not hide the failure
+        out["diag_error"] = repr(exc)
+    return out
+
+
 def run_pair(backend, mode, geom, moved, iters, device_pair=None, depth=1):
     """Median GB/s of `iters` reads of `moved` random blocks, client <- server. ``depth`` reads
     (into disjoint destination blocks) are in flight at once: the sustained rate of a server
     with several requests moving, where one transfer's host work overlaps another's bytes."""
     env = {"BENCH_BACKEND": backend, "KVXFER_UCX_MODE": mode}
     os.environ.update({k: v for k, v in env.items() if k.startswith("KVXFER")})
+    reset = os.environ.get("BENCH_RESET", "")  # diagnostics: start each pair from cleared caches / pool
+    if "caches" in reset:
+        import kvxfer.ops.cuda as _oc
+        import kvxfer.ops.pairs as _op
+        import kvxfer.plan as _pl
+
+        _op._TEMPLATES.clear()
+        _pl._PAIRS_BY_ID.clear()
+        _pl._segment_pairs.cache_clear()
+        _oc._states.clear()
+        _oc._streams.clear()
+    if "pool" in reset and device_pair is not None:
+        import cupy as _cp
+
+        import gc
+
+        gc.collect()
+        _cp.get_default_memory_pool().free_all_blocks()
     ctx = mp.get_context("spawn")
     a, b = ctx.Pipe()
     srv_dev = None if device_pair is None else device_pair[0]
@@ -108,13 +149,17 @@ def run_pair(backend, mode, geom, moved, iters, device_pair=None, depth=1):
             src = rng.choice(nb, moved, replace=False)
             dsts = rng.permutation(nb)[: moved * depth].reshape(depth, moved)
             dst = dsts[0]
+            xp = np if dev is None else __import__("cupy")
+
+            def blocks(d):
+                return [(xp.asnumpy(t[:, xp.asarray(d)]) if dev is not None else t[:, d]).tobytes() for t in ts]
+
             c.read(peer, src, dst).wait(300)  # warm-up (registration, staging, kernels)
             a.send(("blocks", src.tolist()))
             want = a.recv()
-            xp = np if dev is None else __import__("cupy")
-            got = [(xp.asnumpy(t[:, xp.asarray(dst)]) if dev is not None else t[:, dst]).tobytes() for t in ts]
+            got = blocks(dst)
             if got != want:
-                raise AssertionError(f"{backend}/{mode}: bytes differ")
+                raise AssertionError(f"{backend}/{mode}: bytes differ: {_mismatch(c, got, want)}")
             times = []
             for _ in range(iters):
                 t0 = time.perf_counter()

@@ -147,3 +147,37 @@ class PeerProcess:
                 pass
             self.proc.join(10)
         self.kill()
+
+
+def caller_stream_ordering_checks(c, peer, kv, ask, nb: int) -> None:
+    """GPU transfers wait for the work the caller queued on its current stream: after a long
+    GPU sleep the caller overwrites blocks on its stream, then at once reads into them (the
+    read must land after the overwrite) and writes others out (the peer must get the new
+    bytes). ``kv``: the local torch tensors on cuda:0; ``ask``: a pipe to a peer that answers
+    ``("blocks", ids)`` with its blocks ``ids`` of every layer as numpy arrays."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    src, dst = rng.choice(nb, 100, replace=False), rng.choice(nb, 100, replace=False)
+    d = torch.as_tensor(dst, device="cuda:0")
+    side = torch.cuda.Stream("cuda:0")
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(300_000_000)  # ~0.2 s of GPU time before the caller's overwrite
+        for t in kv:
+            t[:, d] = -1
+        h = c.read(peer, src, dst)
+    h.wait(60)
+    side.synchronize()
+    ask.send(("blocks", src))
+    remote = ask.recv()
+    for i, t in enumerate(kv):
+        assert np.array_equal(t.index_select(1, d).cpu().numpy(), remote[i]), f"read landed before the caller's write, layer {i}"
+    s2, d2 = rng.choice(nb, 100, replace=False), rng.choice(nb, 100, replace=False)
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(300_000_000)
+        for t in kv:
+            t[:, torch.as_tensor(s2, device="cuda:0")] = 7
+        h = c.write(peer, s2, d2)
+    h.wait(60)
+    ask.send(("blocks", d2))
+    assert all((r == 7).all() for r in ask.recv()), "the write sent bytes from before the caller's update"

@@ -12,6 +12,8 @@ pytestmark = [
 ]
 cupy = pytest.importorskip("cupy", reason="GPU staging needs cupy")
 
+from kvpeers import caller_stream_ordering_checks  # noqa: E402
+
 
 def _cache(nb, layers, seed, device):
     g = torch.Generator().manual_seed(seed)
@@ -90,3 +92,25 @@ def _host_peer(conn, nb, layers):
                 return
             ids = torch.as_tensor(cmd[1])
             conn.send([t.index_select(1, ids).numpy() for t in kv])
+
+
+def test_gpu_transfers_over_tcp_wait_for_the_callers_stream():
+    import kvxfer
+
+    nb, layers = 256, 4
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    peer_device = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
+    p = ctx.Process(target=_peer, args=(child, nb, layers, peer_device), daemon=True)
+    p.start()
+    try:
+        meta = parent.recv()
+        kv = _cache(nb, layers, 2, "cuda:0")
+        with kvxfer.Connector("local", backend="tcp") as c:
+            c.register(kv, block_dim=1)
+            caller_stream_ordering_checks(c, c.connect(meta), kv, parent, nb)
+    finally:
+        parent.send(("exit",))
+        p.join(30)
+        if p.is_alive():
+            p.kill()

@@ -16,6 +16,8 @@ pytestmark = [
 pytest.importorskip("cupy", reason="GPU packing needs cupy")
 pytest.importorskip("ucxx", reason="the UCX backend needs ucxx (the ucx extra)")
 
+from kvpeers import caller_stream_ordering_checks  # noqa: E402
+
 NB, LAYERS = 256, 4
 ENV = {"UCX_TLS": "tcp,sm,cuda_copy,cuda_ipc", "UCX_WARN_UNUSED_ENV_VARS": "n"}
 
@@ -87,6 +89,35 @@ def test_gpu_cache_over_ucx_every_byte(mode, chunk, monkeypatch):
             for i, t in enumerate(kv):
                 want = t.index_select(1, torch.as_tensor(src2, device="cuda:0")).cpu().numpy()
                 assert np.array_equal(want, remote[i]), f"layer {i}"
+    finally:
+        parent.send(("exit",))
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+
+
+@pytest.mark.parametrize("mode", ["packed", "direct"])
+def test_transfers_wait_for_the_work_queued_on_the_callers_stream(mode, monkeypatch):
+    # the caller queues a long sleep and then writes to the blocks on its own stream; a read
+    # into those blocks must land after the writes, a write out of them must send the new bytes
+    env = dict(ENV, KVXFER_UCX_MODE=mode, KVXFER_UCX_CHUNK_BYTES=str(1 << 20))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    import kvxfer
+
+    peer_device = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_peer, args=(child, peer_device, env), daemon=True)
+    p.start()
+    try:
+        assert parent.poll(120), "peer did not start"
+        meta = parent.recv()
+        kv = _cache(2, "cuda:0")
+        with kvxfer.Connector("local", backend="ucx") as c:
+            c.register(kv, block_dim=1)
+            peer = c.connect(meta)
+            caller_stream_ordering_checks(c, peer, kv, parent, NB)
     finally:
         parent.send(("exit",))
         p.join(30)

@@ -11,7 +11,6 @@ receiver only after a header arrived, so the two sides can never wait on each ot
 
 from __future__ import annotations
 
-import sys
 import threading
 from typing import Any
 
@@ -76,14 +75,6 @@ def _pool(device: int, direction: str, config: TcpConfig) -> PinnedPool:
         return p
 
 
-def _caller_stream(layout: KVLayout, device: int) -> int | None:
-    """The CUDA stream the engine queued its KV work on, when its tensors are torch's."""
-    torch = sys.modules.get("torch")
-    if torch is not None and any(isinstance(o, torch.Tensor) for o in layout.owners):
-        return int(torch.cuda.current_stream(device).cuda_stream)
-    return None
-
-
 class GpuStreamSide(StreamSide):
     """The stream of a plan over GPU-resident KV memory, staged through pinned chunks."""
 
@@ -105,13 +96,11 @@ class GpuStreamSide(StreamSide):
         self._closed = False
         with cupy.cuda.Device(self._dev):
             self._stream = cupy.cuda.Stream(non_blocking=True)
-            self._buf = cupy.empty(max(plan.nbytes, 1), dtype=cupy.uint8)
+            # gather or scatter only after the work the caller queued on the cache so far
+            self._stream.wait_event(ops.caller_ready_event(layout))
+            with self._stream:
+                self._buf = cupy.empty(max(plan.nbytes, 1), dtype=cupy.uint8)
             if self._sending and plan.nbytes:
-                caller = _caller_stream(layout, self._dev)
-                if caller is not None:  # pack only after the engine's queued writes to the cache
-                    ev = cupy.cuda.Event(disable_timing=True)
-                    ev.record(cupy.cuda.ExternalStream(caller, self._dev))
-                    self._stream.wait_event(ev)
                 ops.gather(plan, layout, int(self._buf.data.ptr), stream=self._stream.ptr, device=self._dev)
                 self._packed = cupy.cuda.Event(disable_timing=True)
                 self._packed.record(self._stream)

@@ -329,7 +329,12 @@ class UcxBackend(Backend):
         assert isinstance(link, UcxLink)
         if link.closed:
             raise PeerLostError(f"link to {link.peer.name!r} is closed")
-        self.defer(link.start, req, plan, handle)
+        ready = None
+        if self.layout is not None and self.layout.memory is MemoryKind.CUDA and plan.nbytes:
+            from ..ops.cuda import caller_ready_event
+
+            ready = caller_ready_event(self.layout)  # on the caller's thread: its current stream
+        self.defer(link.start, req, plan, handle, ready)
 
     # -- closing -----------------------------------------------------------------------------
     def forget(self, link: UcxLink) -> None:

@@ -95,6 +95,7 @@ class _Xfer:
     scattered: int = 0  # packed read: pieces whose scatter is queued
     token: Any = None  # the last queued scatter
     pieces: Any = None  # packed read: the prepared scatter
+    ready: Any = None  # GPU memory: the caller's stream event our accesses wait for
     t_req: float = 0.0
     t_first: float = 0.0
 
@@ -188,12 +189,13 @@ class UcxLink(BackendLink):
         self.backend.defer(self.send, Msg.NOTE, proto.note_body(bytes(payload)))
 
     # -- initiator --------------------------------------------------------------------------
-    def start(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle) -> None:
-        """Work thread: begin a transfer this side initiated."""
+    def start(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle, ready: Any = None) -> None:
+        """Work thread: begin a transfer this side initiated. ``ready``: an event on the
+        caller's stream (GPU memory) that every access to our blocks waits for."""
         if self._closed:
             handle.set_failed(PeerLostError(f"link to {self.peer.name!r} is closed"))
             return
-        x = _Xfer(req, plan, handle)
+        x = _Xfer(req, plan, handle, ready=ready)
         with self._lock:
             self._mine[req.xfer_id] = x
         handle.add_done_callback(lambda h: self._on_handle_done(x, h))
@@ -223,6 +225,8 @@ class UcxLink(BackendLink):
         return (laddr.tolist(), raddr.tolist(), ll.tolist(), [rk[i] for i in rt.tolist()], [params[i] for i in lt.tolist()])
 
     def _start_direct(self, x: _Xfer) -> None:
+        if x.ready is not None:  # UCX's copies are not on a stream of ours: wait on the host
+            x.ready.synchronize()
         put = x.req.op is Op.WRITE
         la, ra, ln, rk, prm = self._ranges(x.plan, "src" if put else "dst")
         try:
@@ -249,6 +253,7 @@ class UcxLink(BackendLink):
 
     def _start_packed(self, x: _Xfer) -> None:
         pool, packer = self.backend.staging(), self.backend.packer()
+        packer.wait_for(x.ready)  # the gather / scatter below are queued after the caller's work
         x.staging = pool.get(x.plan.nbytes)
         x.chunks = x.plan.chunk_bounds(piece_bytes(self.backend.config, x.plan.nbytes))
         self.send(Msg.REQ, proto.request_body(x.req, x.staging.address, x.staging.rkey, x.plan.nbytes))

@@ -97,6 +97,11 @@ class Packer:
                 self._stream = cupy.cuda.Stream(non_blocking=True)
         return self._stream
 
+    def wait_for(self, event: Any) -> None:
+        """Queue a wait for ``event`` (GPU; None: nothing) before our next gather or scatter."""
+        if event is not None and not self.host:
+            self._gpu_stream().wait_event(event)
+
     def _record(self) -> Any:
         import cupy
 

@@ -35,6 +35,8 @@ from ._loader import KernelSpec, get_kernel
 
 __all__ = [
     "KERNEL",
+    "alloc_on",
+    "caller_ready_event",
     "PreparedCopy",
     "prepare",
     "prepare_gather",
@@ -396,8 +398,44 @@ def _device_buffer(st: _StreamState, n: int, stream: Any) -> Any:
             ev = cupy.cuda.Event(disable_timing=True)
             ev.record(stream)
             st.retired.append((st.mem, ev))
-        st.mem = cupy.cuda.alloc(1 << max(16, (n - 1).bit_length()))
+        st.mem = alloc_on(stream, 1 << max(16, (n - 1).bit_length()))
     return st.mem
+
+
+def alloc_on(stream: Any, nbytes: int) -> Any:
+    """Device memory from CuPy's pool for use on ``stream`` (a CuPy stream).
+
+    CuPy's pool hands a freed block back out at once to the next allocation made under the
+    same current stream, trusting stream order. Memory used on one of our streams must be
+    allocated under that stream: allocated under the caller's (default) stream, it could be
+    handed to the caller while our kernels still read it, or reused by us while the caller's
+    queued kernels still write the block they freed (seen as corrupted records and an illegal
+    address in the UCX backend's scatter with reads in flight).
+    """
+    with stream:
+        return _cupy().cuda.alloc(nbytes)
+
+
+def caller_ready_event(layout: Any) -> Any:
+    """An event recorded now on the caller's current stream on ``layout``'s device: torch's
+    current stream when the layout's tensors are torch tensors, else CuPy's.
+
+    Work a transfer queues on its own streams waits for it, so that it sees every write the
+    caller queued before starting the transfer (the KV of a prefill still being computed)
+    and never overtakes the caller's queued work on the same blocks. Call it on the caller's
+    thread: current streams are per thread.
+    """
+    cupy = _cupy()
+    dev = int(layout.device)
+    torch = sys.modules.get("torch")
+    with cupy.cuda.Device(dev):
+        if torch is not None and any(isinstance(o, torch.Tensor) for o in layout.owners):
+            stream = _cupy_stream(int(torch.cuda.current_stream(dev).cuda_stream), dev)
+        else:
+            stream = cupy.cuda.get_current_stream()
+        ev = cupy.cuda.Event(disable_timing=True)
+        ev.record(stream)
+    return ev
 
 
 def copy_jobs(jobs: np.ndarray, src_bases: Any, dst_bases: Any, *, stream: Any = None,

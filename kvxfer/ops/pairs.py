@@ -412,7 +412,7 @@ class PairPieces:
             st = _cuda._state(device, self._sptr)
             with st.lock, cupy.cuda.Device(device):
                 self._cstream = _cuda._cupy_stream(self._sptr, device)
-                self._mem = cupy.cuda.alloc(self._pl.bytes.nbytes)
+                self._mem = _cuda.alloc_on(self._cstream, self._pl.bytes.nbytes)
                 _cuda._upload(st, self._pl.bytes, int(self._mem.ptr), self._sptr, self._cstream,
                               f"kv_copy_pairs records to cuda:{device}")
             self._fn = get_kernel(spec, device)
