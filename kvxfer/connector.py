@@ -312,6 +312,10 @@ class Connector:
         (default: the connector's). ``reshard`` (a :class:`~kvxfer.reshard.HeadReshard`) moves a
         slice of heads and/or converts NHD <-> HND between unlike layouts (heterogeneous TP).
 
+        GPU memory: the transfer touches our blocks only after the work queued so far on the
+        calling thread's current CUDA stream (torch's when the layout holds torch tensors, else
+        CuPy's), so KV still being computed there is sent whole; every backend keeps this order.
+
         Raises:
             BlockIdError: ids out of range on either side, unequal lengths, duplicate destinations.
             LayoutMismatchError, LayoutError: incompatible or missing layouts, unknown layers.
