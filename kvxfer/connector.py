@@ -394,9 +394,10 @@ class Connector:
         """Producer: announce that ``request_id``'s KV sits in ``blocks`` (see registry agent)."""
         self.requests.publish(request_id, blocks, ttl=ttl)
 
-    def pull(self, request_id: str, dst_blocks: Sequence[int], *, timeout: float = 60.0) -> TransferHandle:
-        """Consumer: wait for ``request_id``'s publication and read its blocks into ``dst_blocks``."""
-        return self.requests.pull(request_id, dst_blocks, timeout=timeout)
+    def pull(self, request_id: str, dst_blocks: Sequence[int], *, timeout: float = 60.0, skip: int = 0) -> TransferHandle:
+        """Consumer: wait for ``request_id``'s publication and read its blocks into ``dst_blocks``
+        (all but the first ``skip``, which this side already holds: a local prefix-cache hit)."""
+        return self.requests.pull(request_id, dst_blocks, timeout=timeout, skip=skip)
 
     def expect(self, request_id: str, dst_blocks: Sequence[int], *, timeout: float = 60.0) -> TransferHandle:
         """Consumer, push mode: ask the producer to write ``request_id`` into ``dst_blocks``."""

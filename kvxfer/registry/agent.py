@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import KvxferError, PeerLostError, RegistryError, TransferTimeoutError
+from ..errors import ConfigError, KvxferError, PeerLostError, RegistryError, TransferTimeoutError
 from ..handle import Op, TransferHandle, TransferStats
 from ..metadata import PeerMetadata
 from .base import DEFAULT_LEASE_S, AsyncRegistry, LinkState
@@ -206,25 +206,35 @@ class RequestAgent:
             raise TransferTimeoutError(f"no request finished within {timeout} s") from None
 
     # -- consumer, pull mode ------------------------------------------------------------
-    def pull(self, request_id: str, dst_blocks: Sequence[int], *, timeout: float = 60.0) -> RequestHandle:
+    def pull(self, request_id: str, dst_blocks: Sequence[int], *, timeout: float = 60.0, skip: int = 0) -> RequestHandle:
         """Wait (in the background) for ``request_id``'s publication, read it into ``dst_blocks``.
+
+        ``skip``: the first ``skip`` blocks are already here (a local prefix-cache hit for the
+        same tokens): only the publication's blocks after them are read, into
+        ``dst_blocks[skip:]``; ``dst_blocks`` still names one block per published block.
 
         Returns a handle at once; its ``stats`` time the whole wait from this call, its
         ``transfer_stats`` the read alone. It fails with RegistryTimeoutError (not published
         in time), AlreadyClaimedError (another consumer won), RequestFailedError (producer lost,
         request expired or cancelled), or the transfer's own error (PeerLostError ...).
+
+        Raises:
+            ConfigError: ``skip`` is not in ``0..len(dst_blocks)``.
         """
         self._ensure_registered()
         dst = np.asarray(dst_blocks, dtype=np.int64).ravel()
-        handle = self._new_handle(request_id, Mode.PULL, Op.READ, dst)
+        if not 0 <= int(skip) <= dst.size:
+            raise ConfigError(f"skip={skip}; expected 0..{dst.size} (the blocks already held, of {dst.size})")
+        skip = int(skip)
+        handle = self._new_handle(request_id, Mode.PULL, Op.READ, dst[skip:])
         with self._lock:
             self._waiting[request_id] = handle
         handle.add_done_callback(lambda h: self._forget_waiting(request_id, h))
-        self._client.submit(lambda impl: self._pull_task(impl, request_id, dst, timeout, handle))
+        self._client.submit(lambda impl: self._pull_task(impl, request_id, dst, timeout, handle, skip))
         return handle
 
     async def _pull_task(self, impl: AsyncRegistry, rid: str, dst: np.ndarray, timeout: float,
-                         handle: RequestHandle) -> None:
+                         handle: RequestHandle, skip: int = 0) -> None:
         claimed = False
         try:
             claim = await impl.pull(rid, timeout)
@@ -237,7 +247,7 @@ class RequestAgent:
                                          f"consumer asked for {len(dst)}")
             handle.peer_name = claim.producer
             peer = await self._in_pool(self._peer, claim.producer, claim.metadata)
-            inner = await self._in_pool(self._connector.read, peer, list(claim.blocks), dst)
+            inner = await self._in_pool(self._connector.read, peer, list(claim.blocks[skip:]), dst[skip:])
             handle.backend = inner.backend
             loop = asyncio.get_running_loop()
             inner.add_done_callback(lambda h: loop.call_soon_threadsafe(self._spawn_finish, impl, rid, h, handle))

@@ -31,17 +31,21 @@ def test_import_kvxfer_does_not_import_the_integration() -> None:
 
 
 def test_step_plan_round_trip() -> None:
-    plan = StepPlan(loads=(LoadSpec("r1", "x1", (3, 4, 5)),), publishes=(PublishSpec("r2", "x2", (7,), 30.0),),
+    plan = StepPlan(loads=(LoadSpec("r1", "x1", (3, 4, 5)), LoadSpec("r4", "x4", (8, 9), skip=1)),
+                    publishes=(PublishSpec("r2", "x2", (7,), 30.0),),
                     pushes=(PushSpec("r3", "x3", (1, 2)),))
     assert StepPlan.from_bytes(plan.to_bytes()) == plan
     assert not StepPlan() and StepPlan.from_bytes(StepPlan().to_bytes()) == StepPlan()
 
 
 @pytest.mark.parametrize("raw", [
-    msgpack.packb([2, [], [], []]),                     # another version
-    msgpack.packb([1, [["r", "k", [-1]]], [], []]),     # negative block id
-    msgpack.packb([1, [["r", 5, [1]]], [], []]),        # key not a string
-    msgpack.packb([1, [], []]),                         # truncated
+    msgpack.packb([1, [], [], []]),                     # another version
+    msgpack.packb([2, [["r", "k", [-1], 0]], [], []]),  # negative block id
+    msgpack.packb([2, [["r", 5, [1], 0]], [], []]),     # key not a string
+    msgpack.packb([2, [["r", "k", [1], 2]], [], []]),   # skips more blocks than it names
+    msgpack.packb([2, [["r", "k", [1], -1]], [], []]),  # negative skip
+    msgpack.packb([2, [["r", "k", [1]]], [], []]),      # skip missing
+    msgpack.packb([2, [], []]),                         # truncated
     b"\xc1",                                            # not msgpack
 ])
 def test_step_plan_refuses_malformed(raw: bytes) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kvxfer.connector import Connector
+from kvxfer.errors import ConfigError
 from kvxfer.registry.agent import RequestAgent, RequestHandle
 from kvxfer.registry.core import CoreConfig
 from kvxfer.registry.errors import (AlreadyClaimedError, DuplicateRequestError, RegistryTimeoutError,
@@ -62,6 +63,26 @@ def test_pull_returns_at_once_and_reads(pair):
     prod.publish("r2", [1], ttl=10)
     with pytest.raises(DuplicateRequestError):
         prod.publish("r2", [1], ttl=10)
+
+
+def test_pull_skips_the_blocks_the_consumer_already_holds(pair):
+    # a local prefix-cache hit: the first two published blocks are already in place here
+    (prod, pkv), (cons, ckv) = pair("prod", 1), pair("cons", None)
+    for t in ckv:
+        t[[5, 6, 7, 8]] = 0
+    prod.publish("r", [1, 2, 3, 4], ttl=10)
+    h = cons.pull("r", [5, 6, 7, 8], timeout=5, skip=2)
+    h.wait(5)
+    assert h.nbytes == 2 * cons.layout.block_nbytes
+    for i in range(LAYERS):
+        assert not ckv[i][[5, 6]].any()  # untouched
+        assert np.array_equal(ckv[i][[7, 8]], pkv[i][[3, 4]])
+    assert prod.requests.wait_finished(5).kind == EventKind.CONSUMED
+    prod.publish("all-held", [1, 2], ttl=10)  # nothing left to read: still claimed and confirmed
+    cons.pull("all-held", [5, 6], timeout=5, skip=2).wait(5)
+    assert prod.requests.wait_finished(5).request_id == "all-held"
+    with pytest.raises(ConfigError, match="skip=3"):
+        cons.pull("x", [5, 6], skip=3)
 
 
 def test_second_consumer_gets_clear_error(pair):

@@ -38,7 +38,7 @@ PARAM_ID = "kvxfer_id"
 PARAM_REMOTE_DECODE = "do_remote_decode"
 PARAM_REMOTE_PREFILL = "do_remote_prefill"
 
-_PLAN_VERSION = 1
+_PLAN_VERSION = 2  # 2: loads carry ``skip``
 _MAX_ID_LEN = 512
 
 
@@ -57,11 +57,13 @@ def transfer_id_of(params: Mapping[str, Any] | None, flag: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class LoadSpec:
-    """Consumer: bring transfer ``key`` into ``dst_blocks`` for vLLM request ``req_id``."""
+    """Consumer: bring transfer ``key`` into ``dst_blocks`` for vLLM request ``req_id``, all
+    but the first ``skip`` blocks (a local prefix-cache hit already holds them)."""
 
     req_id: str
     key: str
     dst_blocks: tuple[int, ...]
+    skip: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +99,7 @@ class StepPlan:
     def to_bytes(self) -> bytes:
         return msgpack.packb([
             _PLAN_VERSION,
-            [[s.req_id, s.key, list(s.dst_blocks)] for s in self.loads],
+            [[s.req_id, s.key, list(s.dst_blocks), s.skip] for s in self.loads],
             [[s.req_id, s.key, list(s.src_blocks), s.ttl_s] for s in self.publishes],
             [[s.req_id, s.key, list(s.src_blocks)] for s in self.pushes],
         ])
@@ -115,7 +117,7 @@ class StepPlan:
             if version != _PLAN_VERSION:
                 raise LocalProtocolError(f"step plan version {version!r}; this worker reads {_PLAN_VERSION}")
             return cls(
-                loads=tuple(LoadSpec(_s(r), _s(k), _ids(b)) for r, k, b in loads),
+                loads=tuple(_load(r, k, b, n) for r, k, b, n in loads),
                 publishes=tuple(PublishSpec(_s(r), _s(k), _ids(b), float(t)) for r, k, b, t in pubs),
                 pushes=tuple(PushSpec(_s(r), _s(k), _ids(b)) for r, k, b in pushes),
             )
@@ -123,6 +125,13 @@ class StepPlan:
             raise
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise LocalProtocolError(f"malformed step plan: {exc}") from None
+
+
+def _load(r: Any, k: Any, b: Any, n: Any) -> LoadSpec:
+    ids = _ids(b)
+    if type(n) is not int or not 0 <= n <= len(ids):
+        raise TypeError(f"skip {n!r} is not a count of 0..{len(ids)} blocks")
+    return LoadSpec(_s(r), _s(k), ids, n)
 
 
 def _s(v: Any) -> str:

@@ -9,9 +9,9 @@ the registry says CONSUMED, FAILED or EXPIRED), and hands the worker side one
 
 Block accounting: a transfer covers the request's prompt blocks, ``ceil(prompt / block_size)``
 on both sides, so producer and consumer name the same number of blocks. A consumer that already
-holds a local prefix-cache hit for the prompt still receives every prompt block: the registry's
-pull moves a publication whole, so the hit blocks are rewritten with the producer's bytes for
-the same tokens (see the closing note of issue 9 for the registry change that would skip them).
+holds a local prefix-cache hit for the prompt's first blocks skips them in pull mode (the load's
+``skip``: those shared blocks are neither rewritten nor moved). In push mode the producer writes
+every prompt block, so hit blocks are rewritten with the producer's bytes for the same tokens.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class SchedulerSide:
         self._loads: list[LoadSpec] = []
         self._publishes: list[PublishSpec] = []
         self._loading: set[str] = set()               # consumer: load already planned
+        self._local_hit: dict[str, int] = {}          # consumer: prompt tokens found in the local cache
         self._push_wanted: dict[str, tuple[str, Request]] = {}   # producer, push: not yet pushed
         self._pushed: dict[str, str] = {}             # producer, push: req id -> transfer id
 
@@ -81,6 +82,8 @@ class SchedulerSide:
         if not transfer_id_of(request.kv_transfer_params, PARAM_REMOTE_PREFILL):
             return 0, False
         count = request.num_prompt_tokens - num_computed_tokens
+        if count > 0:
+            self._local_hit[request.request_id] = num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -94,14 +97,16 @@ class SchedulerSide:
                 log.warning("request %s asks for a remote decode in push mode without %r; not pushing", rid, PARAM_ID)
             elif key is not None:
                 self._push_wanted[rid] = (key, request)
+        hit = self._local_hit.pop(rid, 0) // self._block_size  # whole blocks already in place here
         if num_external_tokens <= 0 or rid in self._loading:
             return
         key = transfer_id_of(params, PARAM_REMOTE_PREFILL)
         if not key:
             return
         dst = tuple(blocks.get_block_ids()[0][: self._prompt_blocks(request)])
+        skip = min(hit, len(dst)) if self._config.mode is TransferMode.PULL else 0
         self._loading.add(rid)
-        self._loads.append(LoadSpec(rid, key, dst))
+        self._loads.append(LoadSpec(rid, key, dst, skip))
 
     # -- per step ----------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> StepPlan:
@@ -134,6 +139,7 @@ class SchedulerSide:
         and return the ``kv_transfer_params`` for the decode instance. Consumer: nothing held."""
         rid = request.request_id
         self._loading.discard(rid)
+        self._local_hit.pop(rid, None)
         self._push_wanted.pop(rid, None)
         if not self._role.produces:
             return False, None

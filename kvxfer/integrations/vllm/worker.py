@@ -201,7 +201,7 @@ class WorkerSide:
             if self._config.mode is TransferMode.PUSH:
                 h = agent.expect(key, spec.dst_blocks, timeout=self._config.load_timeout_s)
             else:
-                h = agent.pull(key, spec.dst_blocks, timeout=self._config.load_timeout_s)
+                h = agent.pull(key, spec.dst_blocks, timeout=self._config.load_timeout_s, skip=spec.skip)
             self._loads[spec.req_id] = _Load(key, h, spec.dst_blocks)
 
     def save_kv_layer(self, layer_name: str) -> None:

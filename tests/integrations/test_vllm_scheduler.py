@@ -1,0 +1,55 @@
+"""The scheduler side's load planning with stand-in requests and blocks (needs vLLM importable:
+runs in the vLLM venv of scripts/test_vllm.sh)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm", reason="the scheduler side imports vLLM (scripts/test_vllm.sh installs it)")
+
+from kvxfer.integrations.vllm.config import TransferMode, TransferRole, VllmConnectorConfig  # noqa: E402
+from kvxfer.integrations.vllm.metadata import PARAM_ID, PARAM_REMOTE_PREFILL  # noqa: E402
+from kvxfer.integrations.vllm.scheduler import SchedulerSide  # noqa: E402
+
+BS = 16
+
+
+def _request(rid: str, prompt_tokens: int):
+    return SimpleNamespace(request_id=rid, num_prompt_tokens=prompt_tokens,
+                           kv_transfer_params={PARAM_REMOTE_PREFILL: True, PARAM_ID: f"x-{rid}"})
+
+
+def _blocks(ids):
+    return SimpleNamespace(get_block_ids=lambda: (list(ids),))
+
+
+def _plan_load(side: SchedulerSide, req, local_hit_tokens: int, block_ids):
+    count, is_async = side.get_num_new_matched_tokens(req, local_hit_tokens)
+    side.update_state_after_alloc(req, _blocks(block_ids), count)
+    return count, is_async, side.build_connector_meta(SimpleNamespace()).loads
+
+
+@pytest.mark.parametrize("mode,hit_tokens,skip", [
+    (TransferMode.PULL, 0, 0),
+    (TransferMode.PULL, 3 * BS, 3),          # three whole blocks of the prompt are cached here
+    (TransferMode.PUSH, 3 * BS, 0),          # the producer writes every block in push mode
+])
+def test_a_local_prefix_hit_is_skipped_by_the_load(mode, hit_tokens, skip):
+    side = SchedulerSide(VllmConnectorConfig(mode=mode), TransferRole.CONSUMER, BS, lambda rid: [])
+    req = _request("r1", 5 * BS + 3)  # 6 prompt blocks, the last one partial
+    count, is_async, loads = _plan_load(side, req, hit_tokens, range(100, 108))
+    assert (count, is_async) == (5 * BS + 3 - hit_tokens, True)
+    assert len(loads) == 1
+    assert loads[0].dst_blocks == tuple(range(100, 106)) and loads[0].skip == skip
+
+
+def test_a_hit_noted_for_an_abandoned_request_is_forgotten():
+    side = SchedulerSide(VllmConnectorConfig(), TransferRole.CONSUMER, BS, lambda rid: [])
+    req = _request("r2", 4 * BS)
+    side.get_num_new_matched_tokens(req, 2 * BS)
+    side.request_finished(req, [])
+    # scheduled again later without a local hit: nothing stale is skipped
+    _, _, loads = _plan_load(side, req, 0, range(10, 14))
+    assert loads[0].skip == 0
