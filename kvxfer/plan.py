@@ -39,6 +39,22 @@ JOB_DTYPE = np.dtype(
 )
 
 
+_PER_BLOCK: dict[int, tuple[np.ndarray, int]] = {}
+
+
+def _bytes_per_block(pairs: np.ndarray) -> int:
+    """Bytes one block moves through ``pairs``; memoized per pairs array (a plan's pairs come
+    from the cached segment pairs of its two layouts, so the same few arrays recur)."""
+    hit = _PER_BLOCK.get(id(pairs))
+    if hit is not None and hit[0] is pairs:
+        return hit[1]
+    n = int((pairs["src_run"] * pairs["src_count"]).sum())
+    if len(_PER_BLOCK) >= 256:
+        _PER_BLOCK.clear()
+    _PER_BLOCK[id(pairs)] = (pairs, n)
+    return n
+
+
 @dataclass(frozen=True, slots=True)
 class BlockPairs:
     """A plan between two layouts whose blocks share one segment structure, kept compact.
@@ -57,8 +73,7 @@ class BlockPairs:
 
     @property
     def nbytes(self) -> int:
-        per_block = int((self.pairs["src_run"] * self.pairs["src_count"]).sum())
-        return per_block * int(self.src_blocks.size)
+        return _bytes_per_block(self.pairs) * int(self.src_blocks.size)
 
     @property
     def nruns(self) -> int:
