@@ -120,3 +120,47 @@ def test_prefill_decode_life_cycle_and_killed_producer(env: dict[str, Any], mode
             if p.is_alive():
                 p.kill()
             p.join(10)
+
+
+def _block(data: bytes, nblocks: int, layer: int, i: int) -> bytes:
+    """Block ``i`` of ``layer`` in Engine.block_bytes() output (layers outer, blocks inner)."""
+    page = len(data) // (len(parties.LAYERS) * nblocks)
+    at = (layer * nblocks + i) * page
+    return data[at:at + page]
+
+
+def test_a_local_prefix_hit_is_not_loaded_again(env: dict[str, Any]) -> None:
+    # the consumer prefilled the same prompt itself before: its first two (full) blocks are in
+    # its prefix cache, so the pull moves only the third block from the producer
+    ctx = mp.get_context("spawn")
+    extra = {"registry": env["url"], "mode": "pull", "backend": "tcp", "load_timeout_s": 10.0, "ttl_s": 60.0}
+    p_cmd, p_out, c_cmd, c_out = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Queue()
+    prompt = {"p-1": PROMPTS["p-1"]}
+    prod = ctx.Process(target=parties.producer, args=(env["model"], extra, prompt, p_cmd, p_out), name="producer")
+    cons = ctx.Process(target=parties.consumer, args=(env["model"], extra, c_cmd, c_out), name="consumer")
+    prod.start()
+    cons.start()
+    try:
+        _, _, published, _, _ = _get(p_out, 300, prod)
+        _get(c_out, 300, cons)
+        c_cmd.put(("local", "c-0", PROMPTS["p-1"]))
+        _, _, local_blocks, local_data = _get(c_out, 120, cons)
+        c_cmd.put(("load", "c-1", PROMPTS["p-1"], published["p-1"]["params"]))
+        _, rid, blocks, data, errors, reason, _, stats = _get(c_out, 120, cons)
+        assert rid == "c-1" and errors == [] and len(blocks) == 3 and reason == "length"
+        assert blocks[:2] == local_blocks[:2], "vLLM should have reused the cached blocks"
+        theirs = published["p-1"]["bytes"]
+        for layer in range(len(parties.LAYERS)):
+            for i in (0, 1):  # kept as this side left them (zeros), not overwritten by the producer's
+                assert _block(data, 3, layer, i) == _block(local_data, len(local_blocks), layer, i)
+                assert not any(_block(data, 3, layer, i))
+            assert _block(data, 3, layer, 2) == _block(theirs, 3, layer, 2), "the block after the hit came over"
+        assert stats["transfers"] == 1 and stats["failures"] == 0
+        c_cmd.put("stop")
+        p_cmd.put("stop")
+        assert _get(c_out, 60, cons)[0] == "stopped"
+    finally:
+        for p in (prod, cons):
+            if p.is_alive():
+                p.kill()
+            p.join(10)

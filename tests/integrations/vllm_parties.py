@@ -217,7 +217,8 @@ def producer(model_dir: str, extra: dict[str, Any], prompts: dict[str, list[int]
 
 
 def consumer(model_dir: str, extra: dict[str, Any], cmd: Any, out: Any) -> None:
-    """On ("load", rid, prompt, params): decode rid (max_tokens=2) from the producer's KV."""
+    """On ("load", rid, prompt, params): decode rid (max_tokens=2) from the producer's KV. On
+    ("local", rid, prompt): run rid here (max_tokens=3) and report its blocks and bytes."""
     try:
         eng = Engine(model_dir, "kv_consumer", extra)
         out.put(("ready", eng.connector_class))
@@ -225,6 +226,21 @@ def consumer(model_dir: str, extra: dict[str, Any], cmd: Any, out: Any) -> None:
             msg = cmd.get(timeout=300)
             if msg == "stop":
                 break
+            if msg[0] == "local":  # prefill and finish a request here (its full blocks stay cached)
+                _, rid, prompt = msg
+                eng.add(rid, prompt, 3, None)
+                held: list[int] = []
+                while rid not in eng.finished:  # its blocks, seen while it runs (freed at its end)
+                    eng.step(compute=True)
+                    if rid not in eng.finished:
+                        held = eng.block_ids(rid)
+                # freed blocks keep their bytes while they sit in the prefix cache; mark them, so
+                # that a later load can be seen to leave them alone (the fake forward would have
+                # written the producer's very bytes)
+                for name in LAYERS:
+                    eng.kv[name][held] = 0  # the fake forward writes bytes 1..255, never 0
+                out.put(("local", rid, held, eng.block_bytes(held) if held else b""))
+                continue
             _, rid, prompt, params = msg
             eng.add(rid, prompt, 2, params)
             n_recvd = len(eng.recvd)
