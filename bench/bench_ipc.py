@@ -70,28 +70,38 @@ def _release(state: dict, cp) -> None:
     cp.get_default_memory_pool().free_all_blocks()
 
 
-def _consumer(conn, device: int, names: list[str], iters: int, res: dict) -> None:
+def connect_consumer(conn, name: str):
+    """Consumer side of one workload: ask the producer (over ``conn``) to set it up, register
+    zeroed tensors and connect through cuda_ipc. Returns (workload, connector, peer, tensors,
+    the producer's contiguous buffer's IPC handle)."""
     import cupy as cp
 
     import kvxfer
+    from kvxfer.ops.workloads import by_name
+
+    wl = by_name(name)
+    conn.send(("setup", name))
+    md, big_handle = conn.recv()
+    ts = [cp.zeros(wl.shape, dtype=cp.int16) for _ in range(wl.layers)]
+    c = kvxfer.Connector("consumer", backend="cuda_ipc")
+    c.register(ts, block_dim=wl.block_dim)
+    return wl, c, c.connect(md), ts, big_handle
+
+
+def _consumer(conn, device: int, names: list[str], iters: int, res: dict) -> None:
+    import cupy as cp
+
     from kvxfer.backends import _cuda_ipc_handles as ipc
     from kvxfer.backends.base import TransferRequest, plan_for_initiator
     from kvxfer.backends.cuda_ipc import backend_of
     from kvxfer.handle import Op
-    from kvxfer.ops.workloads import by_name
     from kvxfer.plan import as_block_ids
 
     cp.cuda.Device(device).use()
     rt = cp.cuda.runtime
     out: dict = {}
     for name in names:
-        wl = by_name(name)
-        conn.send(("setup", name))
-        md, big_handle = conn.recv()
-        ts = [cp.zeros(wl.shape, dtype=cp.int16) for _ in range(wl.layers)]
-        c = kvxfer.Connector("consumer", backend="cuda_ipc")
-        c.register(ts, block_dim=wl.block_dim)
-        peer = c.connect(md)
+        wl, c, peer, ts, big_handle = connect_consumer(conn, name)
         be = backend_of(c)
         src, dst = wl.block_ids()
         r: dict = {"bytes": wl.nbytes, "pieces": int(wl.layers * wl.moved * (2 if wl.block_dim == 1 else 1))}

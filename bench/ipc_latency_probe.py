@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from bench_ipc import _producer  # noqa: E402
+from bench_ipc import _producer, connect_consumer  # noqa: E402
 
 
 def _pct(xs, q):
@@ -30,20 +30,12 @@ def _pct(xs, q):
 def _consumer(conn, device: int, res: dict) -> None:
     import cupy as cp
 
-    import kvxfer
     from kvxfer.backends.cuda_ipc import backend_of
     from kvxfer.ops.pairs import copy_block_pairs
-    from kvxfer.ops.workloads import by_name
     from kvxfer.plan import plan_transfer
 
     cp.cuda.Device(device).use()
-    wl = by_name("small")
-    conn.send(("setup", "small"))
-    md, _ = conn.recv()
-    ts = [cp.zeros(wl.shape, dtype=cp.int16) for _ in range(wl.layers)]
-    c = kvxfer.Connector("consumer", backend="cuda_ipc")
-    c.register(ts, block_dim=wl.block_dim)
-    peer = c.connect(md)
+    wl, c, peer, ts, _ = connect_consumer(conn, "small")
     be = backend_of(c)
     src, dst = wl.block_ids()
     out: dict = {}

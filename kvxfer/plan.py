@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._memo import IdentityMemo
 from .errors import BlockIdError
 from .layout import LayoutGeometry
 
@@ -39,22 +40,6 @@ JOB_DTYPE = np.dtype(
 )
 
 
-_PER_BLOCK: dict[int, tuple[np.ndarray, int]] = {}
-
-
-def _bytes_per_block(pairs: np.ndarray) -> int:
-    """Bytes one block moves through ``pairs``; memoized per pairs array (a plan's pairs come
-    from the cached segment pairs of its two layouts, so the same few arrays recur)."""
-    hit = _PER_BLOCK.get(id(pairs))
-    if hit is not None and hit[0] is pairs:
-        return hit[1]
-    n = int((pairs["src_run"] * pairs["src_count"]).sum())
-    if len(_PER_BLOCK) >= 256:
-        _PER_BLOCK.clear()
-    _PER_BLOCK[id(pairs)] = (pairs, n)
-    return n
-
-
 @dataclass(frozen=True, slots=True)
 class BlockPairs:
     """A plan between two layouts whose blocks share one segment structure, kept compact.
@@ -70,10 +55,11 @@ class BlockPairs:
     dst_blocks: np.ndarray
     run_starts: np.ndarray
     run_lengths: np.ndarray
+    block_nbytes: int  # bytes one block moves through ``pairs``
 
     @property
     def nbytes(self) -> int:
-        return _bytes_per_block(self.pairs) * int(self.src_blocks.size)
+        return self.block_nbytes * int(self.src_blocks.size)
 
     @property
     def nruns(self) -> int:
@@ -192,8 +178,9 @@ class TransferPlan:
         bp = self.block_pairs
         if bp is None or (first == 0 and end == bp.pairs.size):
             return self
-        return TransferPlan(block_pairs=BlockPairs(bp.pairs[first:end], bp.src_blocks, bp.dst_blocks,
-                                                   bp.run_starts, bp.run_lengths))
+        sub = bp.pairs[first:end]
+        return TransferPlan(block_pairs=BlockPairs(sub, bp.src_blocks, bp.dst_blocks, bp.run_starts, bp.run_lengths,
+                                                   _bytes_per_block(sub)))
 
     def runs(self, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Elementary contiguous runs of one side (``"src"`` or ``"dst"``) in stream order.
@@ -235,13 +222,9 @@ def validate_block_ids(ids: np.ndarray, num_blocks: int, what: str, *, unique: b
     """Bounds-check (and optionally uniqueness-check) block ids against ``num_blocks``."""
     if ids.size == 0:
         return
-    if ids.size <= _FEW:  # a request of few blocks: Python's min/max/set beat numpy's call overhead
-        few = ids.tolist()
-        lo, hi = min(few), max(few)
-        if lo >= 0 and hi < num_blocks and (not unique or len(set(few)) == len(few)):
-            return
-    else:
-        lo, hi = int(ids.min()), int(ids.max())
+    # a request of few blocks: Python's min/max/set beat numpy's per-call overhead
+    few = ids.tolist() if ids.size <= _FEW else None
+    lo, hi = (min(few), max(few)) if few is not None else (int(ids.min()), int(ids.max()))
     if lo < 0 or hi >= num_blocks:
         bad = ids[(ids < 0) | (ids >= num_blocks)]
         raise BlockIdError(
@@ -249,8 +232,8 @@ def validate_block_ids(ids: np.ndarray, num_blocks: int, what: str, *, unique: b
             f"valid ids are 0..{num_blocks - 1}"
         )
     if unique and ids.size > 1:
-        if ids.size <= _FEW:
-            dup = len(set(ids.tolist())) != ids.size
+        if few is not None:
+            dup = len(set(few)) != len(few)
         else:
             srt = np.sort(ids)
             dup = bool((srt[1:] == srt[:-1]).any())
@@ -297,27 +280,22 @@ def _segment_pairs(src: LayoutGeometry, dst: LayoutGeometry, layers: tuple[int, 
     return out
 
 
-_ONE_RUN = (np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64))
-for _a in _ONE_RUN:
-    _a.flags.writeable = False
+def _bytes_per_block(pairs: np.ndarray) -> int:
+    return int((pairs["src_run"] * pairs["src_count"]).sum())
 
 
-_PAIRS_BY_ID: dict[tuple, tuple[LayoutGeometry, LayoutGeometry, np.ndarray]] = {}
+_PAIRS_BY_ID: IdentityMemo[tuple[np.ndarray, int]] = IdentityMemo()
 
 
-def _pairs_for(src: LayoutGeometry, dst: LayoutGeometry, layers: tuple[int, ...] | None) -> np.ndarray:
-    """:func:`_segment_pairs` found by the geometries' identity first: a peer's geometry is an
-    equal but distinct object, and comparing two equal geometries walks every tensor (tens of
-    microseconds per transfer for a 32-layer model)."""
-    key = (id(src), id(dst), layers)
-    hit = _PAIRS_BY_ID.get(key)
-    if hit is not None and hit[0] is src and hit[1] is dst:
-        return hit[2]
-    out = _segment_pairs(src, dst, layers)
-    if len(_PAIRS_BY_ID) >= 256:
-        _PAIRS_BY_ID.clear()
-    _PAIRS_BY_ID[key] = (src, dst, out)
-    return out
+def _pairs_for(src: LayoutGeometry, dst: LayoutGeometry, layers: tuple[int, ...] | None) -> tuple[np.ndarray, int]:
+    """:func:`_segment_pairs` and the bytes per block, found by the geometries' identity first:
+    a peer's geometry is an equal but distinct object, and comparing two equal geometries walks
+    every tensor (tens of microseconds per transfer for a 32-layer model)."""
+    def make() -> tuple[np.ndarray, int]:
+        pairs = _segment_pairs(src, dst, layers)
+        return pairs, _bytes_per_block(pairs)
+
+    return _PAIRS_BY_ID.get((src, dst), layers, make)
 
 
 def plan_transfer(
@@ -350,11 +328,9 @@ def plan_transfer(
         if np.unique(layers).size != layers.size:
             # a peer naming a layer twice would have the same destination bytes written twice
             raise BlockIdError(f"layers {layers.tolist()} name a tensor more than once")
-    pairs = _pairs_for(src, dst, None if layers is None else tuple(layers.tolist()))
+    pairs, block_nbytes = _pairs_for(src, dst, None if layers is None else tuple(layers.tolist()))
 
-    if s.size == 1:
-        starts, lengths = _ONE_RUN
-    elif 0 < s.size <= _FEW:
+    if 0 < s.size <= _FEW:
         sl, dl = s.tolist(), d.tolist()
         cut = [0, *(i for i in range(1, len(sl)) if sl[i] - sl[i - 1] != 1 or dl[i] - dl[i - 1] != 1), len(sl)]
         starts = np.array(cut[:-1], dtype=np.int64)
@@ -366,4 +342,4 @@ def plan_transfer(
     else:
         starts = lengths = np.zeros(0, dtype=np.int64)
 
-    return TransferPlan(block_pairs=BlockPairs(pairs, s, d, starts, lengths))
+    return TransferPlan(block_pairs=BlockPairs(pairs, s, d, starts, lengths, block_nbytes))

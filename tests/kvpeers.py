@@ -6,9 +6,11 @@ between the connectors is kvxfer's own TCP protocol).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,6 +149,60 @@ class PeerProcess:
                 pass
             self.proc.join(10)
         self.kill()
+
+
+def torch_cache(nb: int, layers: int, seed: int, device: str) -> list:
+    """``layers`` torch int16 tensors ``[2, nb, 16, 8, 128]`` (llama8b's block shape) on ``device``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 2**15, (2, nb, 16, 8, 128), generator=g, dtype=torch.int16).to(device)
+            for _ in range(layers)]
+
+
+def _torch_block_server(conn, backend: str, nb: int, layers: int, device: str, env: dict) -> None:
+    os.environ.update(env)
+    import torch
+
+    import kvxfer
+
+    kv = torch_cache(nb, layers, 1, device)
+    with kvxfer.Connector("torch-peer", backend=backend) as c:
+        c.register(kv, block_dim=1)
+        conn.send(c.metadata())
+        while True:
+            cmd = conn.recv()
+            if cmd[0] == "exit":
+                return
+            if cmd[0] == "note":
+                n = c.wait_notification(timeout=10)
+                conn.send((n.peer, n.payload))
+                continue
+            ids = torch.as_tensor(cmd[1], device=device)
+            conn.send([t.index_select(1, ids).cpu().numpy() for t in kv])
+
+
+@contextlib.contextmanager
+def torch_peer(backend: str, nb: int, layers: int, device: str, env: dict | None = None) -> Iterator[tuple]:
+    """A peer process holding :func:`torch_cache` (seed 1) on ``device`` ("cpu": host memory).
+
+    Yields (pipe, its metadata). Over the pipe it answers ``("blocks", ids)`` with its blocks
+    ``ids`` of every layer as numpy arrays and ``("note",)`` with its next notification's
+    (peer, payload); it is told to exit (then killed if it lingers) when the block ends.
+    """
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_torch_block_server, args=(child, backend, nb, layers, device, env or {}), daemon=True)
+    p.start()
+    try:
+        assert parent.poll(120), "peer did not start"
+        yield parent, parent.recv()
+    finally:
+        with contextlib.suppress(OSError):
+            parent.send(("exit",))
+        p.join(30)
+        if p.is_alive():
+            p.kill()
 
 
 def caller_stream_ordering_checks(c, peer, kv, ask, nb: int) -> None:

@@ -268,3 +268,30 @@ def test_pieces_on_gpu_gather_then_scatter_round_trip():
         exp = np.zeros_like(g_out.cpu().numpy())
         exp[:, d] = g_in.cpu().numpy()[:, s]
         assert np.array_equal(g_out.cpu().numpy(), exp)
+
+
+@pytest.mark.parametrize("side", [BUF_NONE, BUF_SRC, BUF_DST])
+def test_every_entry_point_resolves_its_buffer_side_like_pair_records(side, monkeypatch):
+    # the host half shared by copy/gather/scatter/pieces/prepare (no GPU: launch shape stubbed)
+    from kvxfer.ops import cuda as ops_cuda
+    from kvxfer.ops import pairs as ops_pairs
+
+    monkeypatch.setattr(ops_cuda, "_workers_for", lambda spec, device, total, cps: (64, 8))
+    monkeypatch.setattr(ops_cuda, "_stream_ptr", lambda stream, objs, dev: 0)
+    st, bd = LayoutSpec("kv_first", 64, layers=3, block_size=32, heads=8, head_dim=64).build(1)
+    ls = KVLayout.from_tensors(st, block_dim=bd)
+    s, d = _ids(np.random.default_rng(2), 64, 64)
+    bp = plan_transfer(ls.geometry, ls.geometry, s, d).block_pairs
+    buf = 1 << 40
+    src = buf if side == BUF_SRC else [int(a) for a in ls.addrs]
+    dst = buf if side == BUF_DST else [int(a) + (1 << 36) for a in ls.addrs]
+    launch = ops_pairs._resolve(bp, src, dst, side, None, 0, ops_pairs.PAIRS_KERNEL, None)
+    rec, cr, sr, n = pair_records(bp, [] if side == BUF_SRC else src, [] if side == BUF_DST else dst,
+                                  buffer_side=side, buffer=buf if side != BUF_NONE else 0)
+    pl = launch._pl
+    assert (pl.buffer_side, pl.nitems, pl.device) == (side, n, 0)
+    want = np.zeros(pl.bytes.nbytes, dtype=np.uint8)
+    want[: rec.nbytes] = rec.view(np.uint8)
+    want[pl.coal_off: pl.single_off] = cr.view(np.uint8)
+    want[pl.single_off:] = sr.view(np.uint8)
+    assert np.array_equal(pl.bytes, want)

@@ -112,3 +112,20 @@ def test_chunk_bounds_cut_the_stream_at_pair_boundaries():
     for sub, lo, hi in pieces:
         assert np.array_equal(reference.gather(sub, views), full[lo:hi])
     assert [(0, plan.nbytes)] == [(lo, hi) for _, _, lo, hi in plan.chunk_bounds(plan.nbytes)]
+
+
+def test_identity_memo_derives_once_per_object_and_never_confuses_equal_ones():
+    from kvxfer._memo import IdentityMemo
+
+    memo, made = IdentityMemo(maxsize=2), []
+
+    def make(tag):
+        made.append(tag)
+        return tag
+
+    a, b = np.arange(3), np.arange(3)  # equal, distinct
+    assert memo.get((a,), "x", lambda: make("a")) == "a"
+    assert memo.get((a,), "x", lambda: make("again")) == "a"
+    assert memo.get((b,), "x", lambda: make("b")) == "b"  # same value, other object: its own entry
+    assert memo.get((a,), "y", lambda: make("a-y")) == "a-y"  # full: dropped, then refilled
+    assert made == ["a", "b", "a-y"]

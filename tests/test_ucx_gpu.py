@@ -2,9 +2,6 @@
 registered GPU staging buffers, one-launch scatter, pipelined in pieces) and direct RMA, read
 and write, layer subsets and notifications, every byte compared."""
 
-import multiprocessing as mp
-import os
-
 import numpy as np
 import pytest
 
@@ -16,54 +13,28 @@ pytestmark = [
 pytest.importorskip("cupy", reason="GPU packing needs cupy")
 pytest.importorskip("ucxx", reason="the UCX backend needs ucxx (the ucx extra)")
 
-from kvpeers import caller_stream_ordering_checks  # noqa: E402
+from kvpeers import caller_stream_ordering_checks, torch_cache, torch_peer  # noqa: E402
 
 NB, LAYERS = 256, 4
 ENV = {"UCX_TLS": "tcp,sm,cuda_copy,cuda_ipc", "UCX_WARN_UNUSED_ENV_VARS": "n"}
+PEER_DEVICE = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
 
 
-def _cache(seed, device):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 2**15, (2, NB, 16, 8, 128), generator=g, dtype=torch.int16).to(device) for _ in range(LAYERS)]
-
-
-def _peer(conn, device, env):
-    os.environ.update(env)
-    import kvxfer
-
-    kv = _cache(1, device)
-    with kvxfer.Connector("gpu-peer", backend="ucx") as c:
-        c.register(kv, block_dim=1)
-        conn.send(c.metadata())
-        while True:
-            cmd = conn.recv()
-            if cmd[0] == "exit":
-                return
-            if cmd[0] == "note":
-                n = c.wait_notification(timeout=10)
-                conn.send((n.peer, n.payload))
-                continue
-            ids = torch.as_tensor(cmd[1], device=device)
-            conn.send([t.index_select(1, ids).cpu().numpy() for t in kv])
+def _ucx_env(monkeypatch, **extra) -> dict:
+    env = dict(ENV, **extra)
+    for k, v in env.items():  # ours now, and the peer's (spawned with it)
+        monkeypatch.setenv(k, v)
+    return env
 
 
 @pytest.mark.parametrize("mode,chunk", [("packed", 1 << 20), ("packed", 64 << 20), ("direct", 0)],
                          ids=["packed-pieces", "packed-one-piece", "direct"])
 def test_gpu_cache_over_ucx_every_byte(mode, chunk, monkeypatch):
-    env = dict(ENV, KVXFER_UCX_MODE=mode, **({"KVXFER_UCX_CHUNK_BYTES": str(chunk)} if chunk else {}))
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+    env = _ucx_env(monkeypatch, KVXFER_UCX_MODE=mode, **({"KVXFER_UCX_CHUNK_BYTES": str(chunk)} if chunk else {}))
     import kvxfer
 
-    peer_device = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    p = ctx.Process(target=_peer, args=(child, peer_device, env), daemon=True)
-    p.start()
-    try:
-        assert parent.poll(120), "peer did not start"
-        meta = parent.recv()
-        kv = _cache(2, "cuda:0")
+    with torch_peer("ucx", NB, LAYERS, PEER_DEVICE, env) as (parent, meta):
+        kv = torch_cache(NB, LAYERS, 2, "cuda:0")
         rng = np.random.default_rng(0)
         with kvxfer.Connector("local", backend="ucx") as c:
             c.register(kv, block_dim=1)
@@ -89,37 +60,17 @@ def test_gpu_cache_over_ucx_every_byte(mode, chunk, monkeypatch):
             for i, t in enumerate(kv):
                 want = t.index_select(1, torch.as_tensor(src2, device="cuda:0")).cpu().numpy()
                 assert np.array_equal(want, remote[i]), f"layer {i}"
-    finally:
-        parent.send(("exit",))
-        p.join(30)
-        if p.is_alive():
-            p.kill()
 
 
 @pytest.mark.parametrize("mode", ["packed", "direct"])
 def test_transfers_wait_for_the_work_queued_on_the_callers_stream(mode, monkeypatch):
     # the caller queues a long sleep and then writes to the blocks on its own stream; a read
     # into those blocks must land after the writes, a write out of them must send the new bytes
-    env = dict(ENV, KVXFER_UCX_MODE=mode, KVXFER_UCX_CHUNK_BYTES=str(1 << 20))
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+    env = _ucx_env(monkeypatch, KVXFER_UCX_MODE=mode, KVXFER_UCX_CHUNK_BYTES=str(1 << 20))
     import kvxfer
 
-    peer_device = "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    p = ctx.Process(target=_peer, args=(child, peer_device, env), daemon=True)
-    p.start()
-    try:
-        assert parent.poll(120), "peer did not start"
-        meta = parent.recv()
-        kv = _cache(2, "cuda:0")
+    with torch_peer("ucx", NB, LAYERS, PEER_DEVICE, env) as (parent, meta):
+        kv = torch_cache(NB, LAYERS, 2, "cuda:0")
         with kvxfer.Connector("local", backend="ucx") as c:
             c.register(kv, block_dim=1)
-            peer = c.connect(meta)
-            caller_stream_ordering_checks(c, peer, kv, parent, NB)
-    finally:
-        parent.send(("exit",))
-        p.join(30)
-        if p.is_alive():
-            p.kill()
+            caller_stream_ordering_checks(c, c.connect(meta), kv, parent, NB)

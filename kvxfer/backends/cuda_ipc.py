@@ -52,6 +52,7 @@ from ..handle import Op, TransferHandle
 from ..layout import KVLayout
 from ..metadata import PeerMetadata, boot_id
 from ..plan import BlockPairs, TransferPlan
+from .._memo import IdentityMemo
 from . import _cuda_ipc_handles as ipc
 from .base import Backend, BackendLink, LocalSide, TransferRequest
 from .tcp import TcpBackend, TcpLink
@@ -147,31 +148,26 @@ def _check_within(jobs: np.ndarray, side: str, spans: np.ndarray, whose: str) ->
         )
 
 
-_LIMITS: dict[tuple, tuple[np.ndarray, int]] = {}  # (id(pairs), side, spans) -> (pairs, largest safe block id)
+_LIMITS: IdentityMemo[int] = IdentityMemo(1024)  # (pairs, side, spans) -> largest safe block id
 
 
 def _largest_safe_block(pairs: np.ndarray, side: str, spans: np.ndarray) -> int:
     """The largest block id whose every (tensor, segment) pair stays inside the registered spans
     on ``side`` (-1 if none does, or a pair names an unknown tensor). Cached per pairs array
     (the planner caches those per layout pair), so a transfer pays one comparison."""
-    key = (id(pairs), side, spans.tobytes())
-    hit = _LIMITS.get(key)
-    if hit is not None and hit[0] is pairs:
-        return hit[1]
+    return _LIMITS.get((pairs,), (side, spans.tobytes()), lambda: _safe_block_limit(pairs, side, spans))
+
+
+def _safe_block_limit(pairs: np.ndarray, side: str, spans: np.ndarray) -> int:
     t = pairs["t"]
     if pairs.size == 0:
-        limit = np.iinfo(np.int64).max
-    elif int(t.min()) < 0 or int(t.max()) >= spans.size:
-        limit = -1
-    else:
-        room = spans[t] - pairs[f"{side}_off"] - (pairs[f"{side}_count"] - 1) * pairs[f"{side}_stride"] - pairs[f"{side}_run"]
-        bstride = pairs[f"{side}_bstride"]
-        per = np.where(room < 0, -1, np.where(bstride > 0, room // np.maximum(bstride, 1), np.iinfo(np.int64).max))
-        limit = int(per.min())
-    if len(_LIMITS) > 1024:
-        _LIMITS.clear()
-    _LIMITS[key] = (pairs, limit)
-    return limit
+        return int(np.iinfo(np.int64).max)
+    if int(t.min()) < 0 or int(t.max()) >= spans.size:
+        return -1
+    room = spans[t] - pairs[f"{side}_off"] - (pairs[f"{side}_count"] - 1) * pairs[f"{side}_stride"] - pairs[f"{side}_run"]
+    bstride = pairs[f"{side}_bstride"]
+    per = np.where(room < 0, -1, np.where(bstride > 0, room // np.maximum(bstride, 1), np.iinfo(np.int64).max))
+    return int(per.min())
 
 
 def _check_pairs_within(bp: BlockPairs, side: str, spans: np.ndarray, whose: str) -> None:

@@ -90,7 +90,7 @@ class _Xfer:
     staging: Staging | None = None
     finished: bool = False
     t0: float = field(default_factory=time.perf_counter)
-    chunks: list = field(default_factory=list)  # packed: (plan, first byte, end) of each piece
+    chunks: list = field(default_factory=list)  # packed: chunk_bounds (first pair, end pair, first byte, end)
     landed: int = 0  # packed read: staged bytes the responder has put into our buffer
     scattered: int = 0  # packed read: pieces whose scatter is queued
     token: Any = None  # the last queued scatter
@@ -261,11 +261,8 @@ class UcxLink(BackendLink):
         if x.req.op is Op.READ:
             x.pieces = packer.pieces(x.plan, x.staging, x.chunks, gather=False)
         else:
-            # every piece's gather is queued at once; each READY goes out as its piece is staged
-            pieces = packer.pieces(x.plan, x.staging, x.chunks, gather=True)
-            tokens = [pieces.launch(i) for i in range(len(x.chunks))]
-            for (_, _, _, hi), tok in zip(x.chunks, tokens):
-                packer.wait(tok)
+            # each READY goes out as its piece is staged
+            for _, hi in packer.pieces(x.plan, x.staging, x.chunks, gather=True).gather_staged():
                 if x.finished or self._closed:
                     return
                 self.send(Msg.READY, proto.progress_body(x.req.xfer_id, hi))
@@ -373,9 +370,7 @@ class UcxLink(BackendLink):
         s.t_plan = time.perf_counter()
         if req.op is Op.WRITE:
             return  # READY messages drive it
-        tokens = [s.pieces.launch(i) for i in range(len(s.chunks))]
-        for (_, _, lo, hi), tok in zip(s.chunks, tokens):
-            packer.wait(tok)
+        for lo, hi in s.pieces.gather_staged():
             if self._closed:
                 return
             s.t_rma = s.t_rma or time.perf_counter()

@@ -9,6 +9,7 @@ the other side. Buffers are registered with ``ucp_mem_map`` once and reused by s
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,6 +161,14 @@ class _Pieces:
             src, dst = (lay, buf.address) if gather else (buf.address, lay)
             self._gpu = PairPieces(plan.block_pairs, src, dst, buffer_side=BUF_DST if gather else BUF_SRC,
                                    bounds=[b[:2] for b in bounds], stream=packer._gpu_stream(), device=lay.device)
+
+    def gather_staged(self) -> Iterator[tuple[int, int]]:
+        """Queue every piece's gather at once, then yield each piece's stream bytes (lo, hi)
+        as soon as that piece is in the buffer."""
+        tokens = [self.launch(i) for i in range(len(self._bounds))]
+        for (_, _, lo, hi), token in zip(self._bounds, tokens):
+            self._packer.wait(token)
+            yield lo, hi
 
     def launch(self, i: int) -> Any:
         p0, p1, lo, _ = self._bounds[i]

@@ -309,11 +309,13 @@ class _Slot:
     __slots__ = ("mem", "view", "event", "busy")
 
     def __init__(self, size: int):
-        cupy = _cupy()
-        self.mem = cupy.cuda.alloc_pinned_memory(size)
-        self.view = np.frombuffer(self.mem, dtype=np.uint8, count=size)
         self.event: Any = None
         self.busy = False
+        self.resize(size)
+
+    def resize(self, size: int) -> None:
+        self.mem = _cupy().cuda.alloc_pinned_memory(size)
+        self.view = np.frombuffer(self.mem, dtype=np.uint8, count=size)
 
     def free(self) -> bool:
         return not self.busy or self.event.done
@@ -351,9 +353,7 @@ def _staging(st: _StreamState, n: int) -> _Slot:
     for slot in st.slots:
         if slot.free():
             if slot.view.nbytes < n:
-                size = _slot_size(n)
-                slot.mem = _cupy().cuda.alloc_pinned_memory(size)
-                slot.view = np.frombuffer(slot.mem, dtype=np.uint8, count=size)
+                slot.resize(_slot_size(n))
             slot.busy = False
             return slot
     if len(st.slots) < _STAGING_SLOTS:

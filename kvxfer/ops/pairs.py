@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .._memo import IdentityMemo
 from ..errors import TransportError
 from ..plan import BlockPairs
 from . import cuda as _cuda
@@ -89,8 +90,7 @@ class _Template:
         return hit
 
 
-_TEMPLATES: dict[tuple, _Template] = {}
-_TEMPLATES_MAX = 256
+_TEMPLATES: IdentityMemo[_Template] = IdentityMemo()
 
 
 def _template(pairs: np.ndarray, src_bases: Any, dst_bases: Any, buffer_side: int, buffer: int, nblocks: int) -> _Template:
@@ -98,10 +98,11 @@ def _template(pairs: np.ndarray, src_bases: Any, dst_bases: Any, buffer_side: in
         raise ValueError(f"buffer_side={buffer_side}; expected BUF_NONE, BUF_SRC or BUF_DST")
     sb = b"" if buffer_side == BUF_SRC else np.asarray(src_bases, dtype=np.uint64).tobytes()
     db = b"" if buffer_side == BUF_DST else np.asarray(dst_bases, dtype=np.uint64).tobytes()
-    key = (id(pairs), buffer_side, int(buffer), nblocks if buffer_side != BUF_NONE else 0, sb, db)
-    hit = _TEMPLATES.get(key)
-    if hit is not None and hit.pairs is pairs:
-        return hit
+    key = (buffer_side, int(buffer), nblocks if buffer_side != BUF_NONE else 0, sb, db)
+    return _TEMPLATES.get((pairs,), key, lambda: _build_template(pairs, sb, db, buffer_side, buffer, nblocks))
+
+
+def _build_template(pairs: np.ndarray, sb: bytes, db: bytes, buffer_side: int, buffer: int, nblocks: int) -> _Template:
     rec = np.zeros(pairs.size, dtype=PAIR_DTYPE)
     t = pairs["t"]
     run, count = pairs["src_run"], pairs["src_count"]
@@ -126,10 +127,7 @@ def _template(pairs: np.ndarray, src_bases: Any, dst_bases: Any, buffer_side: in
     for f in ("src_bstride", "dst_bstride", "run", "src_stride", "dst_stride"):
         mix |= rec[f].astype(np.uint64)
     rec["unit"] = _unit(mix)
-    if len(_TEMPLATES) >= _TEMPLATES_MAX:
-        _TEMPLATES.clear()
-    tmpl = _TEMPLATES[key] = _Template(pairs, rec)
-    return tmpl
+    return _Template(pairs, rec)
 
 
 _EMPTY_RUNS = np.zeros(0, dtype=np.int64)
@@ -147,10 +145,7 @@ def _records(bp: BlockPairs, src_bases: Any, dst_bases: Any, buffer_side: int,
     if tmpl.any_coal:  # coalesced runs, split to bounded items
         per_item = tmpl.per_item
         lens = bp.run_lengths
-        if s.size == 1:
-            coal_runs = np.array((int(s[0]), int(d[0]), 1, 0, 1, 0), dtype=np.int64)
-            n_coal = 1
-        elif lens.size == s.size or int(lens.max()) <= per_item:  # no run needs splitting
+        if lens.size == s.size or int(lens.max()) <= per_item:  # no run needs splitting
             pre = np.cumsum(lens) - lens
             starts = bp.run_starts
             coal_runs = np.concatenate((s[starts], d[starts], lens, pre, lens, np.zeros(lens.size, dtype=np.int64)))
@@ -224,10 +219,7 @@ def copy_block_pairs(bp: BlockPairs, src_bases: Any, dst_bases: Any, *, stream: 
         KernelCompileError: the kernel does not build.
         BackendUnavailableError: CuPy is missing.
     """
-    src, src_objs = _cuda._flatten_bases(src_bases, "src_bases")
-    dst, dst_objs = _cuda._flatten_bases(dst_bases, "dst_bases")
-    _launch_pairs(bp, src, dst, src_objs + dst_objs, (src_bases, dst_bases), BUF_NONE, 0, stream, device, spec, max_warps,
-                  rows_inner)
+    _resolve(bp, src_bases, dst_bases, BUF_NONE, stream, device, spec, max_warps, rows_inner).enqueue()
 
 
 def gather_pairs(bp: BlockPairs, src: Any, out: Any, *, stream: Any = None, device: int | None = None,
@@ -235,18 +227,14 @@ def gather_pairs(bp: BlockPairs, src: Any, out: Any, *, stream: Any = None, devi
     """Copy ``bp``'s source blocks (tensors ``src``) into the contiguous buffer ``out`` in the
     plan's stream order (the same bytes as :func:`kvxfer.ops.cuda.gather` of the plan), one
     launch, with addresses computed on the GPU. Raises as :func:`copy_block_pairs`."""
-    srcs, objs = _cuda._flatten_bases(src, "src")
-    buf, bobjs = _cuda._flatten_bases([out], "out")
-    _launch_pairs(bp, srcs, [], objs + bobjs, (src, out), BUF_DST, buf[0], stream, device, PAIRS_KERNEL, max_warps)
+    _resolve(bp, src, out, BUF_DST, stream, device, PAIRS_KERNEL, max_warps).enqueue()
 
 
 def scatter_pairs(bp: BlockPairs, buf: Any, dst: Any, *, stream: Any = None, device: int | None = None,
                   max_warps: int | None = None) -> None:
     """Copy the stream-ordered buffer ``buf`` into ``bp``'s destination blocks (tensors ``dst``),
     one launch. Raises as :func:`copy_block_pairs`."""
-    b, bobjs = _cuda._flatten_bases([buf], "buf")
-    dsts, objs = _cuda._flatten_bases(dst, "dst")
-    _launch_pairs(bp, [], dsts, bobjs + objs, (buf, dst), BUF_SRC, b[0], stream, device, PAIRS_KERNEL, max_warps)
+    _resolve(bp, buf, dst, BUF_SRC, stream, device, PAIRS_KERNEL, max_warps).enqueue()
 
 
 class _Payload:
@@ -338,23 +326,20 @@ def resolve_block_pairs(bp: BlockPairs, src_bases: Any, dst_bases: Any, *, strea
     Raises:
         KernelCompileError: the kernel does not build. BackendUnavailableError: CuPy is missing.
     """
-    src, src_objs = _cuda._flatten_bases(src_bases, "src_bases")
-    dst, dst_objs = _cuda._flatten_bases(dst_bases, "dst_bases")
-    return _resolve(bp, src, dst, src_objs + dst_objs, (src_bases, dst_bases), BUF_NONE, 0, stream, device, spec, None)
+    return _resolve(bp, src_bases, dst_bases, BUF_NONE, stream, device, spec, None)
 
 
-def _resolve(bp: BlockPairs, src: list[int], dst: list[int], objs: list[Any], sources: tuple, buffer_side: int,
-             buffer: int, stream: Any, device: int | None, spec: KernelSpec, max_warps: int | None,
-             rows_inner: bool | None = None) -> PairsLaunch:
-    dev = _cuda._device_of(objs, sources, device)
-    pl = _Payload(bp, src, dst, buffer_side, buffer, dev, spec, max_warps, rows_inner)
+def _resolve(bp: BlockPairs, src: Any, dst: Any, buffer_side: int, stream: Any, device: int | None, spec: KernelSpec,
+             max_warps: int | None, rows_inner: bool | None = None) -> PairsLaunch:
+    """Every entry point's host half: ``src``/``dst`` are tensors (a KVLayout, addresses, torch
+    or cupy arrays), or, on the side ``buffer_side`` names, the one contiguous buffer."""
+    srcs, sobjs = _cuda._flatten_bases([src] if buffer_side == BUF_SRC else src, "src")
+    dsts, dobjs = _cuda._flatten_bases([dst] if buffer_side == BUF_DST else dst, "dst")
+    buffer = srcs[0] if buffer_side == BUF_SRC else dsts[0] if buffer_side == BUF_DST else 0
+    objs = sobjs + dobjs
+    dev = _cuda._device_of(objs, (src, dst), device)
+    pl = _Payload(bp, srcs, dsts, buffer_side, buffer, dev, spec, max_warps, rows_inner)
     return PairsLaunch(pl, spec, _cuda._stream_ptr(stream, objs, dev), dev)
-
-
-def _launch_pairs(bp: BlockPairs, src: list[int], dst: list[int], objs: list[Any], sources: tuple, buffer_side: int,
-                  buffer: int, stream: Any, device: int | None, spec: KernelSpec, max_warps: int | None,
-                  rows_inner: bool | None = None) -> None:
-    _resolve(bp, src, dst, objs, sources, buffer_side, buffer, stream, device, spec, max_warps, rows_inner).enqueue()
 
 
 class PreparedPairs:
@@ -400,13 +385,10 @@ class PairPieces:
 
     def __init__(self, bp: BlockPairs, src: Any, dst: Any, *, buffer_side: int, bounds: list[tuple[int, int]],
                  stream: Any, device: int, spec: KernelSpec = PAIRS_KERNEL):
-        srcs, sobjs = _cuda._flatten_bases([src] if buffer_side == BUF_SRC else src, "src")
-        dsts, dobjs = _cuda._flatten_bases([dst] if buffer_side == BUF_DST else dst, "dst")
-        buffer = srcs[0] if buffer_side == BUF_SRC else dsts[0] if buffer_side == BUF_DST else 0
-        self._pl = _Payload(bp, srcs, dsts, buffer_side, buffer, device, spec, None)
+        resolved = _resolve(bp, src, dst, buffer_side, stream, device, spec, None)
+        self._pl, self._sptr = resolved._pl, resolved._sptr
         self._spec, self._bounds, self._dev = spec, bounds, device
         cupy = _cuda._cupy()
-        self._sptr = _cuda._stream_ptr(stream, sobjs + dobjs, device)
         self._mem = None
         if self._pl.nitems:
             st = _cuda._state(device, self._sptr)
@@ -446,8 +428,4 @@ def prepare_pairs(bp: BlockPairs, src: Any, dst: Any, *, buffer_side: int = BUF_
     Raises:
         TransportError, KernelCompileError, BackendUnavailableError: as :func:`copy_block_pairs`.
     """
-    srcs, sobjs = _cuda._flatten_bases([src] if buffer_side == BUF_SRC else src, "src")
-    dsts, dobjs = _cuda._flatten_bases([dst] if buffer_side == BUF_DST else dst, "dst")
-    dev = _cuda._device_of(sobjs + dobjs, (src, dst), device)
-    buffer = srcs[0] if buffer_side == BUF_SRC else dsts[0] if buffer_side == BUF_DST else 0
-    return PreparedPairs(_Payload(bp, srcs, dsts, buffer_side, buffer, dev, spec, max_warps, rows_inner), spec)
+    return PreparedPairs(_resolve(bp, src, dst, buffer_side, None, device, spec, max_warps, rows_inner)._pl, spec)

@@ -8,6 +8,7 @@ elsewhere. The connector class is loaded by vLLM's KVConnectorFactory from
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -56,16 +57,29 @@ def env(tmp_path: Any) -> Iterator[dict[str, Any]]:
         yield {"url": srv.url, "model": parties.write_model_dir(str(tmp_path / "model"))}
 
 
-@pytest.mark.parametrize("mode", ["pull", "push"])
-def test_prefill_decode_life_cycle_and_killed_producer(env: dict[str, Any], mode: str) -> None:
+@contextlib.contextmanager
+def _engines(env: dict[str, Any], mode: str, prompts: dict[str, list[int]]) -> Iterator[tuple]:
+    """A producer engine (prefilling ``prompts``) and a consumer engine, each in its own
+    process: yields (p_cmd, p_out, prod, c_cmd, c_out, cons); both are killed at the end."""
     ctx = mp.get_context("spawn")
     extra = {"registry": env["url"], "mode": mode, "backend": "tcp", "load_timeout_s": 10.0, "ttl_s": 60.0}
     p_cmd, p_out, c_cmd, c_out = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Queue()
-    prod = ctx.Process(target=parties.producer, args=(env["model"], extra, PROMPTS, p_cmd, p_out), name="producer")
+    prod = ctx.Process(target=parties.producer, args=(env["model"], extra, prompts, p_cmd, p_out), name="producer")
     cons = ctx.Process(target=parties.consumer, args=(env["model"], extra, c_cmd, c_out), name="consumer")
     prod.start()
     cons.start()
     try:
+        yield p_cmd, p_out, prod, c_cmd, c_out, cons
+    finally:
+        for p in (prod, cons):
+            if p.is_alive():
+                p.kill()
+            p.join(10)
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_prefill_decode_life_cycle_and_killed_producer(env: dict[str, Any], mode: str) -> None:
+    with _engines(env, mode, PROMPTS) as (p_cmd, p_out, prod, c_cmd, c_out, cons):
         _, cls, published, free0, free_held = _get(p_out, 300, prod)
         _, ccls = _get(c_out, 300, cons)
         # vLLM's factory loaded our class from the module path, on both sides
@@ -115,11 +129,6 @@ def test_prefill_decode_life_cycle_and_killed_producer(env: dict[str, Any], mode
         assert stats["failures"] == 1
         c_cmd.put("stop")
         assert _get(c_out, 60, cons)[0] == "stopped"
-    finally:
-        for p in (prod, cons):
-            if p.is_alive():
-                p.kill()
-            p.join(10)
 
 
 def _block(data: bytes, nblocks: int, layer: int, i: int) -> bytes:
@@ -132,15 +141,7 @@ def _block(data: bytes, nblocks: int, layer: int, i: int) -> bytes:
 def test_a_local_prefix_hit_is_not_loaded_again(env: dict[str, Any]) -> None:
     # the consumer prefilled the same prompt itself before: its first two (full) blocks are in
     # its prefix cache, so the pull moves only the third block from the producer
-    ctx = mp.get_context("spawn")
-    extra = {"registry": env["url"], "mode": "pull", "backend": "tcp", "load_timeout_s": 10.0, "ttl_s": 60.0}
-    p_cmd, p_out, c_cmd, c_out = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Queue()
-    prompt = {"p-1": PROMPTS["p-1"]}
-    prod = ctx.Process(target=parties.producer, args=(env["model"], extra, prompt, p_cmd, p_out), name="producer")
-    cons = ctx.Process(target=parties.consumer, args=(env["model"], extra, c_cmd, c_out), name="consumer")
-    prod.start()
-    cons.start()
-    try:
+    with _engines(env, "pull", {"p-1": PROMPTS["p-1"]}) as (p_cmd, p_out, prod, c_cmd, c_out, cons):
         _, _, published, _, _ = _get(p_out, 300, prod)
         _get(c_out, 300, cons)
         c_cmd.put(("local", "c-0", PROMPTS["p-1"]))
@@ -159,8 +160,3 @@ def test_a_local_prefix_hit_is_not_loaded_again(env: dict[str, Any]) -> None:
         c_cmd.put("stop")
         p_cmd.put("stop")
         assert _get(c_out, 60, cons)[0] == "stopped"
-    finally:
-        for p in (prod, cons):
-            if p.is_alive():
-                p.kill()
-            p.join(10)
