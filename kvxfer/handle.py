@@ -54,7 +54,7 @@ class TransferHandle:
     """
 
     __slots__ = ("op", "peer_name", "nbytes", "backend", "dst_blocks", "deadline", "_event",
-                 "_status", "_exc", "_t0", "_t1", "_lock", "_callbacks", "__weakref__")
+                 "_status", "_exc", "_t0", "_t1", "_lock", "_callbacks", "_driver", "__weakref__")
 
     def __init__(self, op: Op, peer_name: str, nbytes: int, backend: str, dst_blocks: np.ndarray,
                  deadline: float | None = None):
@@ -71,6 +71,9 @@ class TransferHandle:
         self._t0 = time.perf_counter()
         self._t1: float | None = None
         self._callbacks: list[Callable[[TransferHandle], None]] = []
+        #: set by a backend that can finish this transfer on the waiting thread: called by
+        #: wait(timeout) before blocking, returns when done or when it gives up (briefly)
+        self._driver: Callable[[float | None], None] | None = None
 
     # -- caller API ---------------------------------------------------------------------
     @property
@@ -88,6 +91,12 @@ class TransferHandle:
             TransferTimeoutError: not finished within ``timeout`` seconds (the transfer goes on).
             KvxferError: the transfer failed (the same error as :meth:`exception`).
         """
+        driver = self._driver
+        if driver is not None and not self._event.is_set():
+            try:
+                driver(timeout)
+            except Exception:  # the backend's own completion path still finishes the transfer
+                pass
         if not self._event.wait(timeout):
             raise TransferTimeoutError(f"{self.op.value} of {self.nbytes} B with {self.peer_name!r} not done after {timeout} s")
         if self._exc is not None:
