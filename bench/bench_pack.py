@@ -165,7 +165,13 @@ def run_workload(wl, variants: dict[str, KernelSpec]) -> dict:
     ps = prepare_pairs(plan.block_pairs, buf, dlayout, buffer_side=BUF_SRC)
     res["pairs"] = {"gather_GBps": gbps(n, cuda_ms(lambda: pg.launch(torch.cuda.current_stream()), reps)),
                     "scatter_GBps": gbps(n, cuda_ms(lambda: ps.launch(torch.cuda.current_stream()), reps)),
-                    "prepare_ms": round(prep_ms, 2)}
+                    "prepare_ms": round(prep_ms, 2), "records_inline": pg.inline}
+    if pg.inline:  # the same copy with its records uploaded to device memory, for comparison
+        pu = prepare_pairs(plan.block_pairs, layout, out, buffer_side=BUF_DST, inline=False)
+        su = prepare_pairs(plan.block_pairs, buf, dlayout, buffer_side=BUF_SRC, inline=False)
+        res["pairs_uploaded"] = {"gather_GBps": gbps(n, cuda_ms(lambda: pu.launch(torch.cuda.current_stream()), reps)),
+                                 "scatter_GBps": gbps(n, cuda_ms(lambda: su.launch(torch.cuda.current_stream()), reps))}
+        del pu, su
     ref = out.clone()
     ref.zero_()
     ops.prepare_gather(plan, layout, ref).launch(torch.cuda.current_stream())
@@ -183,6 +189,11 @@ def run_workload(wl, variants: dict[str, KernelSpec]) -> dict:
     res["gather_vs_device_copy"] = round(d["gather_GBps"] / res["device_copy_GBps"], 3)
     res["scatter_vs_device_copy"] = round(d["scatter_GBps"] / res["device_copy_GBps"], 3)
     res["gather_vs_index_select"] = round(d["gather_GBps"] / res["index_select_GBps"], 2)
+    # what ops.gather / ops.scatter run for these plans (same block structure on both sides)
+    p = res["pairs"]
+    res["pairs_gather_vs_device_copy"] = round(p["gather_GBps"] / res["device_copy_GBps"], 3)
+    res["pairs_scatter_vs_device_copy"] = round(p["scatter_GBps"] / res["device_copy_GBps"], 3)
+    res["pairs_gather_vs_index_select"] = round(p["gather_GBps"] / res["index_select_GBps"], 2)
     del src, dst, out, buf, isel
     torch.cuda.empty_cache()
     return res
@@ -239,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         pr = r["pairs"]
         print(f"{name:14} {pr['gather_GBps']:7.0f} {pr['scatter_GBps']:7.0f} {pr['gather_GBps'] / r['device_copy_GBps']:6.2f} "
               f"{pr['scatter_GBps'] / r['device_copy_GBps']:6.2f}  matches jobs kernel: {pr['gather_matches_jobs_kernel']}"
-              f"  (rows outer: {r['pairs_rows_outer']['gather_GBps']:.0f} / {r['pairs_rows_outer']['scatter_GBps']:.0f})")
+              f"  (rows outer: {r['pairs_rows_outer']['gather_GBps']:.0f} / {r['pairs_rows_outer']['scatter_GBps']:.0f})"
+              + (f"  inline; uploaded: {r['pairs_uploaded']['gather_GBps']:.0f} / {r['pairs_uploaded']['scatter_GBps']:.0f}"
+                 if "pairs_uploaded" in r else ""))
     print(f"wrote {path}")
     return 0
 

@@ -225,6 +225,18 @@ __device__ __forceinline__ void kvx_copy_unit(const char* s, char* d, i64 n, int
     kvx_copy_piece<U>(s, d, (int)(n / (i64)sizeof(U)), lane);
 }
 
+// Where a launch's records live, and how they are read: uploaded to global memory (read-only
+// path, __ldg), or passed inline in the kernel's parameter space (kv_copy_pairs_inline; plain
+// loads through the __grid_constant__ parameter's generic address).
+struct KvxGlobal {
+    template <typename T>
+    static __device__ __forceinline__ T ld(const T* p) { return __ldg(p); }
+};
+struct KvxParam {
+    template <typename T>
+    static __device__ __forceinline__ T ld(const T* p) { return *p; }
+};
+
 // Run tables: KVX_RUN_FIELDS arrays of `n` entries each. For run k:
 //   [0] source block id, [1] destination block id, [2] blocks in the run,
 //   [3] blocks of the pair's stream before this run's parent run, [4] blocks in the parent run,
@@ -245,14 +257,15 @@ struct KvRun {
     i64 sblk, dblk, nblk, bpre, plen, within;
 };
 
+template <typename L>
 __device__ __forceinline__ KvRun kvx_run(const i64* runs, i64 n, i64 k) {
     KvRun r;
-    r.sblk = __ldg(&runs[k]);
-    r.dblk = __ldg(&runs[n + k]);
-    r.nblk = __ldg(&runs[2 * n + k]);
-    r.bpre = __ldg(&runs[3 * n + k]);
-    r.plen = __ldg(&runs[4 * n + k]);
-    r.within = __ldg(&runs[5 * n + k]);
+    r.sblk = L::ld(&runs[k]);
+    r.dblk = L::ld(&runs[n + k]);
+    r.nblk = L::ld(&runs[2 * n + k]);
+    r.bpre = L::ld(&runs[3 * n + k]);
+    r.plen = L::ld(&runs[4 * n + k]);
+    r.within = L::ld(&runs[5 * n + k]);
     return r;
 }
 
@@ -263,25 +276,27 @@ struct KvSpan {
     i64 len;
 };
 
+template <typename L>
 __device__ __forceinline__ KvSpan kvx_span(const KvPair* p, const KvRun& r, i64 m, i64 part, int split_shift,
                                            int buf_side) {
-    const i64 run = __ldg(&p->run);
+    const i64 run = L::ld(&p->run);
     KvSpan sp;
     sp.len = (r.nblk * run) >> split_shift;
-    const i64 boff = (__ldg(&p->count) * r.bpre + m * r.plen + r.within) * run;  // in the stream
-    const i64 soff = buf_side == KVX_BUF_SRC ? boff : r.sblk * __ldg(&p->src_bstride) + m * __ldg(&p->src_stride);
-    const i64 doff = buf_side == KVX_BUF_DST ? boff : r.dblk * __ldg(&p->dst_bstride) + m * __ldg(&p->dst_stride);
-    sp.s = (const char*)__ldg(&p->src) + soff + part * sp.len;
-    sp.d = (char*)__ldg(&p->dst) + doff + part * sp.len;
+    const i64 boff = (L::ld(&p->count) * r.bpre + m * r.plen + r.within) * run;  // in the stream
+    const i64 soff = buf_side == KVX_BUF_SRC ? boff : r.sblk * L::ld(&p->src_bstride) + m * L::ld(&p->src_stride);
+    const i64 doff = buf_side == KVX_BUF_DST ? boff : r.dblk * L::ld(&p->dst_bstride) + m * L::ld(&p->dst_stride);
+    sp.s = (const char*)L::ld(&p->src) + soff + part * sp.len;
+    sp.d = (char*)L::ld(&p->dst) + doff + part * sp.len;
     return sp;
 }
 
 // The last pair whose first item is <= item (pairs without items share item0 with the next).
+template <typename L>
 __device__ __forceinline__ const KvPair* kvx_pair_of(const KvPair* pairs, i64 npairs, i64 item) {
     i64 lo = 0, hi = npairs - 1;
     while (lo < hi) {
         const i64 mid = (lo + hi + 1) >> 1;
-        if (__ldg(&pairs[mid].item0) <= item) lo = mid; else hi = mid - 1;
+        if (L::ld(&pairs[mid].item0) <= item) lo = mid; else hi = mid - 1;
     }
     return pairs + lo;
 }
@@ -307,10 +322,10 @@ __device__ __forceinline__ void kvx_item_km(i64 local, i64 count, i64 nr, int ro
 // or scatter), (pair, row, run) walks one row across blocks (measured faster over NVLink). Pair fields are
 // re-read per item through the read-only cache (a few L1 hits per item of KiBs) instead of
 // being held in registers, which keeps the copy loop free of spills.
-extern "C" __global__ void __launch_bounds__(KVX_THREADS, KVX_MIN_BLOCKS)
-kv_copy_pairs(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restrict__ coal_runs, i64 ncoal,
-              const i64* __restrict__ single_runs, i64 nsingle, i64 nitems, int split_shift, int buf_side,
-              i64 item_base, int rows_inner) {
+template <typename L>
+__device__ __forceinline__ void kvx_pairs(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restrict__ coal_runs,
+                                          i64 ncoal, const i64* __restrict__ single_runs, i64 nsingle, i64 nitems,
+                                          int split_shift, int buf_side, i64 item_base, int rows_inner) {
     const i64 nwarps = (i64)gridDim.x * (KVX_THREADS / 32);
     const i64 w = (i64)blockIdx.x * (KVX_THREADS / 32) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
@@ -322,16 +337,16 @@ kv_copy_pairs(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restric
     const i64 nparts = (i64)1 << split_shift;
     const i64 first_item = (pos >> split_shift) + item_base;  // item0 of pairs[0] when launching a piece
     i64 part = pos & (nparts - 1);
-    const KvPair* p = kvx_pair_of(pairs, npairs, first_item);
-    bool coal = __ldg(&p->coal) != 0;
+    const KvPair* p = kvx_pair_of<L>(pairs, npairs, first_item);
+    bool coal = L::ld(&p->coal) != 0;
     const i64* runs = coal ? coal_runs : single_runs;
     i64 nr = coal ? ncoal : nsingle;
     i64 k, m;
-    kvx_item_km(first_item - __ldg(&p->item0), __ldg(&p->count), nr, rows_inner, k, m);
-    KvRun r = kvx_run(runs, nr, k);
+    kvx_item_km(first_item - L::ld(&p->item0), L::ld(&p->count), nr, rows_inner, k, m);
+    KvRun r = kvx_run<L>(runs, nr, k);
     for (;;) {
-        const KvSpan sp = kvx_span(p, r, m, part, split_shift, buf_side);
-        const int unit = (int)__ldg(&p->unit);
+        const KvSpan sp = kvx_span<L>(p, r, m, part, split_shift, buf_side);
+        const int unit = (int)L::ld(&p->unit);
         // where the next part is, and its run (loaded now, used after this copy)
         const bool more = pos + 1 < end;
         i64 npart = part + 1, nk = k, nm = m;
@@ -339,7 +354,7 @@ kv_copy_pairs(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restric
         KvRun nxt = r;
         if (more && npart == nparts) {
             npart = 0;
-            const i64 cnt = __ldg(&p->count);
+            const i64 cnt = L::ld(&p->count);
             if (rows_inner) {
                 if (++nm == cnt) {
                     nm = 0;
@@ -355,7 +370,7 @@ kv_copy_pairs(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restric
                     next_pair = true;
                 }
             }
-            if (!next_pair && nk != k) nxt = kvx_run(runs, nr, nk);
+            if (!next_pair && nk != k) nxt = kvx_run<L>(runs, nr, nk);
         }
         switch (unit) {
             case 4: kvx_copy_unit<uint4>(sp.s, sp.d, sp.len, lane); break;
@@ -372,12 +387,44 @@ kv_copy_pairs(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restric
         if (next_pair) {
             do {  // pairs without items (no runs of their kind) are skipped
                 ++p;
-                coal = __ldg(&p->coal) != 0;
+                coal = L::ld(&p->coal) != 0;
                 nr = coal ? ncoal : nsingle;
             } while (nr == 0);
             runs = coal ? coal_runs : single_runs;
-            nxt = kvx_run(runs, nr, 0);
+            nxt = kvx_run<L>(runs, nr, 0);
         }
         r = nxt;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(KVX_THREADS, KVX_MIN_BLOCKS)
+kv_copy_pairs(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restrict__ coal_runs, i64 ncoal,
+              const i64* __restrict__ single_runs, i64 nsingle, i64 nitems, int split_shift, int buf_side,
+              i64 item_base, int rows_inner) {
+    kvx_pairs<KvxGlobal>(pairs, npairs, coal_runs, ncoal, single_runs, nsingle, nitems, split_shift, buf_side,
+                         item_base, rows_inner);
+}
+
+// ---------------------------------------------------------------------------------------------
+// kv_copy_pairs_inline: the same copy with its records in the kernel's parameters (a small
+// transfer: a few pairs and runs). Nothing is uploaded before the launch (no staging copy, no
+// device buffer), the launch is capturable in a CUDA graph as is, and the warps' first record
+// reads hit the constant bank instead of waiting on global memory.
+// Layout must match INLINE_DTYPE in kvxfer/ops/pairs.py; the whole struct stays within the
+// 4 KiB of parameters every CUDA version accepts.
+// ---------------------------------------------------------------------------------------------
+#define KVX_INLINE_WORDS 500
+
+struct KvInline {
+    i64 npairs, ncoal, nsingle, nitems;
+    i64 coal_off, single_off;  // word offsets of the two run tables in `w` (pairs start at 0)
+    int split_shift, buf_side;
+    int rows_inner, pad;
+    i64 w[KVX_INLINE_WORDS];  // pair records (12 words each), then the run tables
+};
+
+extern "C" __global__ void __launch_bounds__(KVX_THREADS, KVX_MIN_BLOCKS)
+kv_copy_pairs_inline(const __grid_constant__ KvInline in) {
+    kvx_pairs<KvxParam>((const KvPair*)in.w, in.npairs, in.w + in.coal_off, in.ncoal, in.w + in.single_off,
+                        in.nsingle, in.nitems, in.split_shift, in.buf_side, 0, in.rows_inner);
 }

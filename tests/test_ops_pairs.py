@@ -213,10 +213,12 @@ def _as_gpu_bytes(t: np.ndarray, block_dim: int):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 @pytest.mark.parametrize("kind", ["kv_first", "blocks_first", "mla"])
-@pytest.mark.parametrize("few,max_warps,rows_inner", [(False, None, None), (True, None, None), (False, 3, None),
-                                                      (False, 3, True)],
-                         ids=["many-blocks", "one-block", "3-warps-walk-every-pair", "3-warps-rows-inner"])
-def test_kernel_matches_reference_on_gpu(kind, few, max_warps, rows_inner):
+@pytest.mark.parametrize("few,max_warps,rows_inner,inline", [(False, None, None, None), (True, None, None, True),
+                                                             (True, None, None, False), (True, 3, None, True),
+                                                             (False, 3, None, None), (False, 3, True, None)],
+                         ids=["many-blocks", "one-block-inline", "one-block-uploaded", "one-block-inline-3-warps",
+                              "3-warps-walk-every-pair", "3-warps-rows-inner"])
+def test_kernel_matches_reference_on_gpu(kind, few, max_warps, rows_inner, inline):
     pytest.importorskip("cupy", reason="the CUDA ops need cupy")
     from kvxfer.ops.pairs import copy_block_pairs
 
@@ -232,10 +234,43 @@ def test_kernel_matches_reference_on_gpu(kind, few, max_warps, rows_inner):
     reference.copy_blocks(plan_transfer(ls.geometry, lr.geometry, s, d), _views(ls), _views(lr))
     gs, gd = KVLayout.from_tensors(g_src, block_dim=bd), KVLayout.from_tensors(g_dst, block_dim=bd)
     copy_block_pairs(plan_transfer(gs.geometry, gd.geometry, s, d).block_pairs, gs, gd, max_warps=max_warps,
-                     rows_inner=rows_inner)
+                     rows_inner=rows_inner, inline=inline)
     torch.cuda.synchronize()
     for g, r in zip(g_dst, _bytes(ref_t)):
         assert np.array_equal(g.cpu().numpy().reshape(-1), r.reshape(-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_an_inline_gather_and_scatter_are_captured_in_a_cuda_graph_and_replayed():
+    pytest.importorskip("cupy", reason="the CUDA ops need cupy")
+    from kvxfer.ops.pairs import gather_pairs, resolve_block_pairs, scatter_pairs
+
+    spec = LayoutSpec("kv_first", 64, layers=4, block_size=16, heads=4, head_dim=64)
+    st, bd = spec.build(3)
+    g_src = [_as_gpu_bytes(t, bd) for t in st]
+    g_dst = [torch.zeros_like(t) for t in g_src]
+    gs, gd = KVLayout.from_tensors(g_src, block_dim=bd), KVLayout.from_tensors(g_dst, block_dim=bd)
+    s, d = np.array([5, 6, 30]), np.array([1, 2, 60])
+    plan = plan_transfer(gs.geometry, gd.geometry, s, d)
+    assert resolve_block_pairs(plan.block_pairs, gs, gd).inline
+    buf = torch.full((plan.nbytes,), 7, dtype=torch.uint8, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):  # nothing to upload: capturable
+        gather_pairs(plan.block_pairs, gs, buf)
+        scatter_pairs(plan.block_pairs, buf, gd)
+    torch.cuda.synchronize()
+    assert int(buf.sum()) == 7 * plan.nbytes and all(int(t.count_nonzero()) == 0 for t in g_dst)  # captured, not run
+    graph.replay()
+    torch.cuda.synchronize()
+    lh = KVLayout.from_tensors(st, block_dim=bd)
+    assert np.array_equal(buf.cpu().numpy(), reference.gather(plan_transfer(lh.geometry, lh.geometry, s, s), _views(lh)))
+    for g_in, g_out in zip(g_src, g_dst):
+        exp = np.zeros_like(g_out.cpu().numpy())
+        exp[:, d] = g_in.cpu().numpy()[:, s]
+        assert np.array_equal(g_out.cpu().numpy(), exp)
 
 
 @pytest.mark.gpu
@@ -268,6 +303,80 @@ def test_pieces_on_gpu_gather_then_scatter_round_trip():
         exp = np.zeros_like(g_out.cpu().numpy())
         exp[:, d] = g_in.cpu().numpy()[:, s]
         assert np.array_equal(g_out.cpu().numpy(), exp)
+
+
+def _decode_inline(blob):
+    """What kv_copy_pairs_inline reads from its parameter struct: (records, coalesced runs,
+    single runs, item count, split, buffer side, rows_inner), decoded from the raw bytes."""
+    from kvxfer.ops.pairs import INLINE_DTYPE, PAIR_DTYPE
+
+    raw = np.frombuffer(blob.tobytes(), dtype=np.uint8)
+    assert raw.nbytes == INLINE_DTYPE.itemsize <= 4096  # within every CUDA version's parameter limit
+    hdr, h32 = raw[:64].view(np.int64), raw[:64].view(np.int32)
+    npairs, ncoal, nsingle, nitems, coal_off, single_off = (int(x) for x in hdr[:6])
+    w = raw[64:].view(np.int64)
+    rec = w[: npairs * 12].copy().view(PAIR_DTYPE)
+    return (rec, w[coal_off: coal_off + ncoal * RUN_FIELDS], w[single_off: single_off + nsingle * RUN_FIELDS],
+            nitems, int(h32[12]), int(h32[13]), int(h32[14]))
+
+
+@pytest.mark.parametrize("side", [BUF_NONE, BUF_SRC, BUF_DST])
+@pytest.mark.parametrize("kind", ["kv_first", "mla"])
+def test_a_small_copy_travels_in_the_launch_parameters_and_walks_like_the_reference(side, kind, monkeypatch):
+    from kvxfer.ops import cuda as ops_cuda
+    from kvxfer.ops import pairs as ops_pairs
+
+    monkeypatch.setattr(ops_cuda, "_workers_for", lambda spec, device, total, cps: (256, 32))
+    monkeypatch.setattr(ops_cuda, "_stream_ptr", lambda stream, objs, dev: 0)
+    spec = LayoutSpec(kind, 64, layers=3, block_size=32, heads=8, head_dim=64)
+    st, bd = spec.build(1)
+    out_t, _ = spec.build(2)
+    ref_t, _ = spec.build(2)
+    ls, lo, lr = (KVLayout.from_tensors(x, block_dim=bd) for x in (st, out_t, ref_t))
+    s, d = np.array([9, 10, 40]), np.array([3, 4, 50])  # a coalesced run and a single block
+    plan = plan_transfer(ls.geometry, lo.geometry, s, d)
+    stream = np.zeros(plan.nbytes, dtype=np.uint8)
+    sa = [int(a) for a in ls.addrs]
+    da = [int(a) for a in lo.addrs]
+    src = stream.ctypes.data if side == BUF_SRC else sa
+    dst = stream.ctypes.data if side == BUF_DST else da
+    if side == BUF_SRC:  # scatter: the stream holds the reference gather
+        stream[:] = reference.gather(plan_transfer(ls.geometry, ls.geometry, s, s), _views(ls))
+    launch = ops_pairs._resolve(plan.block_pairs, src, dst, side, None, 0, ops_pairs.PAIRS_KERNEL, None)
+    assert launch.inline and launch._pl.spec == ops_pairs.INLINE_KERNEL
+    rec, cr, sr, nitems, split, bside, rows_inner = _decode_inline(launch._pl.inline)
+    want = pair_records(plan.block_pairs, [] if side == BUF_SRC else sa, [] if side == BUF_DST else da,
+                        buffer_side=side, buffer=stream.ctypes.data if side != BUF_NONE else 0)
+    assert np.array_equal(rec.view(np.uint8), want[0].view(np.uint8))
+    assert np.array_equal(cr, want[1]) and np.array_equal(sr, want[2]) and nitems == want[3]
+    assert (bside, rows_inner) == (side, int(side != BUF_NONE))
+    assert split == split_shift_for(want[0], nitems, 256) > 0  # few items: parts for idle warps
+    assert _walk_like_the_kernel(rec, cr, sr, nitems, 256, split, buf_side=side) == plan.nbytes
+    if side == BUF_DST:
+        assert np.array_equal(stream, reference.gather(plan_transfer(ls.geometry, ls.geometry, s, s), _views(ls)))
+    else:
+        reference.copy_blocks(plan, _views(ls), _views(lr))
+        assert all(np.array_equal(a, b) for a, b in zip(_bytes(ref_t), _bytes(out_t)))
+
+
+def test_records_too_big_for_the_parameters_are_uploaded_and_forcing_inline_says_why(monkeypatch):
+    from kvxfer.ops import cuda as ops_cuda
+    from kvxfer.ops import pairs as ops_pairs
+
+    monkeypatch.setattr(ops_cuda, "_workers_for", lambda spec, device, total, cps: (64, 8))
+    monkeypatch.setattr(ops_cuda, "_stream_ptr", lambda stream, objs, dev: 0)
+    st, bd = LayoutSpec("kv_first", 256, layers=3, block_size=4, heads=2, head_dim=8).build(1)
+    ls = KVLayout.from_tensors(st, block_dim=bd)
+    rng = np.random.default_rng(2)
+    s, d = rng.permutation(256)[:100], rng.permutation(256)[:100]  # 100 scattered blocks: runs of 4.8 KB
+    bp = plan_transfer(ls.geometry, ls.geometry, s, d).block_pairs
+    big = ops_pairs._resolve(bp, ls.addrs, ls.addrs, BUF_NONE, None, 0, ops_pairs.PAIRS_KERNEL, None)
+    assert not big.inline and big._pl.spec == ops_pairs.PAIRS_KERNEL and big._pl.bytes.nbytes > 4000
+    with pytest.raises(ValueError, match="at most 4000 fit"):
+        ops_pairs._resolve(bp, ls.addrs, ls.addrs, BUF_NONE, None, 0, ops_pairs.PAIRS_KERNEL, None, inline=True)
+    one = plan_transfer(ls.geometry, ls.geometry, [1], [2]).block_pairs
+    off = ops_pairs._resolve(one, ls.addrs, ls.addrs, BUF_NONE, None, 0, ops_pairs.PAIRS_KERNEL, None, inline=False)
+    assert not off.inline and off._pl.spec == ops_pairs.PAIRS_KERNEL
 
 
 @pytest.mark.parametrize("side", [BUF_NONE, BUF_SRC, BUF_DST])

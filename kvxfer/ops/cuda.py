@@ -96,15 +96,17 @@ def _nbytes(x: Any) -> int | None:
     return None
 
 
-def _flatten_bases(bases: Any, what: str) -> tuple[list[int], list[Any]]:
-    """Base addresses from a KVLayout, one array/int, or a sequence of them; plus the objects seen."""
+def _flatten_bases(bases: Any, what: str) -> tuple[Sequence[int], list[Any]]:
+    """Base addresses from a KVLayout, one array/int, or a sequence of them; plus the objects
+    seen. An array of addresses (a layout's, a peer's mapped tensors) comes back as a uint64
+    array, without a Python int per entry."""
+    if isinstance(bases, np.ndarray):
+        return bases.astype(np.uint64, copy=False).ravel(), []
     addrs = getattr(bases, "addrs", None)
     if addrs is not None and hasattr(bases, "owners"):  # a KVLayout
-        return [int(a) for a in addrs], list(bases.owners)
+        return np.asarray(addrs, dtype=np.uint64).ravel(), list(bases.owners)
     if isinstance(bases, (int, np.integer)) or _is_torch(bases) or _is_cupy(bases):
         return [_addr(bases, what)], [bases]
-    if isinstance(bases, np.ndarray):
-        return [int(a) for a in bases.ravel()], []
     items = list(bases)
     return [_addr(b, f"{what}[{i}]") for i, b in enumerate(items)], items
 
@@ -181,6 +183,35 @@ def _workers_for(spec: KernelSpec, device: int, total: int, ctas_per_sm: int | N
     warps_per_cta = _threads(spec) // 32
     warps = max(1, min(sms * (ctas_per_sm or fit) * warps_per_cta, -(-total // _MIN_WARP_BYTES)))
     return warps, -(-warps // warps_per_cta)
+
+
+_fn_ptrs: dict[tuple[KernelSpec, int], int] = {}
+
+
+def launch_with_params(spec: KernelSpec, device: int, ctas: int, params: np.ndarray, stream_ptr: int) -> None:
+    """Launch ``spec``'s kernel, whose one parameter is a struct passed by value, with the bytes
+    of ``params`` (a numpy record laid out as that struct) as the struct; ``ctas`` CTAs on
+    stream ``stream_ptr``. Straight through ``cuLaunchKernel``: no per-argument conversion, and
+    the parameters are copied at the launch, so ``params`` may be reused once this returns.
+
+    Raises:
+        KernelCompileError: the kernel does not build. CUDA driver errors propagate.
+    """
+    key = (spec, device)
+    fptr = _fn_ptrs.get(key)
+    cupy = _cupy()
+    if fptr is None:
+        fn = get_kernel(spec, device)
+        with cupy.cuda.Device(device):  # the loaded function of this device
+            fptr = _fn_ptrs[key] = int(fn.kernel.ptr)
+    argv = np.array([params.ctypes.data], dtype=np.uintp)  # void* kernelParams[1]
+    threads = _threads(spec)
+    launch = cupy.cuda.driver.launchKernel
+    if cupy.cuda.runtime.getDevice() == device:
+        launch(fptr, ctas, 1, 1, threads, 1, 1, 0, stream_ptr, argv.ctypes.data, 0)
+    else:
+        with cupy.cuda.Device(device):
+            launch(fptr, ctas, 1, 1, threads, 1, 1, 0, stream_ptr, argv.ctypes.data, 0)
 
 
 def _payload(djobs: np.ndarray, tasks: np.ndarray) -> tuple[np.ndarray, int]:

@@ -19,11 +19,12 @@ from ..plan import BlockPairs
 from . import cuda as _cuda
 from ._loader import KernelSpec, get_kernel
 
-__all__ = ["BUF_DST", "BUF_NONE", "BUF_SRC", "PAIRS_KERNEL", "PAIR_DTYPE", "RUN_FIELDS", "PairPieces", "PairsLaunch",
-           "PreparedPairs", "copy_block_pairs", "gather_pairs", "pair_records", "prepare_pairs", "resolve_block_pairs",
-           "scatter_pairs", "split_shift_for"]
+__all__ = ["BUF_DST", "BUF_NONE", "BUF_SRC", "INLINE_DTYPE", "INLINE_KERNEL", "PAIRS_KERNEL", "PAIR_DTYPE", "RUN_FIELDS",
+           "PairPieces", "PairsLaunch", "PreparedPairs", "copy_block_pairs", "gather_pairs", "pair_records", "prepare_pairs", "resolve_block_pairs", "scatter_pairs", "split_shift_for"]
 
 PAIRS_KERNEL = KernelSpec("kv_copy.cu", "kv_copy_pairs")
+#: the same copy with its records passed in the kernel's parameters (small transfers)
+INLINE_KERNEL = KernelSpec("kv_copy.cu", "kv_copy_pairs_inline")
 MAX_ITEM_BYTES = 64 << 10  # one warp copies at most this much per item: long runs are split
 MIN_PART_BYTES = 1 << 10  # items are cut into parts for idle warps, never below this size
 
@@ -55,6 +56,27 @@ def _unit(mix: np.ndarray) -> np.ndarray:
 
 
 RUN_FIELDS = 6  # KVX_RUN_FIELDS in csrc/kv_copy.cu
+INLINE_WORDS = 500  # KVX_INLINE_WORDS in csrc/kv_copy.cu
+
+# Must match `struct KvInline` in csrc/kv_copy.cu (4,064 bytes: within the 4 KiB of kernel
+# parameters that every CUDA version accepts).
+INLINE_DTYPE = np.dtype(
+    [
+        ("npairs", np.int64),
+        ("ncoal", np.int64),
+        ("nsingle", np.int64),
+        ("nitems", np.int64),
+        ("coal_off", np.int64),
+        ("single_off", np.int64),
+        ("split_shift", np.int32),
+        ("buf_side", np.int32),
+        ("rows_inner", np.int32),
+        ("pad", np.int32),
+        ("w", np.int64, (INLINE_WORDS,)),
+    ]
+)
+assert INLINE_DTYPE.itemsize == 4064
+_INLINE_W0 = INLINE_DTYPE.fields["w"][1]  # byte offset of the records in the block
 BUF_NONE, BUF_SRC, BUF_DST = 0, 1, 2  # KVX_BUF_* in csrc/kv_copy.cu: which side is a stream-ordered buffer
 
 
@@ -62,7 +84,7 @@ class _Template:
     """What the records of a (pairs, bases, buffer) hold whatever blocks move: everything but
     ``item0``, plus memoized launch decisions. Cached: a connector's transfers reuse a few."""
 
-    __slots__ = ("pairs", "rec", "any_coal", "any_single", "per_item", "splits", "filled")
+    __slots__ = ("pairs", "rec", "any_coal", "any_single", "per_item", "splits", "filled", "heads")
 
     def __init__(self, pairs: np.ndarray, rec: np.ndarray):
         self.pairs, self.rec = pairs, rec
@@ -74,6 +96,9 @@ class _Template:
         self.splits: dict[tuple[int, int], int] = {}
         #: (coalesced runs, single blocks) -> (records with item0, item count): read-only, shared
         self.filled: dict[tuple[int, int], tuple[np.ndarray, int]] = {}
+        #: (coalesced runs, single blocks, split, rows_inner) -> inline parameter block with
+        #: everything but the run tables filled in (see _Payload)
+        self.heads: dict[tuple[int, int, int, int], np.ndarray] = {}
 
     def records(self, n_coal: int, n_single: int) -> tuple[np.ndarray, int]:
         key = (n_coal, n_single)
@@ -86,6 +111,7 @@ class _Template:
             rec.flags.writeable = False
             if len(self.filled) >= 64:
                 self.filled.clear()
+                self.heads.clear()
             hit = self.filled[key] = (rec, int(csum[-1]))
         return hit
 
@@ -140,6 +166,8 @@ def _records(bp: BlockPairs, src_bases: Any, dst_bases: Any, buffer_side: int,
     if pairs.size == 0 or s.size == 0:
         return np.zeros(pairs.size, dtype=PAIR_DTYPE), _EMPTY_RUNS, _EMPTY_RUNS, 0, None
     tmpl = _template(pairs, src_bases, dst_bases, buffer_side, buffer, int(s.size))
+    if s.size <= _FEW_BLOCKS:
+        return _few_records(bp, tmpl)
     coal_runs = single_runs = _EMPTY_RUNS
     n_coal = 0
     if tmpl.any_coal:  # coalesced runs, split to bounded items
@@ -164,6 +192,39 @@ def _records(bp: BlockPairs, src_bases: Any, dst_bases: Any, buffer_side: int,
         ones = np.ones(s.size, dtype=np.int64)
         single_runs = np.concatenate((s, d, ones, np.arange(s.size, dtype=np.int64), ones, np.zeros(s.size, dtype=np.int64)))
         n_single = int(s.size)
+    rec, nitems = tmpl.records(n_coal, n_single)
+    return rec, coal_runs, single_runs, nitems, tmpl
+
+
+_FEW_BLOCKS = 8  # up to this many blocks, the run tables are built from Python lists (µs matter)
+
+
+def _few_records(bp: BlockPairs, tmpl: _Template) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, _Template]:
+    """:func:`_records` for a transfer of a few blocks: the same tables, built without the
+    dozen small numpy calls of the general path (each costs about a microsecond)."""
+    s, d = bp.src_blocks.tolist(), bp.dst_blocks.tolist()
+    n = len(s)
+    coal_runs = single_runs = _EMPTY_RUNS
+    n_coal = 0
+    if tmpl.any_coal:
+        per_item = tmpl.per_item
+        cs, cd, cn, cpre, cplen, cwithin = [], [], [], [], [], []
+        pre = 0
+        for st, ln in zip(bp.run_starts.tolist(), bp.run_lengths.tolist()):
+            for within in range(0, ln, per_item):  # a run longer than per_item is cut into items
+                cs.append(s[st] + within)
+                cd.append(d[st] + within)
+                cn.append(min(per_item, ln - within))
+                cpre.append(pre)
+                cplen.append(ln)
+                cwithin.append(within)
+            pre += ln
+        n_coal = len(cs)
+        coal_runs = np.array(cs + cd + cn + cpre + cplen + cwithin, dtype=np.int64)
+    n_single = 0
+    if tmpl.any_single:
+        single_runs = np.array(s + d + [1] * n + list(range(n)) + [1] * n + [0] * n, dtype=np.int64)
+        n_single = n
     rec, nitems = tmpl.records(n_coal, n_single)
     return rec, coal_runs, single_runs, nitems, tmpl
 
@@ -206,20 +267,21 @@ def split_shift_for(rec: np.ndarray, nitems: int, warps: int) -> int:
 
 def copy_block_pairs(bp: BlockPairs, src_bases: Any, dst_bases: Any, *, stream: Any = None,
                      device: int | None = None, spec: KernelSpec = PAIRS_KERNEL, max_warps: int | None = None,
-                     rows_inner: bool | None = None) -> None:
+                     rows_inner: bool | None = None, inline: bool | None = None) -> None:
     """Copy every block of ``bp`` from the source tensors to the destination tensors, one launch.
 
     ``src_bases``/``dst_bases``: a KVLayout, or per-tensor device addresses / torch tensors /
     cupy arrays. Asynchronous on the launch stream (the caller's, as in :func:`kvxfer.ops.cuda.copy_jobs`).
     ``max_warps`` caps the launch (tests use it to make each warp walk many items);
-    ``rows_inner`` overrides the item order (benchmarks compare both).
+    ``rows_inner`` overrides the item order (benchmarks compare both); ``inline`` as in
+    :func:`prepare_pairs` (by default a small copy's records travel in the launch parameters).
 
     Raises:
         TransportError: the upload or launch failed.
         KernelCompileError: the kernel does not build.
         BackendUnavailableError: CuPy is missing.
     """
-    _resolve(bp, src_bases, dst_bases, BUF_NONE, stream, device, spec, max_warps, rows_inner).enqueue()
+    _resolve(bp, src_bases, dst_bases, BUF_NONE, stream, device, spec, max_warps, rows_inner, inline).enqueue()
 
 
 def gather_pairs(bp: BlockPairs, src: Any, out: Any, *, stream: Any = None, device: int | None = None,
@@ -241,10 +303,10 @@ class _Payload:
     """A launch of kv_copy_pairs resolved on the host: records, run tables and launch shape."""
 
     __slots__ = ("bytes", "coal_off", "single_off", "npairs", "ncoal", "nsingle", "nitems", "split", "ctas",
-                 "buffer_side", "device", "item0", "rows_inner")
+                 "buffer_side", "device", "item0", "rows_inner", "spec", "inline")
 
     def __init__(self, bp: BlockPairs, src: list[int], dst: list[int], buffer_side: int, buffer: int, device: int,
-                 spec: KernelSpec, max_warps: int | None, rows_inner: bool | None = None):
+                 spec: KernelSpec, max_warps: int | None, rows_inner: bool | None = None, inline: bool | None = None):
         rec, coal_runs, single_runs, self.nitems, tmpl = _records(bp, src, dst, buffer_side, buffer)
         self.buffer_side, self.device = buffer_side, device
         # item numbering (see kv_copy_pairs): the stream's order for a buffer side, one row across
@@ -254,10 +316,14 @@ class _Payload:
         self.npairs, self.ncoal, self.nsingle = rec.size, coal_runs.size // RUN_FIELDS, single_runs.size // RUN_FIELDS
         self.coal_off = -(-rec.nbytes // 64) * 64
         self.single_off = self.coal_off + coal_runs.nbytes
-        self.bytes = np.zeros(self.single_off + single_runs.nbytes, dtype=np.uint8)
-        self.bytes[: rec.nbytes] = rec.view(np.uint8)
-        self.bytes[self.coal_off : self.single_off] = coal_runs.view(np.uint8)
-        self.bytes[self.single_off :] = single_runs.view(np.uint8)
+        total = self.single_off + single_runs.nbytes
+        # records that fit the kernel's parameters travel with the launch (kv_copy_pairs_inline)
+        fits = total <= INLINE_WORDS * 8
+        if inline and not fits:
+            raise ValueError(f"inline=True but the records take {total} B; at most {INLINE_WORDS * 8} fit")
+        if spec == PAIRS_KERNEL and fits and inline is not False:
+            spec = INLINE_KERNEL
+        self.spec = spec
         self.split, self.ctas = 0, 0
         if self.nitems:
             warps, self.ctas = _cuda._workers_for(spec, device, bp.nbytes, None)
@@ -271,6 +337,62 @@ class _Payload:
                 if tmpl is not None:
                     tmpl.splits[key] = split
             self.split = split
+        #: the parameter block of kv_copy_pairs_inline (INLINE_DTYPE's bytes), or None
+        self.inline: np.ndarray | None = None
+        if spec == INLINE_KERNEL and tmpl is not None:
+            hkey = (self.ncoal, self.nsingle, self.split, int(self.rows_inner))
+            head = tmpl.heads.get(hkey)
+            if head is None:
+                head = tmpl.heads[hkey] = self._inline_head(rec)
+            blob = head.copy()
+            w0 = _INLINE_W0
+            blob[w0 + self.coal_off : w0 + self.single_off] = coal_runs.view(np.uint8)
+            blob[w0 + self.single_off : w0 + total] = single_runs.view(np.uint8)
+            self.inline = blob
+            self.bytes = blob[w0 : w0 + total]  # the same layout as an upload's
+        else:
+            self.bytes = np.zeros(total, dtype=np.uint8)
+            self.bytes[: rec.nbytes] = rec.view(np.uint8)
+            self.bytes[self.coal_off : self.single_off] = coal_runs.view(np.uint8)
+            self.bytes[self.single_off :] = single_runs.view(np.uint8)
+
+    def _inline_head(self, rec: np.ndarray) -> np.ndarray:
+        """The parameter block of kv_copy_pairs_inline with the launch's scalars and the pair
+        records filled in; the run tables (which depend on the blocks moved) go in per launch."""
+        head = np.zeros(1, dtype=INLINE_DTYPE)
+        h = head[0]
+        h["npairs"], h["ncoal"], h["nsingle"], h["nitems"] = self.npairs, self.ncoal, self.nsingle, self.nitems
+        h["coal_off"], h["single_off"] = self.coal_off // 8, self.single_off // 8
+        h["split_shift"], h["buf_side"], h["rows_inner"] = self.split, self.buffer_side, int(self.rows_inner)
+        raw = head.view(np.uint8)
+        w0 = _INLINE_W0
+        raw[w0 : w0 + rec.nbytes] = rec.view(np.uint8)
+        raw.flags.writeable = False
+        return raw
+
+    def launch_global(self, base: int, cstream: Any, pairs: tuple[int, int] | None = None) -> None:
+        """Launch ``self.spec`` with the records at device address ``base`` on CuPy stream
+        ``cstream`` (the caller made ``self.device`` current); ``pairs`` as in :meth:`args`.
+
+        Raises:
+            TransportError: the launch failed.
+        """
+        try:
+            get_kernel(self.spec, self.device)((self.ctas,), (_cuda._threads(self.spec),), self.args(base, pairs),
+                                               stream=cstream)
+        except Exception as exc:
+            raise TransportError(f"kv_copy_pairs launch failed on cuda:{self.device}: {exc}") from exc
+
+    def launch_inline(self, stream_ptr: int) -> None:
+        """Launch ``kv_copy_pairs_inline`` with the records in its parameters (nothing uploaded).
+
+        Raises:
+            TransportError: the launch failed.
+        """
+        try:
+            _cuda.launch_with_params(self.spec, self.device, self.ctas, self.inline, stream_ptr)
+        except Exception as exc:
+            raise TransportError(f"kv_copy_pairs_inline launch failed on cuda:{self.device}: {exc}") from exc
 
     def args(self, base: int, pairs: tuple[int, int] | None = None) -> tuple:
         """Kernel arguments with the records at device address ``base``; ``pairs`` (first,
@@ -288,35 +410,41 @@ class _Payload:
 
 class PairsLaunch:
     """A block-pair copy resolved on the host (records built, launch shape chosen), not yet
-    queued: :meth:`enqueue` uploads the records and launches, in stream order. Splitting the
-    two lets a caller time only the GPU's share of a transfer (see the cuda_ipc backend)."""
+    queued: :meth:`enqueue` uploads the records (unless they travel inline) and launches, in
+    stream order. Splitting the two lets a caller time only the GPU's share of a transfer (see
+    the cuda_ipc backend)."""
 
-    __slots__ = ("_pl", "_spec", "_sptr", "_dev")
+    __slots__ = ("_pl", "_sptr", "_dev")
 
-    def __init__(self, pl: _Payload, spec: KernelSpec, sptr: int, dev: int):
-        self._pl, self._spec, self._sptr, self._dev = pl, spec, sptr, dev
+    def __init__(self, pl: _Payload, sptr: int, dev: int):
+        self._pl, self._sptr, self._dev = pl, sptr, dev
+
+    @property
+    def inline(self) -> bool:
+        """Whether the records travel in the kernel's parameters (nothing is uploaded)."""
+        return self._pl.inline is not None
 
     def enqueue(self) -> None:
         """Upload and launch on the stream the copy was resolved for.
 
         Raises:
-            TransportError: the stream is capturing a CUDA graph, or the upload or launch failed.
+            TransportError: the stream is capturing a CUDA graph (records to upload), or the
+                upload or launch failed.
         """
         pl, dev, sptr = self._pl, self._dev, self._sptr
         if pl.nitems == 0:
             return
+        if pl.inline is not None:  # nothing to upload: capturable, no staging, no device buffer
+            pl.launch_inline(sptr)
+            return
         cupy = _cuda._cupy()
         st = _cuda._state(dev, sptr)
-        total = pl.bytes.nbytes
         with st.lock, cupy.cuda.Device(dev):
             cstream = _cuda._cupy_stream(sptr, dev)
             _cuda._check_not_capturing(sptr, "kv_copy_pairs")
-            base = int(_cuda._device_buffer(st, total, cstream).ptr)
+            base = int(_cuda._device_buffer(st, pl.bytes.nbytes, cstream).ptr)
             _cuda._upload(st, pl.bytes, base, sptr, cstream, f"kv_copy_pairs records to cuda:{dev}")
-            try:
-                get_kernel(self._spec, dev)((pl.ctas,), (_cuda._threads(self._spec),), pl.args(base), stream=cstream)
-            except Exception as exc:
-                raise TransportError(f"kv_copy_pairs launch failed on cuda:{dev}: {exc}") from exc
+            pl.launch_global(base, cstream)
 
 
 def resolve_block_pairs(bp: BlockPairs, src_bases: Any, dst_bases: Any, *, stream: Any = None,
@@ -330,28 +458,31 @@ def resolve_block_pairs(bp: BlockPairs, src_bases: Any, dst_bases: Any, *, strea
 
 
 def _resolve(bp: BlockPairs, src: Any, dst: Any, buffer_side: int, stream: Any, device: int | None, spec: KernelSpec,
-             max_warps: int | None, rows_inner: bool | None = None) -> PairsLaunch:
+             max_warps: int | None, rows_inner: bool | None = None, inline: bool | None = None) -> PairsLaunch:
     """Every entry point's host half: ``src``/``dst`` are tensors (a KVLayout, addresses, torch
-    or cupy arrays), or, on the side ``buffer_side`` names, the one contiguous buffer."""
+    or cupy arrays), or, on the side ``buffer_side`` names, the one contiguous buffer.
+    ``inline``: None passes the records in the launch's parameters when they fit."""
     srcs, sobjs = _cuda._flatten_bases([src] if buffer_side == BUF_SRC else src, "src")
     dsts, dobjs = _cuda._flatten_bases([dst] if buffer_side == BUF_DST else dst, "dst")
     buffer = srcs[0] if buffer_side == BUF_SRC else dsts[0] if buffer_side == BUF_DST else 0
     objs = sobjs + dobjs
     dev = _cuda._device_of(objs, (src, dst), device)
-    pl = _Payload(bp, srcs, dsts, buffer_side, buffer, dev, spec, max_warps, rows_inner)
-    return PairsLaunch(pl, spec, _cuda._stream_ptr(stream, objs, dev), dev)
+    pl = _Payload(bp, srcs, dsts, buffer_side, buffer, dev, spec, max_warps, rows_inner, inline)
+    return PairsLaunch(pl, _cuda._stream_ptr(stream, objs, dev), dev)
 
 
 class PreparedPairs:
-    """A block-pair copy whose records live on the GPU: :meth:`launch` uploads nothing and
-    allocates nothing (CUDA-graph capturable). The tensors and buffer it was prepared for must
+    """A block-pair copy whose records are resident: :meth:`launch` uploads nothing and
+    allocates nothing (CUDA-graph capturable). The records sit in device memory, or, when they
+    fit, in the launch's own parameters. The tensors and buffer it was prepared for must
     outlive every launch."""
 
-    def __init__(self, payload: _Payload, spec: KernelSpec):
-        self._pl, self._spec = payload, spec
+    def __init__(self, payload: _Payload):
+        self._pl = payload
         self.nbytes_records = payload.bytes.nbytes
+        self.inline = payload.inline is not None
         self._mem = None
-        if payload.nitems:
+        if payload.nitems and not self.inline:
             cupy = _cuda._cupy()
             with cupy.cuda.Device(payload.device):
                 self._mem = cupy.cuda.alloc(payload.bytes.nbytes)
@@ -363,16 +494,15 @@ class PreparedPairs:
         Raises:
             TransportError: the launch failed.
         """
-        if self._mem is None:
+        pl = self._pl
+        if not pl.nitems:
             return
-        dev = self._pl.device
-        sptr = _cuda._stream_ptr(stream, (), dev)
-        try:
-            with _cuda._cupy().cuda.Device(dev):
-                get_kernel(self._spec, dev)((self._pl.ctas,), (_cuda._threads(self._spec),), self._pl.args(int(self._mem.ptr)),
-                                            stream=_cuda._cupy_stream(sptr, dev))
-        except Exception as exc:
-            raise TransportError(f"kv_copy_pairs launch failed on cuda:{dev}: {exc}") from exc
+        sptr = _cuda._stream_ptr(stream, (), pl.device)
+        if self.inline:
+            pl.launch_inline(sptr)
+            return
+        with _cuda._cupy().cuda.Device(pl.device):
+            pl.launch_global(int(self._mem.ptr), _cuda._cupy_stream(sptr, pl.device))
 
 
 class PairPieces:
@@ -385,9 +515,10 @@ class PairPieces:
 
     def __init__(self, bp: BlockPairs, src: Any, dst: Any, *, buffer_side: int, bounds: list[tuple[int, int]],
                  stream: Any, device: int, spec: KernelSpec = PAIRS_KERNEL):
-        resolved = _resolve(bp, src, dst, buffer_side, stream, device, spec, None)
+        # pieces start at a pair's first item: the inline kernel numbers items from 0, so not inline
+        resolved = _resolve(bp, src, dst, buffer_side, stream, device, spec, None, inline=False)
         self._pl, self._sptr = resolved._pl, resolved._sptr
-        self._spec, self._bounds, self._dev = spec, bounds, device
+        self._bounds, self._dev = bounds, device
         cupy = _cuda._cupy()
         self._mem = None
         if self._pl.nitems:
@@ -397,7 +528,6 @@ class PairPieces:
                 self._mem = _cuda.alloc_on(self._cstream, self._pl.bytes.nbytes)
                 _cuda._upload(st, self._pl.bytes, int(self._mem.ptr), self._sptr, self._cstream,
                               f"kv_copy_pairs records to cuda:{device}")
-            self._fn = get_kernel(spec, device)
 
     def __len__(self) -> int:
         return len(self._bounds)
@@ -410,22 +540,20 @@ class PairPieces:
         """
         if self._mem is None:
             return
-        p0, p1 = self._bounds[i]
-        try:
-            with _cuda._cupy().cuda.Device(self._dev):
-                self._fn((self._pl.ctas,), (_cuda._threads(self._spec),), self._pl.args(int(self._mem.ptr), (p0, p1)),
-                         stream=self._cstream)
-        except Exception as exc:
-            raise TransportError(f"kv_copy_pairs launch failed on cuda:{self._dev}: {exc}") from exc
+        with _cuda._cupy().cuda.Device(self._dev):
+            self._pl.launch_global(int(self._mem.ptr), self._cstream, self._bounds[i])
 
 
 def prepare_pairs(bp: BlockPairs, src: Any, dst: Any, *, buffer_side: int = BUF_NONE, device: int | None = None,
-                  spec: KernelSpec = PAIRS_KERNEL, max_warps: int | None = None,
-                  rows_inner: bool | None = None) -> PreparedPairs:
+                  spec: KernelSpec = PAIRS_KERNEL, max_warps: int | None = None, rows_inner: bool | None = None,
+                  inline: bool | None = None) -> PreparedPairs:
     """Resolve and upload (synchronously) a block-pair copy, gather (``buffer_side=BUF_DST``:
     ``dst`` is the buffer) or scatter (``BUF_SRC``: ``src`` is the buffer) for repeated launches.
+    ``inline``: None keeps records that fit in the launch's parameters; False forces device
+    memory; True requires the parameters (ValueError when the records do not fit).
 
     Raises:
+        ValueError: ``inline=True`` and the records exceed the parameters.
         TransportError, KernelCompileError, BackendUnavailableError: as :func:`copy_block_pairs`.
     """
-    return PreparedPairs(_resolve(bp, src, dst, buffer_side, None, device, spec, max_warps, rows_inner)._pl, spec)
+    return PreparedPairs(_resolve(bp, src, dst, buffer_side, None, device, spec, max_warps, rows_inner, inline)._pl)
