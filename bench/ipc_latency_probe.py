@@ -27,6 +27,54 @@ def _pct(xs, q):
     return round(float(np.percentile(np.asarray(xs) * 1e6, q)), 1)
 
 
+def _timed(fn, n: int = 400) -> float:
+    """p50 in us of ``fn()`` over ``n`` calls after 50 warm-up calls."""
+    ts = []
+    for i in range(n + 50):
+        t0 = time.perf_counter()
+        fn()
+        if i >= 50:
+            ts.append(time.perf_counter() - t0)
+    return _pct(ts, 50)
+
+
+def _breakdown(c, be, peer, src, dst, device: int) -> dict:
+    """The stages of one ``write()`` on the calling thread, each timed alone (p50, us)."""
+    import cupy as cp
+
+    from kvxfer.backends.base import TransferRequest, plan_for_initiator
+    from kvxfer.backends.cuda_ipc import _check_pairs_within
+    from kvxfer.handle import Op, TransferHandle
+    from kvxfer.ops.pairs import resolve_block_pairs
+    from kvxfer.plan import as_block_ids
+
+    link = next(iter(be.links))
+    req = TransferRequest(1, Op.WRITE, as_block_ids(src, "s"), as_block_ids(dst, "d"), c.layout.resolve_layers(None), None)
+    plan = plan_for_initiator(c.layout, peer.metadata, req)
+    bp = plan.block_pairs
+    s = cp.cuda.Stream(non_blocking=True)
+    out = {
+        "request": _timed(lambda: TransferRequest(1, Op.WRITE, as_block_ids(src, "s"), as_block_ids(dst, "d"),
+                                                  c.layout.resolve_layers(None), None)),
+        "plan": _timed(lambda: plan_for_initiator(c.layout, peer.metadata, req)),
+        "handle": _timed(lambda: TransferHandle(Op.WRITE, peer.name, plan.nbytes, "cuda_ipc", req.dst_blocks)),
+        "bounds_checks": _timed(lambda: (_check_pairs_within(bp, "dst", link.remote_spans, "peer"),
+                                         _check_pairs_within(bp, "src", be._local_spans, "local"))),
+        "resolve": _timed(lambda: resolve_block_pairs(bp, be._local_addrs, link.remote_addrs, stream=s.ptr, device=device)),
+    }
+    launch = resolve_block_pairs(bp, be._local_addrs, link.remote_addrs, stream=s.ptr, device=device)
+    out["launch"] = _timed(launch.enqueue)
+    s.synchronize()
+    ev = []
+    out["wait_for_caller"] = _timed(lambda: be._wait_for_caller(ev))
+    be._recycle(ev, [])
+    e = cp.cuda.Event(disable_timing=True)
+    out["event_record"] = _timed(lambda: e.record(s))
+    out["write_returns_unwaited"] = _timed(lambda: c.write(peer, src, dst))  # completion thread finishes them
+    c.write(peer, src, dst).wait(10)
+    return out
+
+
 def _consumer(conn, device: int, res: dict) -> None:
     import cupy as cp
 
@@ -77,6 +125,7 @@ def _consumer(conn, device: int, res: dict) -> None:
         if i >= 50:
             ev.append(time.perf_counter() - t0)
     out["event_roundtrip_p50_us"] = _pct(ev, 50)
+    out["breakdown_p50_us"] = _breakdown(c, be, peer, src, dst, device)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(300):

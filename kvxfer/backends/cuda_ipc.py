@@ -378,7 +378,6 @@ class CudaIpcBackend(Backend):
         self._local_addrs = np.zeros(0, dtype=np.uint64)
         self._local_spans = np.zeros(0, dtype=np.int64)
         self._torch_owner = False
-        self._torch_stream: Any = None
         #: when True, each transfer's kernel time (seconds, CUDA events) is appended to device_times
         self.record_device_time = False
         self.device_times: collections.deque[float] = collections.deque(maxlen=4096)
@@ -586,17 +585,15 @@ class CudaIpcBackend(Backend):
         return handle
 
     def _wait_for_caller(self, events: list[int]) -> None:
-        """Make our stream wait for the work queued so far on the caller's current stream."""
-        if self._torch_owner:  # through torch itself, so torch's stream semantics hold exactly
-            torch = sys.modules["torch"]
-            if self._torch_stream is None:
-                self._torch_stream = torch.cuda.ExternalStream(self._stream, device=torch.device("cuda", self.device))
-            self._torch_stream.wait_stream(torch.cuda.current_stream(self.device))
-            return
+        """Make our stream wait for the work queued so far on the caller's current stream
+        (torch's when the layout holds torch tensors, else CuPy's): a pooled event recorded
+        there, waited on by our stream (what torch's ``wait_stream`` does, minus its objects)."""
+        from ..ops.cuda import caller_stream_ptr
+
         gate = self._event()
         events.append(gate)
         rt = self._cp.cuda.runtime
-        rt.eventRecord(gate, int(self._cp.cuda.get_current_stream().ptr))
+        rt.eventRecord(gate, caller_stream_ptr(self.device, self._torch_owner))
         rt.streamWaitEvent(self._stream, gate, 0)
 
     def _event(self, timing: bool = False) -> int:

@@ -37,6 +37,7 @@ __all__ = [
     "KERNEL",
     "alloc_on",
     "caller_ready_event",
+    "caller_stream_ptr",
     "PreparedCopy",
     "prepare",
     "prepare_gather",
@@ -447,6 +448,21 @@ def alloc_on(stream: Any, nbytes: int) -> Any:
         return _cupy().cuda.alloc(nbytes)
 
 
+def caller_stream_ptr(device: int, torch_tensors: bool) -> int:
+    """The calling thread's current stream on ``device`` as a raw handle: torch's current
+    stream when the tensors are torch's (read through torch's raw-stream accessor when it has
+    one: a microsecond instead of a Stream object), else CuPy's current stream."""
+    if torch_tensors:
+        torch = sys.modules["torch"]
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        if raw is not None:
+            return int(raw(device))
+        return int(torch.cuda.current_stream(device).cuda_stream)
+    cupy = _cupy()
+    with cupy.cuda.Device(device):
+        return int(cupy.cuda.get_current_stream().ptr)
+
+
 def caller_ready_event(layout: Any) -> Any:
     """An event recorded now on the caller's current stream on ``layout``'s device: torch's
     current stream when the layout's tensors are torch tensors, else CuPy's.
@@ -459,13 +475,10 @@ def caller_ready_event(layout: Any) -> Any:
     cupy = _cupy()
     dev = int(layout.device)
     torch = sys.modules.get("torch")
+    torch_tensors = torch is not None and any(isinstance(o, torch.Tensor) for o in layout.owners)
     with cupy.cuda.Device(dev):
-        if torch is not None and any(isinstance(o, torch.Tensor) for o in layout.owners):
-            stream = _cupy_stream(int(torch.cuda.current_stream(dev).cuda_stream), dev)
-        else:
-            stream = cupy.cuda.get_current_stream()
         ev = cupy.cuda.Event(disable_timing=True)
-        ev.record(stream)
+        ev.record(_cupy_stream(caller_stream_ptr(dev, torch_tensors), dev))
     return ev
 
 
