@@ -75,6 +75,54 @@ def _breakdown(c, be, peer, src, dst, device: int) -> dict:
     return out
 
 
+def _in_situ(c, be, peer, src, dst, waited: bool, n: int = 400) -> dict:
+    """Each stage of ``write()`` timed where it runs, inside real writes (completion thread
+    and all), by wrapping the functions it calls; p50 in us, plus the whole ``write()``."""
+    import kvxfer.backends.cuda_ipc as ipc_mod
+    import kvxfer.connector as conn_mod
+    import kvxfer.ops.pairs as pairs_mod
+
+    spans: dict[str, list[float]] = {}
+
+    def wrap(owner, name, label):
+        orig = getattr(owner, name)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                spans.setdefault(label, []).append(time.perf_counter() - t0)
+
+        setattr(owner, name, timed)
+        return lambda: setattr(owner, name, orig)
+
+    undo = [wrap(conn_mod, "plan_for_initiator", "plan"), wrap(conn_mod, "TransferHandle", "handle"),
+            wrap(c._watchdog, "add", "watchdog"), wrap(be, "submit", "submit"),
+            wrap(ipc_mod, "_check_pairs_within", "bounds_check_each"), wrap(be, "_launch", "launch_total"),
+            wrap(pairs_mod, "resolve_block_pairs", "resolve"), wrap(be, "_wait_for_caller", "wait_for_caller"),
+            wrap(pairs_mod.PairsLaunch, "enqueue", "enqueue"), wrap(be._order, "add", "order_add")]
+    total = []
+    try:
+        for i in range(n + 50):
+            if i == 50:
+                spans.clear()
+            t0 = time.perf_counter()
+            h = c.write(peer, src, dst)
+            t1 = time.perf_counter()
+            if waited:
+                h.wait(10)
+            if i >= 50:
+                total.append(t1 - t0)
+        h.wait(10)
+    finally:
+        for u in reversed(undo):
+            u()
+    out = {k: _pct(v, 50) for k, v in spans.items()}
+    out["write_returns"] = _pct(total, 50)
+    return out
+
+
 def _consumer(conn, device: int, res: dict) -> None:
     import cupy as cp
 
@@ -126,6 +174,24 @@ def _consumer(conn, device: int, res: dict) -> None:
             ev.append(time.perf_counter() - t0)
     out["event_roundtrip_p50_us"] = _pct(ev, 50)
     out["breakdown_p50_us"] = _breakdown(c, be, peer, src, dst, device)
+    out["in_situ_waited_p50_us"] = _in_situ(c, be, peer, src, dst, True)
+    out["in_situ_unwaited_p50_us"] = _in_situ(c, be, peer, src, dst, False)
+    # the same with blocking-sync completion events (the completion thread sleeps in the driver
+    # instead of spinning while this thread launches)
+    import kvxfer.backends.cuda_ipc as ipc_mod
+
+    ipc_mod._EVENT_DISABLE_TIMING = 0x03
+    be._free_events.clear()
+    e2e_b = []
+    for i in range(550):
+        t0 = time.perf_counter()
+        c.write(peer, src, dst).wait(10)
+        if i >= 50:
+            e2e_b.append(time.perf_counter() - t0)
+    out["blocking_sync_events_write_e2e_p50_us"] = _pct(e2e_b, 50)
+    out["blocking_sync_in_situ_waited_p50_us"] = _in_situ(c, be, peer, src, dst, True)
+    ipc_mod._EVENT_DISABLE_TIMING = 0x02
+    be._free_events.clear()
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(300):
