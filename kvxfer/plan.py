@@ -13,6 +13,7 @@ byte; this is the two-level strided descriptor that the CUDA kernels in csrc/ co
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -100,6 +101,33 @@ class BlockPairs:
         return grids[0] if len(grids) == 1 else np.concatenate(grids)
 
 
+RAMP = 4  # growth between consecutive ramp pieces (chunk_bounds): gather/scatter outpace the wire
+
+
+def _piece_cuts(n: int, target: int, edge: int) -> list[int]:
+    """Wanted stream offsets of piece ends (the last one is ``n``): ``target``-sized pieces,
+    with ``edge``-sized ramps at both ends when the transfer holds them (see chunk_bounds)."""
+    head: list[int] = []
+    size = edge
+    while 0 < size < target:
+        head.append(size)
+        size *= RAMP
+    if not head or 2 * sum(head) + target > n:  # too small for a ramp: plain pieces
+        head = []
+    mid_lo, mid_hi = sum(head), n - sum(head)
+    k = max(1, math.ceil((mid_hi - mid_lo) / target - 0.01))  # "about target": 1% over is one piece
+    cuts, pos = [], 0
+    for h in head:
+        pos += h
+        cuts.append(pos)
+    cuts += [mid_lo + (mid_hi - mid_lo) * i // k for i in range(1, k + 1)]
+    pos = mid_hi
+    for h in reversed(head):
+        pos += h
+        cuts.append(pos)
+    return cuts
+
+
 class TransferPlan:
     """Copy jobs for one transfer, in stream order, with their byte offsets in the stream.
 
@@ -152,25 +180,37 @@ class TransferPlan:
         j = self.jobs
         return int(j["src_count"].sum()) if j.size else 0
 
-    def chunk_bounds(self, target: int) -> list[tuple[int, int, int, int]]:
+    def chunk_bounds(self, target: int, edge: int = 0) -> list[tuple[int, int, int, int]]:
         """The stream cut into consecutive pieces of about ``target`` bytes, for pipelining:
         ``(first pair, end pair, first stream byte, end byte)`` of each. A piece is a run of
         whole (tensor, segment) pairs of :attr:`block_pairs`, so it is a plan of its own whose
         stream is exactly that slice of this plan's stream. A plan without block pairs, or that
         fits ``target``, is one piece (its pair bounds then mean "everything").
+
+        ``edge`` > 0 ramps the pieces at both ends: the first is about ``edge`` bytes, each next
+        one up to :data:`RAMP` times the one before, until ``target``; the last pieces mirror
+        that. In a gather -> move -> scatter pipeline the wire then starts after a short gather
+        and the last scatter is short too (the copies run several times faster than the wire).
+        No ramp when the transfer is too small for one.
         """
         n = self.nbytes
         bp = self.block_pairs
         if bp is None or bp.pairs.size <= 1 or n <= target or bp.src_blocks.size == 0:
             return [(0, 0 if bp is None else int(bp.pairs.size), 0, n)]
         per_pair = bp.pairs["src_run"] * bp.pairs["src_count"] * bp.src_blocks.size
-        ends = np.cumsum(per_pair).tolist()
+        ends = np.cumsum(per_pair)
+        cuts = _piece_cuts(n, target, edge)
+        # each wanted cut moves to the first pair end at or after it
+        at = np.unique(np.minimum(np.searchsorted(ends, cuts, side="left"), ends.size - 1))
         out: list[tuple[int, int, int, int]] = []
         first, lo = 0, 0
-        for p, end in enumerate(ends):
-            if end - lo >= target or p == len(ends) - 1:
-                out.append((first, p + 1, lo, int(end)))
-                first, lo = p + 1, int(end)
+        for p in at.tolist():
+            end = int(ends[p])
+            if end > lo:
+                out.append((first, p + 1, lo, end))
+                first, lo = p + 1, end
+        if lo < n:
+            out.append((first, int(ends.size), lo, n))
         return out
 
     def piece(self, first: int, end: int) -> TransferPlan:

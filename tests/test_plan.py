@@ -114,6 +114,32 @@ def test_chunk_bounds_cut_the_stream_at_pair_boundaries():
     assert [(0, plan.nbytes)] == [(lo, hi) for _, _, lo, hi in plan.chunk_bounds(plan.nbytes)]
 
 
+def test_ramped_pieces_start_and_end_small_and_still_cut_at_pair_boundaries():
+    from kvxfer.plan import RAMP
+
+    st, bd = LayoutSpec("kv_first", 64, layers=80, block_size=4, heads=2, head_dim=16).build(1)
+    lay = KVLayout.from_tensors(st, block_dim=bd)
+    views = [host_bytes(int(a), t.span) for a, t in zip(lay.addrs, lay.geometry.tensors)]
+    plan = plan_transfer(lay.geometry, lay.geometry, list(range(8)), list(range(20, 28)))
+    npairs = plan.block_pairs.pairs.size
+    assert npairs >= 80
+    pair = plan.nbytes // npairs  # every pair moves the same bytes here
+    full = reference.gather(plan, views)
+    target, edge = 16 * pair, pair
+    bounds = plan.chunk_bounds(target, edge)
+    sizes = [hi - lo for _, _, lo, hi in bounds]
+    assert bounds[0][2] == 0 and bounds[-1][3] == plan.nbytes and sum(sizes) == plan.nbytes
+    assert all(a[1] == b[0] and a[3] == b[2] for a, b in zip(bounds, bounds[1:]))  # consecutive pairs and bytes
+    assert sizes[:2] == [pair, RAMP * pair] and sizes[-2:] == [RAMP * pair, pair]  # the ramps (16 pairs: the target)
+    assert len(sizes) > 4
+    assert all(s <= target for s in sizes)
+    for p0, p1, lo, hi in bounds:
+        assert np.array_equal(reference.gather(plan.piece(p0, p1), views), full[lo:hi])
+    # without an edge, or too small a transfer for a ramp: plain pieces
+    assert all(hi - lo <= target for *_, lo, hi in plan.chunk_bounds(target)) and len(plan.chunk_bounds(target)) == -(-npairs // 16)
+    assert plan.chunk_bounds(npairs // 2 * pair, edge) == plan.chunk_bounds(npairs // 2 * pair)
+
+
 def test_identity_memo_derives_once_per_object_and_never_confuses_equal_ones():
     from kvxfer._memo import IdentityMemo
 

@@ -55,6 +55,8 @@ from ..layout import KVLayout
 from ..metadata import PeerMetadata, boot_id
 from ..plan import BlockPairs, TransferPlan
 from .._memo import IdentityMemo
+from ..ops import cuda as _ops_cuda  # imports neither cupy nor torch
+from ..ops import pairs as _ops_pairs
 from . import _cuda_ipc_handles as ipc
 from ._ordered_completion import OrderedCompletion
 from .base import Backend, BackendLink, LocalSide, TransferRequest
@@ -157,8 +159,11 @@ _LIMITS: IdentityMemo[int] = IdentityMemo(1024)  # (pairs, side, spans) -> large
 def _largest_safe_block(pairs: np.ndarray, side: str, spans: np.ndarray) -> int:
     """The largest block id whose every (tensor, segment) pair stays inside the registered spans
     on ``side`` (-1 if none does, or a pair names an unknown tensor). Cached per pairs array
-    (the planner caches those per layout pair), so a transfer pays one comparison."""
-    return _LIMITS.get((pairs,), (side, spans.tobytes()), lambda: _safe_block_limit(pairs, side, spans))
+    (the planner caches those per layout pair), so a transfer pays one comparison. Read-only
+    span arrays (a link's, the backend's) are keyed by identity, others by value."""
+    if spans.flags.writeable:
+        return _LIMITS.get((pairs,), (side, spans.tobytes()), lambda: _safe_block_limit(pairs, side, spans))
+    return _LIMITS.get((pairs, spans), side, lambda: _safe_block_limit(pairs, side, spans))
 
 
 def _safe_block_limit(pairs: np.ndarray, side: str, spans: np.ndarray) -> int:
@@ -183,7 +188,12 @@ def _check_pairs_within(bp: BlockPairs, side: str, spans: np.ndarray, whose: str
     ids = bp.src_blocks if side == "src" else bp.dst_blocks
     if ids.size == 0 or bp.pairs.size == 0:
         return
-    if int(ids.min()) >= 0 and int(ids.max()) <= _largest_safe_block(bp.pairs, side, spans):
+    if ids.size <= 32:  # a few ids: Python's min/max beat two numpy reductions
+        few = ids.tolist()
+        lo, hi = min(few), max(few)
+    else:
+        lo, hi = int(ids.min()), int(ids.max())
+    if lo >= 0 and hi <= _largest_safe_block(bp.pairs, side, spans):
         return
     p = bp.pairs
     t = p["t"]
@@ -227,6 +237,8 @@ class CudaIpcLink(BackendLink):
         self.peer_device = peer_device
         self.remote_addrs = addrs  # uint64, first byte of each peer tensor in our address space
         self.remote_spans = spans  # int64, registered bytes of each peer tensor
+        addrs.flags.writeable = False  # fixed for the link's life: caches key on their identity
+        spans.flags.writeable = False
         self._handles = handles
         self._lock = threading.Lock()
         self._closed = False
@@ -393,6 +405,7 @@ class CudaIpcBackend(Backend):
         self._bus = ipc.bus_id(self.device)
         self._local_addrs = np.asarray(layout.addrs, dtype=np.uint64)
         self._local_spans = np.asarray([t.span for t in layout.geometry.tensors], dtype=np.int64)
+        self._local_spans.flags.writeable = False
         torch = sys.modules.get("torch")
         self._torch_owner = torch is not None and any(isinstance(o, torch.Tensor) for o in layout.owners)
         try:
@@ -588,12 +601,10 @@ class CudaIpcBackend(Backend):
         """Make our stream wait for the work queued so far on the caller's current stream
         (torch's when the layout holds torch tensors, else CuPy's): a pooled event recorded
         there, waited on by our stream (what torch's ``wait_stream`` does, minus its objects)."""
-        from ..ops.cuda import caller_stream_ptr
-
         gate = self._event()
         events.append(gate)
         rt = self._cp.cuda.runtime
-        rt.eventRecord(gate, caller_stream_ptr(self.device, self._torch_owner))
+        rt.eventRecord(gate, _ops_cuda.caller_stream_ptr(self.device, self._torch_owner))
         rt.streamWaitEvent(self._stream, gate, 0)
 
     def _event(self, timing: bool = False) -> int:
@@ -611,16 +622,14 @@ class CudaIpcBackend(Backend):
     def _launch(self, link: CudaIpcLink, handle: TransferHandle | None, notify: bytes | None,
                 jobs: np.ndarray | None, src: np.ndarray | None, dst: np.ndarray | None,
                 pairs: BlockPairs | None = None) -> None:
-        from ..ops.cuda import copy_jobs
-        from ..ops.pairs import resolve_block_pairs
-
         cp = self._cp
         rt = cp.cuda.runtime
         copies = jobs is not None or pairs is not None
         timing = self.record_device_time and copies
         # the host half of a block-pair copy runs before the lock and before the timing event
         # (device time is the GPU's share: upload and kernel, not Python building records)
-        launch = None if pairs is None else resolve_block_pairs(pairs, src, dst, stream=self._stream, device=self.device)
+        launch = None if pairs is None else _ops_pairs.resolve_block_pairs(pairs, src, dst, stream=self._stream,
+                                                                           device=self.device)
         with self._submit_lock:
             link._begin(handle)
             events: list[int] = []
@@ -635,7 +644,7 @@ class CudaIpcBackend(Backend):
                         timed.append(t0)
                         rt.eventRecord(t0, self._stream)
                     if jobs is not None and jobs.size:
-                        copy_jobs(jobs, src, dst, stream=self._stream, device=self.device)
+                        _ops_cuda.copy_jobs(jobs, src, dst, stream=self._stream, device=self.device)
                     elif launch is not None:
                         launch.enqueue()
                     done = self._event(timing)

@@ -14,7 +14,7 @@ from enum import Enum
 from ..config import from_env
 from ..errors import ConfigError
 
-__all__ = ["ErrorHandling", "Progress", "TransferMode", "UcxConfig", "piece_bytes", "ucx_config"]
+__all__ = ["ErrorHandling", "Progress", "TransferMode", "UcxConfig", "piece_bytes", "piece_edge", "ucx_config"]
 
 
 class ErrorHandling(Enum):
@@ -87,6 +87,13 @@ class UcxConfig:
 
 
 MIN_PIECE = 16 << 20  # below this a piece's RMA is too short to hide the next piece's host work
+
+
+def piece_edge(config: UcxConfig, nbytes: int) -> int:
+    """The first and last piece's size for a packed transfer of ``nbytes`` (0: no ramp; see
+    :meth:`~kvxfer.plan.TransferPlan.chunk_bounds`): :data:`MIN_PIECE`, so that the wire starts
+    after a short gather and the last scatter is short, once a transfer spans several pieces."""
+    return MIN_PIECE if nbytes >= 4 * piece_bytes(config, nbytes) > MIN_PIECE else 0
 
 
 def piece_bytes(config: UcxConfig, nbytes: int) -> int:

@@ -61,7 +61,7 @@ from ..plan import TransferPlan
 from . import _ucp
 from . import ucx_protocol as proto
 from .base import BackendLink, TransferRequest, plan_for_responder, remote_error
-from .ucx_config import piece_bytes
+from .ucx_config import piece_bytes, piece_edge
 from .ucx_protocol import Msg
 from .ucx_staging import Staging
 
@@ -73,6 +73,12 @@ __all__ = ["UcxLink", "lost_error"]
 log = logging.getLogger(__name__)
 
 _STAGING_RKEYS = 8  # unpacked staging keys kept per link
+
+
+def _pieces_of(config: Any, plan: TransferPlan) -> list[tuple[int, int, int, int]]:
+    """How a packed transfer is pipelined: both sides cut it the same way (ramped pieces of
+    about ``piece_bytes``; see ucx_config)."""
+    return plan.chunk_bounds(piece_bytes(config, plan.nbytes), piece_edge(config, plan.nbytes))
 
 
 def lost_error(status: int, peer: str) -> PeerLostError:
@@ -255,7 +261,7 @@ class UcxLink(BackendLink):
         pool, packer = self.backend.staging(), self.backend.packer()
         packer.wait_for(x.ready)  # the gather / scatter below are queued after the caller's work
         x.staging = pool.get(x.plan.nbytes)
-        x.chunks = x.plan.chunk_bounds(piece_bytes(self.backend.config, x.plan.nbytes))
+        x.chunks = _pieces_of(self.backend.config, x.plan)
         self.send(Msg.REQ, proto.request_body(x.req, x.staging.address, x.staging.rkey, x.plan.nbytes))
         x.t_req = time.perf_counter()
         if x.req.op is Op.READ:
@@ -361,7 +367,7 @@ class UcxLink(BackendLink):
             self.backend.staging().put(staging)
             self.send(Msg.ERR, proto.err_body(xid, "RemoteProtocolError", f"bad staging rkey: {exc}"))
             return
-        s = _Serving(xid, req.op, plan, notify, staging, rkey, addr, plan.chunk_bounds(piece_bytes(self.backend.config, plan.nbytes)),
+        s = _Serving(xid, req.op, plan, notify, staging, rkey, addr, _pieces_of(self.backend.config, plan),
                      t0=t0)
         with self._lock:
             self._serving[xid] = s

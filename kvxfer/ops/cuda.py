@@ -163,8 +163,14 @@ def _cupy_stream(ptr: int, device: int) -> Any:
 
 # -- launch geometry ---------------------------------------------------------------------------
 
+_THREADS: dict[KernelSpec, int] = {}
+
+
 def _threads(spec: KernelSpec) -> int:
-    return dict(spec.defines).get("KVX_THREADS", 256)
+    n = _THREADS.get(spec)
+    if n is None:
+        n = _THREADS[spec] = dict(spec.defines).get("KVX_THREADS", 256)
+    return n
 
 
 _per_sm: dict[tuple[KernelSpec, int], tuple[int, int]] = {}
@@ -206,13 +212,12 @@ def launch_with_params(spec: KernelSpec, device: int, ctas: int, params: np.ndar
         with cupy.cuda.Device(device):  # the loaded function of this device
             fptr = _fn_ptrs[key] = int(fn.kernel.ptr)
     argv = np.array([params.ctypes.data], dtype=np.uintp)  # void* kernelParams[1]
-    threads = _threads(spec)
-    launch = cupy.cuda.driver.launchKernel
+    args = (fptr, ctas, 1, 1, _threads(spec), 1, 1, 0, stream_ptr, argv.ctypes.data, 0)
     if cupy.cuda.runtime.getDevice() == device:
-        launch(fptr, ctas, 1, 1, threads, 1, 1, 0, stream_ptr, argv.ctypes.data, 0)
+        cupy.cuda.driver.launchKernel(*args)
     else:
         with cupy.cuda.Device(device):
-            launch(fptr, ctas, 1, 1, threads, 1, 1, 0, stream_ptr, argv.ctypes.data, 0)
+            cupy.cuda.driver.launchKernel(*args)
 
 
 def _payload(djobs: np.ndarray, tasks: np.ndarray) -> tuple[np.ndarray, int]:
