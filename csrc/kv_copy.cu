@@ -325,7 +325,8 @@ __device__ __forceinline__ void kvx_item_km(i64 local, i64 count, i64 nr, int ro
 template <typename L>
 __device__ __forceinline__ void kvx_pairs(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restrict__ coal_runs,
                                           i64 ncoal, const i64* __restrict__ single_runs, i64 nsingle, i64 nitems,
-                                          int split_shift, int buf_side, i64 item_base, int rows_inner) {
+                                          int split_shift, int buf_side, i64 item_base, int rows_inner,
+                                          int uniform) {
     const i64 nwarps = (i64)gridDim.x * (KVX_THREADS / 32);
     const i64 w = (i64)blockIdx.x * (KVX_THREADS / 32) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
@@ -337,7 +338,8 @@ __device__ __forceinline__ void kvx_pairs(const KvPair* __restrict__ pairs, i64 
     const i64 nparts = (i64)1 << split_shift;
     const i64 first_item = (pos >> split_shift) + item_base;  // item0 of pairs[0] when launching a piece
     i64 part = pos & (nparts - 1);
-    const KvPair* p = kvx_pair_of<L>(pairs, npairs, first_item);
+    // every pair holding `uniform` items (> 0): the pair is a division away, no search
+    const KvPair* p = uniform > 0 ? pairs + first_item / uniform : kvx_pair_of<L>(pairs, npairs, first_item);
     bool coal = L::ld(&p->coal) != 0;
     const i64* runs = coal ? coal_runs : single_runs;
     i64 nr = coal ? ncoal : nsingle;
@@ -402,7 +404,7 @@ kv_copy_pairs(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restric
               const i64* __restrict__ single_runs, i64 nsingle, i64 nitems, int split_shift, int buf_side,
               i64 item_base, int rows_inner) {
     kvx_pairs<KvxGlobal>(pairs, npairs, coal_runs, ncoal, single_runs, nsingle, nitems, split_shift, buf_side,
-                         item_base, rows_inner);
+                         item_base, rows_inner, 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -419,12 +421,13 @@ struct KvInline {
     i64 npairs, ncoal, nsingle, nitems;
     i64 coal_off, single_off;  // word offsets of the two run tables in `w` (pairs start at 0)
     int split_shift, buf_side;
-    int rows_inner, pad;
+    int rows_inner;
+    int uniform;  // items per pair when every pair holds the same number, else 0
     i64 w[KVX_INLINE_WORDS];  // pair records (12 words each), then the run tables
 };
 
 extern "C" __global__ void __launch_bounds__(KVX_THREADS, KVX_MIN_BLOCKS)
 kv_copy_pairs_inline(const __grid_constant__ KvInline in) {
     kvx_pairs<KvxParam>((const KvPair*)in.w, in.npairs, in.w + in.coal_off, in.ncoal, in.w + in.single_off,
-                        in.nsingle, in.nitems, in.split_shift, in.buf_side, 0, in.rows_inner);
+                        in.nsingle, in.nitems, in.split_shift, in.buf_side, 0, in.rows_inner, in.uniform);
 }

@@ -39,7 +39,7 @@ def _ids(rng, n_src, n_dst):
 
 
 def _walk_like_the_kernel(rec, coal_runs, single_runs, nitems, nwarps, split, buf_side=BUF_NONE, item_base=0,
-                          rows_inner=None):
+                          rows_inner=None, uniform=0):
     """What the warps of kv_copy_pairs do, step for step: each warp locates its first part by
     binary search, then steps (part, row, run, pair) incrementally. Returns the bytes moved."""
     ncoal, nsingle = coal_runs.size // RUN_FIELDS, single_runs.size // RUN_FIELDS
@@ -59,7 +59,7 @@ def _walk_like_the_kernel(rec, coal_runs, single_runs, nitems, nwarps, split, bu
         if pos >= end:
             continue
         item, part = (pos >> split) + item_base, pos & (nparts - 1)
-        p = int(np.searchsorted(rec["item0"], item, side="right") - 1)
+        p = item // uniform if uniform else int(np.searchsorted(rec["item0"], item, side="right") - 1)
         r, runs, nr = pair(p)
         if rows_inner:
             k, m = divmod(item - int(r["item0"]), int(r["count"]))
@@ -242,6 +242,33 @@ def test_kernel_matches_reference_on_gpu(kind, few, max_warps, rows_inner, inlin
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+@pytest.mark.parametrize("uniform", [True, False], ids=["pair-by-division", "pair-by-search"])
+def test_inline_kernel_finds_each_warps_pair_by_division_or_by_search(uniform):
+    pytest.importorskip("cupy", reason="the CUDA ops need cupy")
+    from kvxfer.ops import pairs as ops_pairs
+
+    spec = LayoutSpec("kv_first", 64, layers=5, block_size=16, heads=4, head_dim=64)
+    st, bd = spec.build(4)
+    ref_t, _ = spec.build(5)
+    g_src = [_as_gpu_bytes(t, bd) for t in st]
+    g_dst = [_as_gpu_bytes(t, bd) for t in ref_t]
+    s, d = np.array([3, 4, 5, 60]), np.array([10, 11, 12, 1])
+    ls, lr = KVLayout.from_tensors(st, block_dim=bd), KVLayout.from_tensors(ref_t, block_dim=bd)
+    reference.copy_blocks(plan_transfer(ls.geometry, lr.geometry, s, d), _views(ls), _views(lr))
+    gs, gd = KVLayout.from_tensors(g_src, block_dim=bd), KVLayout.from_tensors(g_dst, block_dim=bd)
+    launch = ops_pairs.resolve_block_pairs(plan_transfer(gs.geometry, gd.geometry, s, d).block_pairs, gs, gd)
+    head = launch._pl.inline[:64].view(np.int32)
+    assert launch.inline and head[15] > 0  # equal items per pair here
+    if not uniform:
+        head[15] = 0  # the kernel then searches item0, as for pairs of unequal item counts
+    launch.enqueue()
+    torch.cuda.synchronize()
+    for g, r in zip(g_dst, _bytes(ref_t)):
+        assert np.array_equal(g.cpu().numpy().reshape(-1), r.reshape(-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 def test_an_inline_gather_and_scatter_are_captured_in_a_cuda_graph_and_replayed():
     pytest.importorskip("cupy", reason="the CUDA ops need cupy")
     from kvxfer.ops.pairs import gather_pairs, resolve_block_pairs, scatter_pairs
@@ -317,7 +344,7 @@ def _decode_inline(blob):
     w = raw[64:].view(np.int64)
     rec = w[: npairs * 12].copy().view(PAIR_DTYPE)
     return (rec, w[coal_off: coal_off + ncoal * RUN_FIELDS], w[single_off: single_off + nsingle * RUN_FIELDS],
-            nitems, int(h32[12]), int(h32[13]), int(h32[14]))
+            nitems, int(h32[12]), int(h32[13]), int(h32[14]), int(h32[15]))
 
 
 @pytest.mark.parametrize("side", [BUF_NONE, BUF_SRC, BUF_DST])
@@ -344,14 +371,15 @@ def test_a_small_copy_travels_in_the_launch_parameters_and_walks_like_the_refere
         stream[:] = reference.gather(plan_transfer(ls.geometry, ls.geometry, s, s), _views(ls))
     launch = ops_pairs._resolve(plan.block_pairs, src, dst, side, None, 0, ops_pairs.PAIRS_KERNEL, None)
     assert launch.inline and launch._pl.spec == ops_pairs.INLINE_KERNEL
-    rec, cr, sr, nitems, split, bside, rows_inner = _decode_inline(launch._pl.inline)
+    rec, cr, sr, nitems, split, bside, rows_inner, uniform = _decode_inline(launch._pl.inline)
+    assert uniform > 0 and nitems == uniform * rec.size  # equal items per pair: the kernel divides
     want = pair_records(plan.block_pairs, [] if side == BUF_SRC else sa, [] if side == BUF_DST else da,
                         buffer_side=side, buffer=stream.ctypes.data if side != BUF_NONE else 0)
     assert np.array_equal(rec.view(np.uint8), want[0].view(np.uint8))
     assert np.array_equal(cr, want[1]) and np.array_equal(sr, want[2]) and nitems == want[3]
     assert (bside, rows_inner) == (side, int(side != BUF_NONE))
     assert split == split_shift_for(want[0], nitems, 256) > 0  # few items: parts for idle warps
-    assert _walk_like_the_kernel(rec, cr, sr, nitems, 256, split, buf_side=side) == plan.nbytes
+    assert _walk_like_the_kernel(rec, cr, sr, nitems, 256, split, buf_side=side, uniform=uniform) == plan.nbytes
     if side == BUF_DST:
         assert np.array_equal(stream, reference.gather(plan_transfer(ls.geometry, ls.geometry, s, s), _views(ls)))
     else:

@@ -261,9 +261,9 @@ class UcxLink(BackendLink):
         pool, packer = self.backend.staging(), self.backend.packer()
         packer.wait_for(x.ready)  # the gather / scatter below are queued after the caller's work
         x.staging = pool.get(x.plan.nbytes)
-        x.chunks = _pieces_of(self.backend.config, x.plan)
         self.send(Msg.REQ, proto.request_body(x.req, x.staging.address, x.staging.rkey, x.plan.nbytes))
         x.t_req = time.perf_counter()
+        x.chunks = _pieces_of(self.backend.config, x.plan)  # after REQ: the peer starts meanwhile
         if x.req.op is Op.READ:
             x.pieces = packer.pieces(x.plan, x.staging, x.chunks, gather=False)
         else:

@@ -163,11 +163,16 @@ class _Pieces:
                                    bounds=[b[:2] for b in bounds], stream=packer._gpu_stream(), device=lay.device)
 
     def gather_staged(self) -> Iterator[tuple[int, int]]:
-        """Queue every piece's gather at once, then yield each piece's stream bytes (lo, hi)
-        as soon as that piece is in the buffer."""
-        tokens = [self.launch(i) for i in range(len(self._bounds))]
-        for (_, _, lo, hi), token in zip(self._bounds, tokens):
+        """Yield each piece's stream bytes (lo, hi) as soon as that piece is in the buffer,
+        keeping the next piece's gather queued behind it: the first piece is moved after one
+        launch (not after queueing them all, ~20 us of host time each), and the GPU gathers
+        piece i + 1 while the caller moves piece i."""
+        n = len(self._bounds)
+        token = self.launch(0) if n else None
+        for i, (_, _, lo, hi) in enumerate(self._bounds):
             self._packer.wait(token)
+            if i + 1 < n:
+                token = self.launch(i + 1)
             yield lo, hi
 
     def launch(self, i: int) -> Any:

@@ -71,7 +71,7 @@ INLINE_DTYPE = np.dtype(
         ("split_shift", np.int32),
         ("buf_side", np.int32),
         ("rows_inner", np.int32),
-        ("pad", np.int32),
+        ("uniform", np.int32),
         ("w", np.int64, (INLINE_WORDS,)),
     ]
 )
@@ -364,6 +364,13 @@ class _Payload:
         h["npairs"], h["ncoal"], h["nsingle"], h["nitems"] = self.npairs, self.ncoal, self.nsingle, self.nitems
         h["coal_off"], h["single_off"] = self.coal_off // 8, self.single_off // 8
         h["split_shift"], h["buf_side"], h["rows_inner"] = self.split, self.buffer_side, int(self.rows_inner)
+        # items per pair when all pairs hold the same number (the kernel then divides instead
+        # of searching item0): item0 is then exactly i * items
+        item0 = rec["item0"]
+        per = self.nitems // self.npairs if self.npairs else 0
+        if (per and per < 2**31 and per * self.npairs == self.nitems
+                and np.array_equal(item0, np.arange(self.npairs, dtype=np.int64) * per)):
+            h["uniform"] = per
         raw = head.view(np.uint8)
         w0 = _INLINE_W0
         raw[w0 : w0 + rec.nbytes] = rec.view(np.uint8)
