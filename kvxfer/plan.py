@@ -104,9 +104,10 @@ class BlockPairs:
 RAMP = 4  # growth between consecutive ramp pieces (chunk_bounds): gather/scatter outpace the wire
 
 
-def _piece_cuts(n: int, target: int, edge: int) -> list[int]:
+def _piece_cuts(n: int, target: int, edge: int) -> tuple[list[int], int]:
     """Wanted stream offsets of piece ends (the last one is ``n``): ``target``-sized pieces,
-    with ``edge``-sized ramps at both ends when the transfer holds them (see chunk_bounds)."""
+    with ``edge``-sized ramps at both ends when the transfer holds them (see chunk_bounds);
+    and how many of the last cuts belong to the closing ramp."""
     head: list[int] = []
     size = edge
     while 0 < size < target:
@@ -125,7 +126,7 @@ def _piece_cuts(n: int, target: int, edge: int) -> list[int]:
     for h in reversed(head):
         pos += h
         cuts.append(pos)
-    return cuts
+    return cuts, len(head) + 1 if head else 0  # the closing ramp starts at mid_hi
 
 
 class TransferPlan:
@@ -199,9 +200,13 @@ class TransferPlan:
             return [(0, 0 if bp is None else int(bp.pairs.size), 0, n)]
         per_pair = bp.pairs["src_run"] * bp.pairs["src_count"] * bp.src_blocks.size
         ends = np.cumsum(per_pair)
-        cuts = _piece_cuts(n, target, edge)
-        # each wanted cut moves to the first pair end at or after it
-        at = np.unique(np.minimum(np.searchsorted(ends, cuts, side="left"), ends.size - 1))
+        cuts, tail = _piece_cuts(n, target, edge)
+        # a wanted cut moves to the first pair end at or after it; in the closing ramp, to the
+        # last pair end at or before it (so the last pieces stay small, as the first ones)
+        up = np.searchsorted(ends, cuts, side="left")
+        down = np.searchsorted(ends, cuts, side="right") - 1
+        at = np.where(np.arange(len(cuts)) >= len(cuts) - tail, np.maximum(down, 0), up)
+        at = np.unique(np.minimum(at, ends.size - 1))
         out: list[tuple[int, int, int, int]] = []
         first, lo = 0, 0
         for p in at.tolist():
