@@ -214,9 +214,7 @@ class TransferPlan:
             if end > lo:
                 out.append((first, p + 1, lo, end))
                 first, lo = p + 1, end
-        if lo < n:
-            out.append((first, int(ends.size), lo, n))
-        return out
+        return out  # the last cut is n, the last pair's end: every pair is in a piece
 
     def piece(self, first: int, end: int) -> TransferPlan:
         """The plan of pairs ``[first, end)`` (a piece from :meth:`chunk_bounds`)."""
@@ -263,13 +261,20 @@ def as_block_ids(ids: Sequence[int] | np.ndarray, what: str) -> np.ndarray:
 _FEW = 32  # block lists up to this long take pure-Python paths (numpy's per-call cost dominates)
 
 
+def block_id_range(ids: np.ndarray) -> tuple[int, int]:
+    """(smallest, largest) of a non-empty block-id array; a few ids through Python's min/max,
+    which beat two numpy reductions there."""
+    if ids.size <= _FEW:
+        few = ids.tolist()
+        return min(few), max(few)
+    return int(ids.min()), int(ids.max())
+
+
 def validate_block_ids(ids: np.ndarray, num_blocks: int, what: str, *, unique: bool) -> None:
     """Bounds-check (and optionally uniqueness-check) block ids against ``num_blocks``."""
     if ids.size == 0:
         return
-    # a request of few blocks: Python's min/max/set beat numpy's per-call overhead
-    few = ids.tolist() if ids.size <= _FEW else None
-    lo, hi = (min(few), max(few)) if few is not None else (int(ids.min()), int(ids.max()))
+    lo, hi = block_id_range(ids)
     if lo < 0 or hi >= num_blocks:
         bad = ids[(ids < 0) | (ids >= num_blocks)]
         raise BlockIdError(
@@ -277,8 +282,8 @@ def validate_block_ids(ids: np.ndarray, num_blocks: int, what: str, *, unique: b
             f"valid ids are 0..{num_blocks - 1}"
         )
     if unique and ids.size > 1:
-        if few is not None:
-            dup = len(set(few)) != len(few)
+        if ids.size <= _FEW:  # a request of few blocks: a set beats a sort
+            dup = len(set(ids.tolist())) != ids.size
         else:
             srt = np.sort(ids)
             dup = bool((srt[1:] == srt[:-1]).any())

@@ -210,6 +210,24 @@ def _as_gpu_bytes(t: np.ndarray, block_dim: int):
     return u8.reshape(t.shape[0], -1) if block_dim == 0 else u8.reshape(t.shape[0], t.shape[1], -1)
 
 
+def _gpu_copy_pair(spec, seed):
+    """Host tensors of ``spec`` (seed ``seed``), their GPU copies as source, zeroed GPU tensors as
+    destination, and the two GPU layouts: (host tensors, block dim, src, dst, src layout, dst layout)."""
+    st, bd = spec.build(seed)
+    g_src = [_as_gpu_bytes(t, bd) for t in st]
+    g_dst = [torch.zeros_like(t) for t in g_src]
+    return st, bd, g_src, g_dst, KVLayout.from_tensors(g_src, block_dim=bd), KVLayout.from_tensors(g_dst, block_dim=bd)
+
+
+def _assert_only_blocks_moved(g_src, g_dst, s, d):
+    """Zeroed ``kv_first`` destinations ([K/V, block, bytes]) hold source blocks ``s`` at
+    ``d``, nothing else."""
+    for g_in, g_out in zip(g_src, g_dst):
+        exp = np.zeros_like(g_out.cpu().numpy())
+        exp[:, d] = g_in.cpu().numpy()[:, s]
+        assert np.array_equal(g_out.cpu().numpy(), exp)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 @pytest.mark.parametrize("kind", ["kv_first", "blocks_first", "mla"])
@@ -274,10 +292,7 @@ def test_an_inline_gather_and_scatter_are_captured_in_a_cuda_graph_and_replayed(
     from kvxfer.ops.pairs import gather_pairs, resolve_block_pairs, scatter_pairs
 
     spec = LayoutSpec("kv_first", 64, layers=4, block_size=16, heads=4, head_dim=64)
-    st, bd = spec.build(3)
-    g_src = [_as_gpu_bytes(t, bd) for t in st]
-    g_dst = [torch.zeros_like(t) for t in g_src]
-    gs, gd = KVLayout.from_tensors(g_src, block_dim=bd), KVLayout.from_tensors(g_dst, block_dim=bd)
+    st, bd, g_src, g_dst, gs, gd = _gpu_copy_pair(spec, 3)
     s, d = np.array([5, 6, 30]), np.array([1, 2, 60])
     plan = plan_transfer(gs.geometry, gd.geometry, s, d)
     assert resolve_block_pairs(plan.block_pairs, gs, gd).inline
@@ -294,10 +309,7 @@ def test_an_inline_gather_and_scatter_are_captured_in_a_cuda_graph_and_replayed(
     torch.cuda.synchronize()
     lh = KVLayout.from_tensors(st, block_dim=bd)
     assert np.array_equal(buf.cpu().numpy(), reference.gather(plan_transfer(lh.geometry, lh.geometry, s, s), _views(lh)))
-    for g_in, g_out in zip(g_src, g_dst):
-        exp = np.zeros_like(g_out.cpu().numpy())
-        exp[:, d] = g_in.cpu().numpy()[:, s]
-        assert np.array_equal(g_out.cpu().numpy(), exp)
+    _assert_only_blocks_moved(g_src, g_dst, s, d)
 
 
 @pytest.mark.gpu
@@ -307,10 +319,7 @@ def test_pieces_on_gpu_gather_then_scatter_round_trip():
     from kvxfer.ops.pairs import PairPieces
 
     spec = LayoutSpec("kv_first", 64, layers=5, block_size=32, heads=8, head_dim=64)
-    st, bd = spec.build(1)
-    g_src = [_as_gpu_bytes(t, bd) for t in st]
-    g_dst = [torch.zeros_like(t) for t in g_src]
-    gs, gd = KVLayout.from_tensors(g_src, block_dim=bd), KVLayout.from_tensors(g_dst, block_dim=bd)
+    st, bd, g_src, g_dst, gs, gd = _gpu_copy_pair(spec, 1)
     s, d = _ids(np.random.default_rng(9), 64, 64)
     plan = plan_transfer(gs.geometry, gd.geometry, s, d)
     lh = KVLayout.from_tensors(st, block_dim=bd)
@@ -326,10 +335,15 @@ def test_pieces_on_gpu_gather_then_scatter_round_trip():
         sc.launch(i)
     torch.cuda.synchronize()
     assert np.array_equal(buf.cpu().numpy(), want)
-    for g_in, g_out in zip(g_src, g_dst):  # [K/V, block, bytes]: blocks s landed at d, nothing else
-        exp = np.zeros_like(g_out.cpu().numpy())
-        exp[:, d] = g_in.cpu().numpy()[:, s]
-        assert np.array_equal(g_out.cpu().numpy(), exp)
+    _assert_only_blocks_moved(g_src, g_dst, s, d)
+
+
+def _stub_launch_shape(monkeypatch, warps: int, ctas: int) -> None:
+    """The host half of a pair launch without a GPU: a fixed launch shape, stream 0."""
+    from kvxfer.ops import cuda as ops_cuda
+
+    monkeypatch.setattr(ops_cuda, "_workers_for", lambda spec, device, total, cps: (warps, ctas))
+    monkeypatch.setattr(ops_cuda, "_stream_ptr", lambda stream, objs, dev: 0)
 
 
 def _decode_inline(blob):
@@ -350,11 +364,9 @@ def _decode_inline(blob):
 @pytest.mark.parametrize("side", [BUF_NONE, BUF_SRC, BUF_DST])
 @pytest.mark.parametrize("kind", ["kv_first", "mla"])
 def test_a_small_copy_travels_in_the_launch_parameters_and_walks_like_the_reference(side, kind, monkeypatch):
-    from kvxfer.ops import cuda as ops_cuda
     from kvxfer.ops import pairs as ops_pairs
 
-    monkeypatch.setattr(ops_cuda, "_workers_for", lambda spec, device, total, cps: (256, 32))
-    monkeypatch.setattr(ops_cuda, "_stream_ptr", lambda stream, objs, dev: 0)
+    _stub_launch_shape(monkeypatch, warps=256, ctas=32)
     spec = LayoutSpec(kind, 64, layers=3, block_size=32, heads=8, head_dim=64)
     st, bd = spec.build(1)
     out_t, _ = spec.build(2)
@@ -388,11 +400,9 @@ def test_a_small_copy_travels_in_the_launch_parameters_and_walks_like_the_refere
 
 
 def test_records_too_big_for_the_parameters_are_uploaded_and_forcing_inline_says_why(monkeypatch):
-    from kvxfer.ops import cuda as ops_cuda
     from kvxfer.ops import pairs as ops_pairs
 
-    monkeypatch.setattr(ops_cuda, "_workers_for", lambda spec, device, total, cps: (64, 8))
-    monkeypatch.setattr(ops_cuda, "_stream_ptr", lambda stream, objs, dev: 0)
+    _stub_launch_shape(monkeypatch, warps=64, ctas=8)
     st, bd = LayoutSpec("kv_first", 256, layers=3, block_size=4, heads=2, head_dim=8).build(1)
     ls = KVLayout.from_tensors(st, block_dim=bd)
     rng = np.random.default_rng(2)
@@ -410,11 +420,9 @@ def test_records_too_big_for_the_parameters_are_uploaded_and_forcing_inline_says
 @pytest.mark.parametrize("side", [BUF_NONE, BUF_SRC, BUF_DST])
 def test_every_entry_point_resolves_its_buffer_side_like_pair_records(side, monkeypatch):
     # the host half shared by copy/gather/scatter/pieces/prepare (no GPU: launch shape stubbed)
-    from kvxfer.ops import cuda as ops_cuda
     from kvxfer.ops import pairs as ops_pairs
 
-    monkeypatch.setattr(ops_cuda, "_workers_for", lambda spec, device, total, cps: (64, 8))
-    monkeypatch.setattr(ops_cuda, "_stream_ptr", lambda stream, objs, dev: 0)
+    _stub_launch_shape(monkeypatch, warps=64, ctas=8)
     st, bd = LayoutSpec("kv_first", 64, layers=3, block_size=32, heads=8, head_dim=64).build(1)
     ls = KVLayout.from_tensors(st, block_dim=bd)
     s, d = _ids(np.random.default_rng(2), 64, 64)

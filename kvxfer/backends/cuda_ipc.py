@@ -53,7 +53,7 @@ from ..errors import (
 from ..handle import Op, TransferHandle
 from ..layout import KVLayout
 from ..metadata import PeerMetadata, boot_id
-from ..plan import BlockPairs, TransferPlan
+from ..plan import BlockPairs, TransferPlan, block_id_range
 from .._memo import IdentityMemo
 from ..ops import cuda as _ops_cuda  # imports neither cupy nor torch
 from ..ops import pairs as _ops_pairs
@@ -188,11 +188,7 @@ def _check_pairs_within(bp: BlockPairs, side: str, spans: np.ndarray, whose: str
     ids = bp.src_blocks if side == "src" else bp.dst_blocks
     if ids.size == 0 or bp.pairs.size == 0:
         return
-    if ids.size <= 32:  # a few ids: Python's min/max beat two numpy reductions
-        few = ids.tolist()
-        lo, hi = min(few), max(few)
-    else:
-        lo, hi = int(ids.min()), int(ids.max())
+    lo, hi = block_id_range(ids)
     if lo >= 0 and hi <= _largest_safe_block(bp.pairs, side, spans):
         return
     p = bp.pairs

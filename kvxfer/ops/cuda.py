@@ -163,14 +163,8 @@ def _cupy_stream(ptr: int, device: int) -> Any:
 
 # -- launch geometry ---------------------------------------------------------------------------
 
-_THREADS: dict[KernelSpec, int] = {}
-
-
 def _threads(spec: KernelSpec) -> int:
-    n = _THREADS.get(spec)
-    if n is None:
-        n = _THREADS[spec] = dict(spec.defines).get("KVX_THREADS", 256)
-    return n
+    return dict(spec.defines).get("KVX_THREADS", 256)
 
 
 _per_sm: dict[tuple[KernelSpec, int], tuple[int, int]] = {}
@@ -197,7 +191,7 @@ _fn_ptrs: dict[tuple[KernelSpec, int], int] = {}
 
 def launch_with_params(spec: KernelSpec, device: int, ctas: int, params: np.ndarray, stream_ptr: int) -> None:
     """Launch ``spec``'s kernel, whose one parameter is a struct passed by value, with the bytes
-    of ``params`` (a numpy record laid out as that struct) as the struct; ``ctas`` CTAs on
+    of ``params`` (a contiguous numpy array laid out as that struct) as the struct; ``ctas`` CTAs on
     stream ``stream_ptr``. Straight through ``cuLaunchKernel``: no per-argument conversion, and
     the parameters are copied at the launch, so ``params`` may be reused once this returns.
 
