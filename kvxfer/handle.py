@@ -103,6 +103,11 @@ class TransferHandle:
             raise self._exc
         return self.stats
 
+    @property
+    def created(self) -> float:
+        """When the handle was made (``time.perf_counter``), just after the transfer was planned."""
+        return self._t0
+
     def exception(self) -> KvxferError | None:
         """The error that failed the transfer, or None."""
         return self._exc

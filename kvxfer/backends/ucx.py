@@ -50,6 +50,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import weakref
 from typing import Any, Callable
 
@@ -182,7 +183,7 @@ class UcxBackend(Backend):
         if link is None:
             log.info("dropping %s from unknown session %r", kind.name, session)
             return
-        self.defer(link.on_message, kind, h)
+        self.defer(link.on_message, kind, h, time.perf_counter())
 
     # -- Backend interface -------------------------------------------------------------------
     def endpoint(self) -> dict[str, Any]:

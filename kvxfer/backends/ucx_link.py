@@ -81,6 +81,27 @@ def _pieces_of(config: Any, plan: TransferPlan) -> list[tuple[int, int, int, int
     return plan.chunk_bounds(piece_bytes(config, plan.nbytes), piece_edge(config, plan.nbytes))
 
 
+class _Marks:
+    """Where one packed transfer's time goes, kept only while this module logs at DEBUG:
+    labelled ``perf_counter`` stamps, logged in ms after ``t0`` when the transfer ends."""
+
+    __slots__ = ("t0", "stamps")
+
+    def __init__(self, t0: float):
+        self.t0 = t0
+        self.stamps: list[tuple[str, float]] = []
+
+    @staticmethod
+    def start(t0: float) -> _Marks | None:
+        return _Marks(t0) if log.isEnabledFor(logging.DEBUG) else None
+
+    def __call__(self, label: str) -> None:
+        self.stamps.append((label, time.perf_counter()))
+
+    def __str__(self) -> str:
+        return ", ".join(f"{label} {(t - self.t0) * 1e3:.3f}" for label, t in self.stamps)
+
+
 def lost_error(status: int, peer: str) -> PeerLostError:
     """The error for a UCX completion with a failed ``status`` on the link to ``peer``."""
     return PeerLostError(f"UCX operation with {peer!r} failed: {_ucp.status_name(status)}")
@@ -95,15 +116,13 @@ class _Xfer:
     handle: TransferHandle
     staging: Staging | None = None
     finished: bool = False
-    t0: float = field(default_factory=time.perf_counter)
     chunks: list = field(default_factory=list)  # packed: chunk_bounds (first pair, end pair, first byte, end)
     landed: int = 0  # packed read: staged bytes the responder has put into our buffer
     scattered: int = 0  # packed read: pieces whose scatter is queued
     token: Any = None  # the last queued scatter
     pieces: Any = None  # packed read: the prepared scatter
     ready: Any = None  # GPU memory: the caller's stream event our accesses wait for
-    t_req: float = 0.0
-    t_first: float = 0.0
+    marks: _Marks | None = None  # ms since the handle was created (DEBUG logging only)
 
 
 @dataclass(eq=False)
@@ -122,9 +141,7 @@ class _Serving:
     scattered: int = 0
     token: Any = None
     pieces: Any = None
-    t_rma: float = 0.0
-    t_plan: float = 0.0
-    t0: float = field(default_factory=time.perf_counter)
+    marks: _Marks | None = None  # ms since the request arrived (DEBUG logging only)
 
 
 def _scatter_landed(t: _Xfer | _Serving, upto: int) -> None:
@@ -201,7 +218,9 @@ class UcxLink(BackendLink):
         if self._closed:
             handle.set_failed(PeerLostError(f"link to {self.peer.name!r} is closed"))
             return
-        x = _Xfer(req, plan, handle, ready=ready)
+        x = _Xfer(req, plan, handle, ready=ready, marks=_Marks.start(handle.created))
+        if x.marks:
+            x.marks("work thread")
         with self._lock:
             self._mine[req.xfer_id] = x
         handle.add_done_callback(lambda h: self._on_handle_done(x, h))
@@ -262,16 +281,21 @@ class UcxLink(BackendLink):
         packer.wait_for(x.ready)  # the gather / scatter below are queued after the caller's work
         x.staging = pool.get(x.plan.nbytes)
         self.send(Msg.REQ, proto.request_body(x.req, x.staging.address, x.staging.rkey, x.plan.nbytes))
-        x.t_req = time.perf_counter()
+        if x.marks:
+            x.marks("REQ sent")
         x.chunks = _pieces_of(self.backend.config, x.plan)  # after REQ: the peer starts meanwhile
         if x.req.op is Op.READ:
             x.pieces = packer.pieces(x.plan, x.staging, x.chunks, gather=False)
+            if x.marks:
+                x.marks("scatter prepared")
         else:
             # each READY goes out as its piece is staged
             for _, hi in packer.pieces(x.plan, x.staging, x.chunks, gather=True).gather_staged():
                 if x.finished or self._closed:
                     return
                 self.send(Msg.READY, proto.progress_body(x.req.xfer_id, hi))
+                if x.marks:
+                    x.marks("READY sent")
 
     def _on_landed(self, xid: int, upto: int) -> None:
         """Packed read: the responder's bytes [0, upto) are in our staging buffer."""
@@ -282,22 +306,18 @@ class UcxLink(BackendLink):
         if x.req.op is not Op.READ or not x.landed < upto <= x.plan.nbytes:
             raise RemoteProtocolError(f"LANDED {upto} B for transfer {xid} (had {x.landed} of {x.plan.nbytes} B)")
         x.landed = upto
-        if not x.t_first:
-            x.t_first = time.perf_counter()
+        if x.marks:
+            x.marks("LANDED")
         packer = self.backend.packer()
         assert x.staging is not None
         _scatter_landed(x, upto)
         if upto < x.plan.nbytes:
             return
-        t_done = time.perf_counter()
         packer.wait(x.token)
+        if x.marks:
+            x.marks("scattered")
         if x.req.notify is not None:
             self.send(Msg.NOTE, proto.note_body(x.req.notify))
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("packed read %d of %d B in %d pieces: REQ sent after %.2f ms, first piece after %.2f ms, "
-                      "last after %.2f ms, last scatter %.2f ms", xid, x.plan.nbytes, len(x.chunks),
-                      (x.t_req - x.t0) * 1e3, (x.t_first - x.t0) * 1e3, (t_done - x.t0) * 1e3,
-                      (time.perf_counter() - t_done) * 1e3)
         self._complete(x)
 
     def _on_done(self, xid: int) -> None:
@@ -308,9 +328,8 @@ class UcxLink(BackendLink):
             return
         if x.req.op is not Op.WRITE:
             raise RemoteProtocolError(f"DONE for packed read {xid}")
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("packed write %d of %d B in %d pieces: %.2f ms", xid, x.plan.nbytes, len(x.chunks),
-                      (time.perf_counter() - x.t0) * 1e3)
+        if x.marks:
+            x.marks("DONE")
         self._complete(x)
 
     def _on_err(self, xid: int, kind: str, msg: str) -> None:
@@ -330,6 +349,10 @@ class UcxLink(BackendLink):
     def _complete(self, x: _Xfer) -> None:
         self._release(x)
         x.handle.set_done()
+        if x.marks:
+            x.marks("handle done")
+            log.debug("packed %s %d of %d B in %d pieces, ms after the handle was created: %s", x.req.op.value,
+                      x.req.xfer_id, x.plan.nbytes, len(x.chunks), x.marks)
 
     def _fail(self, x: _Xfer, exc: KvxferError) -> None:
         self._release(x)
@@ -341,12 +364,15 @@ class UcxLink(BackendLink):
             self.backend.defer(self.close, PeerLostError(f"link to {self.peer.name!r} closed after a transfer timed out"))
 
     # -- responder --------------------------------------------------------------------------
-    def on_request(self, h: dict) -> None:
+    def on_request(self, h: dict, arrived: float = 0.0) -> None:
         """Work thread: serve a packed transfer the peer asked for (validated first). A read is
         gathered piece by piece and each piece put into the initiator's buffer as soon as it is
         staged (LANDED after each piece's flush); a write is fetched piece by piece as the
-        initiator says READY, and each piece scattered as it arrives (DONE at the end)."""
-        t0 = time.perf_counter()
+        initiator says READY, and each piece scattered as it arrives (DONE at the end).
+        ``arrived``: when the progress thread received the request (tracing)."""
+        marks = _Marks.start(arrived or time.perf_counter())
+        if marks:
+            marks("work thread")
         p = proto.decode_request(h)
         req, xid, notify, addr, key, nbytes = p.req, p.req.xfer_id, p.req.notify, p.address, p.rkey, p.nbytes
         try:
@@ -367,21 +393,25 @@ class UcxLink(BackendLink):
             self.backend.staging().put(staging)
             self.send(Msg.ERR, proto.err_body(xid, "RemoteProtocolError", f"bad staging rkey: {exc}"))
             return
+        if marks:
+            marks("checked")
         s = _Serving(xid, req.op, plan, notify, staging, rkey, addr, _pieces_of(self.backend.config, plan),
-                     t0=t0)
+                     marks=marks)
         with self._lock:
             self._serving[xid] = s
         packer = self.backend.packer()
         s.pieces = packer.pieces(plan, staging, s.chunks, gather=req.op is Op.READ)
-        s.t_plan = time.perf_counter()
+        if marks:
+            marks("pieces prepared")
         if req.op is Op.WRITE:
             return  # READY messages drive it
         for lo, hi in s.pieces.gather_staged():
             if self._closed:
                 return
-            s.t_rma = s.t_rma or time.perf_counter()
             if not self._post(True, s, lo, hi, self._landed):
                 return
+            if marks:
+                marks("put")
 
     def _post(self, put: bool, s: _Serving, lo: int, hi: int, then: Any) -> bool:
         """Move staged bytes [lo, hi) between the two buffers (put: ours to the initiator's),
@@ -401,6 +431,8 @@ class UcxLink(BackendLink):
         """Packed read, responder: bytes [0, upto) are in the initiator's buffer."""
         if self._endpoint_failed(status):
             return
+        if s.marks:
+            s.marks("flushed")
         self.send(Msg.LANDED, proto.progress_body(s.xid, upto))
         if upto == s.plan.nbytes:
             self._finish_serving(s)
@@ -414,14 +446,16 @@ class UcxLink(BackendLink):
         if s.op is not Op.WRITE or not s.ready < upto <= s.plan.nbytes:
             raise RemoteProtocolError(f"READY {upto} B for transfer {xid} (had {s.ready} of {s.plan.nbytes} B)")
         lo, s.ready = s.ready, upto
-        if not s.t_rma:
-            s.t_rma = time.perf_counter()
         self._post(False, s, lo, upto, self._fetched)
+        if s.marks:
+            s.marks("get")
 
     def _fetched(self, s: _Serving, upto: int, status: int) -> None:
         """Packed write, responder: bytes [0, upto) are in our buffer; scatter the whole pieces."""
         if self._endpoint_failed(status):
             return
+        if s.marks:
+            s.marks("fetched")
         packer = self.backend.packer()
         _scatter_landed(s, upto)
         if upto == s.plan.nbytes:
@@ -434,11 +468,10 @@ class UcxLink(BackendLink):
     def _finish_serving(self, s: _Serving) -> None:
         with self._lock:
             self._serving.pop(s.xid, None)
-        if log.isEnabledFor(logging.DEBUG):
-            t1 = time.perf_counter()
-            log.debug("served packed %s %d of %d B in %d pieces: checked and prepared in %.2f ms, first RMA after "
-                      "%.2f ms, then %.2f ms", s.op.value, s.xid, s.plan.nbytes, len(s.chunks),
-                      ((s.t_plan or s.t0) - s.t0) * 1e3, ((s.t_rma or t1) - s.t0) * 1e3, (t1 - (s.t_rma or t1)) * 1e3)
+        if s.marks:
+            s.marks("served")
+            log.debug("served packed %s %d of %d B in %d pieces, ms after the request arrived: %s", s.op.value,
+                      s.xid, s.plan.nbytes, len(s.chunks), s.marks)
         if s.staging is not None:
             self.backend.staging().put(s.staging)
 
@@ -454,13 +487,14 @@ class UcxLink(BackendLink):
         return rkey
 
     # -- incoming dispatch -------------------------------------------------------------------
-    def on_message(self, kind: Msg, h: dict) -> None:
-        """Work thread: one validated-envelope control message from this link's peer."""
+    def on_message(self, kind: Msg, h: dict, arrived: float = 0.0) -> None:
+        """Work thread: one validated-envelope control message from this link's peer, which
+        the progress thread received at ``arrived`` (``perf_counter``; tracing)."""
         if kind is Msg.HELLO_ACK:
             self.refusal = proto.decode_hello_ack(h)
             self.ready.set()
         elif kind is Msg.REQ:
-            self.on_request(h)
+            self.on_request(h, arrived)
         elif kind is Msg.DONE:
             self._on_done(proto.decode_done(h))
         elif kind is Msg.LANDED:
