@@ -218,9 +218,13 @@ class UcxBackend(Backend):
         self.layout = layout
 
     def staging(self) -> StagingPool:
+        """The registered staging buffers (made at first use, from any thread)."""
         if self._pool is None:
-            assert self.layout is not None
-            self._pool = StagingPool(self.ucp, self._ctx_h, self.layout.memory, self.layout.device, self.config.staging_cache)
+            with self._lock:
+                if self._pool is None:
+                    assert self.layout is not None
+                    self._pool = StagingPool(self.ucp, self._ctx_h, self.layout.memory, self.layout.device,
+                                             self.config.staging_cache)
         return self._pool
 
     def packer(self) -> Packer:
@@ -335,7 +339,10 @@ class UcxBackend(Backend):
             from ..ops.cuda import caller_ready_event
 
             ready = caller_ready_event(self.layout)  # on the caller's thread: its current stream
-        self.defer(link.start, req, plan, handle, ready)
+        if plan.nbytes and self.choose_packed(plan):
+            link.start_packed(req, plan, handle, ready)
+        else:
+            self.defer(link.start, req, plan, handle, ready)
 
     # -- closing -----------------------------------------------------------------------------
     def forget(self, link: UcxLink) -> None:

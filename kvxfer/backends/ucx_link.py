@@ -17,7 +17,8 @@ per link.
   every byte is in place remotely. The responder's Python is not in the data path; a NOTE
   message carrying the notification follows the flush.
 - PACKED (many small ranges): the initiator sends REQ naming the blocks, its registered
-  staging buffer (address, rkey; see :mod:`kvxfer.backends.ucx_staging`) and the byte count;
+  staging buffer (address, rkey; see :mod:`kvxfer.backends.ucx_staging`) and the byte count,
+  straight from the caller's thread (the peer starts while our side is prepared);
   the responder validates every id against its own layout. The responder moves the bytes
   with RMA between the two staging buffers, in about four pieces (``piece_bytes``; runs of whole
   (tensor, segment) pairs, :meth:`~kvxfer.plan.TransferPlan.chunk_bounds`), so that packing, the
@@ -191,8 +192,9 @@ class UcxLink(BackendLink):
         """Send one control message (eager AM). A failed send closes the link."""
         if self._closed and kind is not Msg.BYE:
             return
-        data = proto.encode_message(kind, self.backend.session, body)
+        self._post_message(kind, proto.encode_message(kind, self.backend.session, body))
 
+    def _post_message(self, kind: Msg, data: bytes) -> None:
         def sent(status: int, _keep: bytes = data) -> None:
             if status != 0 and kind is not Msg.BYE:
                 self.ep_failed = True
@@ -213,8 +215,9 @@ class UcxLink(BackendLink):
 
     # -- initiator --------------------------------------------------------------------------
     def start(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle, ready: Any = None) -> None:
-        """Work thread: begin a transfer this side initiated. ``ready``: an event on the
-        caller's stream (GPU memory) that every access to our blocks waits for."""
+        """Work thread: begin a DIRECT (or empty) transfer this side initiated; a packed one
+        begins with :meth:`start_packed`. ``ready``: an event on the caller's stream (GPU
+        memory) that every access to our blocks waits for."""
         if self._closed:
             handle.set_failed(PeerLostError(f"link to {self.peer.name!r} is closed"))
             return
@@ -227,8 +230,6 @@ class UcxLink(BackendLink):
         try:
             if plan.nbytes == 0:
                 self._finish_direct(x, 0)
-            elif self.backend.choose_packed(plan):
-                self._start_packed(x)
             else:
                 self._start_direct(x)
         except KvxferError as exc:
@@ -276,14 +277,51 @@ class UcxLink(BackendLink):
             self.send(Msg.NOTE, proto.note_body(x.req.notify))
         self._complete(x)
 
-    def _start_packed(self, x: _Xfer) -> None:
-        pool, packer = self.backend.staging(), self.backend.packer()
-        packer.wait_for(x.ready)  # the gather / scatter below are queued after the caller's work
-        x.staging = pool.get(x.plan.nbytes)
-        self.send(Msg.REQ, proto.request_body(x.req, x.staging.address, x.staging.rkey, x.plan.nbytes))
-        if x.marks:
+    def start_packed(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle, ready: Any = None) -> None:
+        """Caller's thread: begin a packed transfer by sending its request at once, so that the
+        peer checks and stages while the work thread prepares our side (:meth:`_prepare_packed`,
+        queued first, so it runs before any answer is handled). Sending from here saves the
+        hand-off to the work thread (0.1-0.3 ms on the device machine) on the critical path.
+        The link's lock spans the closed check, the registration and the post, so a link being
+        closed on the work thread never has its endpoint used after it is released."""
+        x = _Xfer(req, plan, handle, ready=ready, marks=_Marks.start(handle.created))
+        handle.add_done_callback(lambda h: self._on_handle_done(x, h))
+        try:
+            x.staging = self.backend.staging().get(plan.nbytes)
+            data = proto.encode_message(Msg.REQ, self.backend.session,
+                                        proto.request_body(req, x.staging.address, x.staging.rkey, plan.nbytes))
+        except KvxferError as exc:
+            self._fail(x, exc)
+            return
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._mine[req.xfer_id] = x
+                self.backend.defer(self._prepare_packed, x)
+                self._post_message(Msg.REQ, data)
+        if closed:
+            self._fail(x, PeerLostError(f"link to {self.peer.name!r} is closed"))
+        elif x.marks:
             x.marks("REQ sent")
-        x.chunks = _pieces_of(self.backend.config, x.plan)  # after REQ: the peer starts meanwhile
+
+    def _prepare_packed(self, x: _Xfer) -> None:
+        """Work thread: our side of a packed transfer whose request is out (see start_packed)."""
+        with self._lock:  # start_packed holds it until the request is posted: READY comes after REQ
+            pass
+        if x.finished:
+            return
+        try:
+            self._prepare_pieces(x)
+        except KvxferError as exc:
+            self._fail(x, exc)
+
+    def _prepare_pieces(self, x: _Xfer) -> None:
+        """Cut ``x`` into the pieces both sides agree on; a read prepares their scatter, a write
+        gathers them and says READY as each is staged."""
+        assert x.staging is not None
+        packer = self.backend.packer()
+        packer.wait_for(x.ready)  # the gather / scatter below are queued after the caller's work
+        x.chunks = _pieces_of(self.backend.config, x.plan)
         if x.req.op is Op.READ:
             x.pieces = packer.pieces(x.plan, x.staging, x.chunks, gather=False)
             if x.marks:
