@@ -198,23 +198,10 @@ class TransferPlan:
         bp = self.block_pairs
         if bp is None or bp.pairs.size <= 1 or n <= target or bp.src_blocks.size == 0:
             return [(0, 0 if bp is None else int(bp.pairs.size), 0, n)]
-        per_pair = bp.pairs["src_run"] * bp.pairs["src_count"] * bp.src_blocks.size
-        ends = np.cumsum(per_pair)
-        cuts, tail = _piece_cuts(n, target, edge)
-        # a wanted cut moves to the first pair end at or after it; in the closing ramp, to the
-        # last pair end at or before it (so the last pieces stay small, as the first ones)
-        up = np.searchsorted(ends, cuts, side="left")
-        down = np.searchsorted(ends, cuts, side="right") - 1
-        at = np.where(np.arange(len(cuts)) >= len(cuts) - tail, np.maximum(down, 0), up)
-        at = np.unique(np.minimum(at, ends.size - 1))
-        out: list[tuple[int, int, int, int]] = []
-        first, lo = 0, 0
-        for p in at.tolist():
-            end = int(ends[p])
-            if end > lo:
-                out.append((first, p + 1, lo, end))
-                first, lo = p + 1, end
-        return out  # the last cut is n, the last pair's end: every pair is in a piece
+        # the cuts depend on the pairs and the block count only: both sides of every transfer of
+        # that many blocks between two layouts cut alike, so they are worked out once
+        return list(_BOUNDS.get((bp.pairs,), (int(bp.src_blocks.size), target, edge),
+                                lambda: _chunk_bounds(bp.pairs, int(bp.src_blocks.size), n, target, edge)))
 
     def piece(self, first: int, end: int) -> TransferPlan:
         """The plan of pairs ``[first, end)`` (a piece from :meth:`chunk_bounds`)."""
@@ -242,6 +229,30 @@ class TransferPlan:
 
     def __repr__(self) -> str:
         return f"<TransferPlan {self.nbytes} B, {self.dst_blocks.size} blocks>"
+
+
+_BOUNDS: IdentityMemo[tuple[tuple[int, int, int, int], ...]] = IdentityMemo()
+
+
+def _chunk_bounds(pairs: np.ndarray, nblocks: int, n: int, target: int, edge: int) -> tuple[tuple[int, int, int, int], ...]:
+    """:meth:`TransferPlan.chunk_bounds` of ``nblocks`` blocks through ``pairs`` (``n`` bytes)."""
+    per_pair = pairs["src_run"] * pairs["src_count"] * nblocks
+    ends = np.cumsum(per_pair)
+    cuts, tail = _piece_cuts(n, target, edge)
+    # a wanted cut moves to the first pair end at or after it; in the closing ramp, to the
+    # last pair end at or before it (so the last pieces stay small, as the first ones)
+    up = np.searchsorted(ends, cuts, side="left")
+    down = np.searchsorted(ends, cuts, side="right") - 1
+    at = np.where(np.arange(len(cuts)) >= len(cuts) - tail, np.maximum(down, 0), up)
+    at = np.unique(np.minimum(at, ends.size - 1))
+    out: list[tuple[int, int, int, int]] = []
+    first, lo = 0, 0
+    for p in at.tolist():
+        end = int(ends[p])
+        if end > lo:
+            out.append((first, p + 1, lo, end))
+            first, lo = p + 1, end
+    return tuple(out)  # the last cut is n, the last pair's end: every pair is in a piece
 
 
 def as_block_ids(ids: Sequence[int] | np.ndarray, what: str) -> np.ndarray:

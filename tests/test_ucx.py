@@ -115,6 +115,26 @@ def test_64mib_every_byte(mode, ucx_tls, monkeypatch, local_factory):
         peer.close()
 
 
+def test_a_landing_that_overtakes_our_preparation_still_scatters_every_byte(monkeypatch, local_factory):
+    # the request leaves from the caller's thread and our side is prepared on the work thread
+    # just after: with that preparation never run, the landings must prepare the scatter
+    from kvxfer.backends.ucx_link import UcxLink
+
+    _set_mode(monkeypatch, "packed-pieces")
+    monkeypatch.setenv("UCX_TLS", "tcp")
+    monkeypatch.setattr(UcxLink, "_prepare_packed", lambda self, x: None)
+    spec = LayoutSpec("kv_first", 64, layers=2, block_size=16, heads=2, head_dim=32)
+    peer = PeerProcess("remote", spec, seed=4, backend="ucx")
+    try:
+        local, tensors, bd = local_factory("local", spec, 8)
+        p = local.connect(peer.metadata)
+        src, dst = np.arange(40, 10, -1), np.arange(2, 32)
+        local.read(p, src, dst).wait(30)
+        assert block_bytes(tensors, bd, dst) == peer.call("blocks", src, None)
+    finally:
+        peer.close()
+
+
 @pytest.mark.parametrize("pieces", [False, True], ids=["one-piece", "pieces"])
 def test_packed_transfers_in_flight_together_every_byte(pieces, ucx_tls, monkeypatch, local_factory):
     # several packed reads and writes at once (disjoint destinations): staging buffers, pieces

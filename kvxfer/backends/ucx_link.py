@@ -279,11 +279,11 @@ class UcxLink(BackendLink):
 
     def start_packed(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle, ready: Any = None) -> None:
         """Caller's thread: begin a packed transfer by sending its request at once, so that the
-        peer checks and stages while the work thread prepares our side (:meth:`_prepare_packed`,
-        queued first, so it runs before any answer is handled). Sending from here saves the
-        hand-off to the work thread (0.1-0.3 ms on the device machine) on the critical path.
-        The link's lock spans the closed check, the registration and the post, so a link being
-        closed on the work thread never has its endpoint used after it is released."""
+        peer checks and stages while the work thread prepares our side (:meth:`_prepare_packed`).
+        Sending from here saves the hand-off to the work thread (0.1-0.3 ms on the device
+        machine) on the critical path. The link's lock spans the closed check, the registration
+        and the post, so a link being closed on the work thread never has its endpoint used
+        after it is released."""
         x = _Xfer(req, plan, handle, ready=ready, marks=_Marks.start(handle.created))
         handle.add_done_callback(lambda h: self._on_handle_done(x, h))
         try:
@@ -297,8 +297,8 @@ class UcxLink(BackendLink):
             closed = self._closed
             if not closed:
                 self._mine[req.xfer_id] = x
-                self.backend.defer(self._prepare_packed, x)
                 self._post_message(Msg.REQ, data)
+                self.backend.defer(self._prepare_packed, x)  # after the post: no wake-up to race it
         if closed:
             self._fail(x, PeerLostError(f"link to {self.peer.name!r} is closed"))
         elif x.marks:
@@ -306,9 +306,7 @@ class UcxLink(BackendLink):
 
     def _prepare_packed(self, x: _Xfer) -> None:
         """Work thread: our side of a packed transfer whose request is out (see start_packed)."""
-        with self._lock:  # start_packed holds it until the request is posted: READY comes after REQ
-            pass
-        if x.finished:
+        if x.finished or x.pieces is not None:  # failed, or an answer raced ahead (_on_landed)
             return
         try:
             self._prepare_pieces(x)
@@ -346,6 +344,12 @@ class UcxLink(BackendLink):
         x.landed = upto
         if x.marks:
             x.marks("LANDED")
+        if x.pieces is None:  # ahead of _prepare_packed, queued just after the request was posted
+            try:
+                self._prepare_pieces(x)
+            except KvxferError as exc:
+                self._fail(x, exc)
+                return
         packer = self.backend.packer()
         assert x.staging is not None
         _scatter_landed(x, upto)
