@@ -2,8 +2,11 @@
 
 Layer: backends (per-peer state of ucx.py). Every method runs on the backend's work thread
 unless it says otherwise; the endpoint's completions arrive on the progress thread and are
-handed back with ``backend.defer``. Messages are encoded and checked by
-:mod:`kvxfer.backends.ucx_protocol`.
+handed back with ``backend.defer``. Two messages leave from other threads, to save a thread
+hand-off on a transfer's critical path: REQ from the caller's thread (under the link lock,
+which :meth:`UcxLink._close_now` takes to mark the link closed) and a read's LANDED from the
+progress thread (inside a UCX callback, which closing the endpoint waits for). Messages are
+encoded and checked by :mod:`kvxfer.backends.ucx_protocol`.
 
 How a transfer moves
 --------------------
@@ -450,14 +453,14 @@ class UcxLink(BackendLink):
         for lo, hi in s.pieces.gather_staged():
             if self._closed:
                 return
-            if not self._post(True, s, lo, hi, self._landed):
+            if not self._post(True, s, lo, hi, self._put_flushed):
                 return
             if marks:
                 marks("put")
 
     def _post(self, put: bool, s: _Serving, lo: int, hi: int, then: Any) -> bool:
         """Move staged bytes [lo, hi) between the two buffers (put: ours to the initiator's),
-        then ``then(s, hi, status)`` on the work thread once they are remotely complete."""
+        then ``then(s, hi, status)`` on the progress thread once they are remotely complete."""
         ucp = self.backend.ucp
         try:
             ucp.post_rma(put, self.ep_handle, [s.staging.address + lo], [s.address + lo], [hi - lo], [s.rkey],
@@ -465,19 +468,32 @@ class UcxLink(BackendLink):
         except _ucp.UcxCallError as exc:
             self.close(PeerLostError(f"RMA with {self.peer.name!r} failed: {exc}"))
             return False
-        ucp.flush(self.ep_handle, lambda st: self.backend.defer(then, s, hi, st))
+        ucp.flush(self.ep_handle, lambda st: then(s, hi, st))
         self.backend.wake()
         return True
 
+    def _put_flushed(self, s: _Serving, upto: int, status: int) -> None:
+        """Progress thread, packed read: bytes [0, upto) are in the initiator's buffer. LANDED
+        goes out from here, a thread hand-off sooner than from the work thread (the last
+        piece's is on the transfer's critical path). No link lock: the endpoint cannot be
+        closed meanwhile, as closing it waits for the worker this callback runs in."""
+        if status == 0 and not self._closed:
+            self._post_message(Msg.LANDED, proto.encode_message(Msg.LANDED, self.backend.session,
+                                                                proto.progress_body(s.xid, upto)))
+        self.backend.defer(self._landed, s, upto, status)
+
     def _landed(self, s: _Serving, upto: int, status: int) -> None:
-        """Packed read, responder: bytes [0, upto) are in the initiator's buffer."""
+        """Packed read, responder: bytes [0, upto) are in the initiator's buffer (LANDED sent)."""
         if self._endpoint_failed(status):
             return
         if s.marks:
-            s.marks("flushed")
-        self.send(Msg.LANDED, proto.progress_body(s.xid, upto))
+            s.marks("landed")
         if upto == s.plan.nbytes:
             self._finish_serving(s)
+
+    def _got_flushed(self, s: _Serving, upto: int, status: int) -> None:
+        """Progress thread, packed write: the get of bytes [0, upto) is complete."""
+        self.backend.defer(self._fetched, s, upto, status)
 
     def _on_ready(self, xid: int, upto: int) -> None:
         """Packed write, responder: the initiator has staged bytes [0, upto); fetch the new ones."""
@@ -488,7 +504,7 @@ class UcxLink(BackendLink):
         if s.op is not Op.WRITE or not s.ready < upto <= s.plan.nbytes:
             raise RemoteProtocolError(f"READY {upto} B for transfer {xid} (had {s.ready} of {s.plan.nbytes} B)")
         lo, s.ready = s.ready, upto
-        self._post(False, s, lo, upto, self._fetched)
+        self._post(False, s, lo, upto, self._got_flushed)
         if s.marks:
             s.marks("get")
 
@@ -556,8 +572,8 @@ class UcxLink(BackendLink):
     def close(self, exc: KvxferError | None = None) -> None:
         """Close the link; pending transfers fail with ``exc`` (PeerLostError by default).
 
-        Runs on the backend's work thread (the only thread that touches the endpoint); from
-        any other thread it hands over and waits up to ``close_timeout``. Idempotent.
+        Runs on the backend's work thread (which closes the endpoint); from any other thread
+        it hands over and waits up to ``close_timeout``. Idempotent.
         """
         if self._closed:
             return
