@@ -10,12 +10,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 import numpy as np
 
 from .errors import KvxferError, TransferTimeoutError
 
-__all__ = ["TransferStatus", "TransferStats", "TransferHandle", "Op"]
+__all__ = ["TransferStatus", "TransferStats", "TransferHandle", "Op", "HandleDriver"]
+
+
+class HandleDriver(Protocol):
+    """A backend's way to finish a transfer on the thread that waits for it (cuda_ipc's small
+    transfers), set on the handle by the backend."""
+
+    def drive(self, timeout: float | None) -> None:
+        """Called by :meth:`TransferHandle.wait` before it blocks: finish the transfer here if
+        it completes within a short while; otherwise return, and have the backend finish it
+        without further driving."""
+
+    def watch(self) -> None:
+        """A done callback was added: the backend must finish the transfer by itself, promptly."""
 
 
 class Op(Enum):
@@ -71,9 +85,8 @@ class TransferHandle:
         self._t0 = time.perf_counter()
         self._t1: float | None = None
         self._callbacks: list[Callable[[TransferHandle], None]] = []
-        #: set by a backend that can finish this transfer on the waiting thread: called by
-        #: wait(timeout) before blocking, returns when done or when it gives up (briefly)
-        self._driver: Callable[[float | None], None] | None = None
+        #: set by a backend that can finish this transfer on the waiting thread (HandleDriver)
+        self._driver: HandleDriver | None = None
 
     # -- caller API ---------------------------------------------------------------------
     @property
@@ -94,7 +107,7 @@ class TransferHandle:
         driver = self._driver
         if driver is not None and not self._event.is_set():
             try:
-                driver(timeout)
+                driver.drive(timeout)
             except Exception:  # the backend's own completion path still finishes the transfer
                 pass
         if not self._event.wait(timeout):
@@ -125,10 +138,13 @@ class TransferHandle:
     def add_done_callback(self, fn: Callable[[TransferHandle], None]) -> None:
         """Call ``fn(handle)`` once the transfer finishes (at once if it already has)."""
         with self._lock:
-            if self._status is TransferStatus.PENDING:
+            pending = self._status is TransferStatus.PENDING
+            if pending:
                 self._callbacks.append(fn)
-                return
-        fn(self)
+        if not pending:
+            fn(self)
+        elif self._driver is not None:
+            self._driver.watch()
 
     # -- backend API --------------------------------------------------------------------
     def _finish(self, exc: KvxferError | None) -> bool:

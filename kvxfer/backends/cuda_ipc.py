@@ -12,7 +12,9 @@ for an event recorded on the caller's current stream (torch's or CuPy's), so the
 after the work already queued there but does not hold that stream up. A completion thread
 synchronises each transfer's end event (the GIL is released while it waits), then sends the
 notification over the control link and completes the handle: the peer hears about a transfer
-only once every byte is in place.
+only once every byte is in place. A small transfer is finished by its caller instead, once
+``wait()`` sees its event complete; the completion thread is not woken for it and only sweeps
+such transfers, so that one nobody waits for still finishes (see :mod:`._completion_thread`).
 
 Control: a TCP control connection (no data streams) to the peer's TCP endpoint carries
 notifications and tells us when the peer goes away; a lost peer fails every pending transfer
@@ -28,10 +30,8 @@ the sizes of the mapped allocations when connecting. A peer can never name an ad
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import os
-import queue
 import sys
 import threading
 import time
@@ -58,6 +58,7 @@ from .._memo import IdentityMemo
 from ..ops import cuda as _ops_cuda  # imports neither cupy nor torch
 from ..ops import pairs as _ops_pairs
 from . import _cuda_ipc_handles as ipc
+from ._completion_thread import CompletionThread
 from ._ordered_completion import OrderedCompletion
 from .base import Backend, BackendLink, LocalSide, TransferRequest
 from .tcp import TcpBackend, TcpLink
@@ -332,6 +333,22 @@ _DRIVE_SPIN_S = 500e-6
 _CUDA_NOT_READY = 600  # cudaErrorNotReady
 
 
+class _Driver:
+    """A small transfer's :class:`~kvxfer.handle.HandleDriver`: its caller finishes it."""
+
+    __slots__ = ("_backend", "_work")
+
+    def __init__(self, backend: CudaIpcBackend, work: _Work):
+        self._backend, self._work = backend, work
+
+    def drive(self, timeout: float | None) -> None:
+        self._backend._drive(self._work, timeout)
+
+    def watch(self) -> None:
+        assert self._backend._done is not None
+        self._backend._done.kick(self._work)
+
+
 @dataclass(slots=True)
 class _Work:
     """One entry of the completion queue: a transfer, or a notification to send in order."""
@@ -378,11 +395,10 @@ class CudaIpcBackend(Backend):
         self._stream = 0
         self._free_events: list[int] = []
         self._free_timing: list[int] = []
-        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         # every queued work item, finished in order by the completion thread or, for a small
         # transfer, by a caller already waiting on its handle (see _drive)
         self._order: OrderedCompletion[_Work] = OrderedCompletion(self._finish_logged)
-        self._thread: threading.Thread | None = None
+        self._done: CompletionThread[_Work] | None = None
         self._local_addrs = np.zeros(0, dtype=np.uint64)
         self._local_spans = np.zeros(0, dtype=np.int64)
         self._torch_owner = False
@@ -416,8 +432,9 @@ class CudaIpcBackend(Backend):
         rt = self._cp.cuda.runtime
         with self._cp.cuda.Device(self.device):
             self._stream = int(rt.streamCreateWithFlags(_STREAM_NON_BLOCKING))
-        self._thread = threading.Thread(target=self._complete_loop, name=f"kvxfer-ipc-done-{self.local.name}", daemon=True)
-        self._thread.start()
+        self._done = CompletionThread(self._order, sync=self._sync_work, query=self._work_complete,
+                                      release=self._release_work, name=f"kvxfer-ipc-done-{self.local.name}",
+                                      setup=self._select_device)
 
     def on_layout_registered(self, layout: KVLayout) -> None:
         if self.device < 0:
@@ -656,40 +673,46 @@ class CudaIpcBackend(Backend):
                 raise
             w = _Work(link, done, events, timed, handle, notify, t0)
             self._order.add(w)
-            if handle is not None and handle.nbytes <= _DRIVE_MAX_BYTES and not timing:
-                handle._driver = functools.partial(self._drive, w)
-            self._queue.put(w)
+            driven = handle is not None and handle.nbytes <= _DRIVE_MAX_BYTES and not timing
+            if driven:
+                handle._driver = _Driver(self, w)
+            assert self._done is not None
+            self._done.submit(w, driven=driven)
 
     def _enqueue_notification(self, link: CudaIpcLink, payload: bytes) -> None:
         self._check_open()
         self._launch(link, None, payload, None, None, None)
 
     # -- completion ----------------------------------------------------------------------------
-    def _complete_loop(self) -> None:
-        rt = self._cp.cuda.runtime
+    def _select_device(self) -> None:
         try:
-            rt.setDevice(self.device)
+            self._cp.cuda.runtime.setDevice(self.device)
         except Exception:
             log.exception("cuda_ipc completion thread cannot select cuda:%d", self.device)
-        while True:
-            w = self._queue.get()
-            if w is None:
-                return
-            err: KvxferError | None = None
-            try:
-                rt.eventSynchronize(w.done_event)
-                if w.timing_start:
-                    self.device_times.append(rt.eventElapsedTime(w.timing_start, w.done_event) / 1e3)
-            except Exception as exc:  # a CUDA error here is sticky; report it on the transfer
-                err = TransportError(f"cuda_ipc copy on cuda:{self.device} failed: {ipc.cuda_error_text(exc)}")
-            self._order.settle(w, err)  # no-op when a waiting caller settled it already
-            self._recycle(w.events, w.timed)  # only this thread recycles: a settled item's events too
+
+    def _sync_work(self, w: _Work) -> KvxferError | None:
+        """Completion thread: block until ``w``'s copy is done; the error to fail it with."""
+        rt = self._cp.cuda.runtime
+        try:
+            rt.eventSynchronize(w.done_event)
+            if w.timing_start:
+                self.device_times.append(rt.eventElapsedTime(w.timing_start, w.done_event) / 1e3)
+        except Exception as exc:  # a CUDA error here is sticky; report it on the transfer
+            return TransportError(f"cuda_ipc copy on cuda:{self.device} failed: {ipc.cuda_error_text(exc)}")
+        return None
+
+    def _work_complete(self, w: _Work) -> bool:
+        """Completion thread: whether ``w``'s copy is done (or failed), without blocking."""
+        return self._cp.cuda.runtime.eventQuery(w.done_event) != _CUDA_NOT_READY
+
+    def _release_work(self, w: _Work) -> None:
+        self._recycle(w.events, w.timed)  # only the completion thread recycles, once per item
 
     def _drive(self, w: _Work, timeout: float | None) -> None:
         """Called by ``handle.wait()`` on the caller's thread: poll the transfer's event for a
         short while and, once the copy is done, finish it (and every earlier item) right here,
-        instead of waking the completion thread and then the caller. Falls back silently (the
-        completion thread finishes it) when the copy takes longer or the query fails."""
+        instead of waking the completion thread and then the caller. Hands the transfer to the
+        completion thread when the copy takes longer or the query fails."""
         rt = self._cp.cuda.runtime
         end = time.perf_counter() + (_DRIVE_SPIN_S if timeout is None else min(_DRIVE_SPIN_S, timeout))
         while True:
@@ -698,7 +721,9 @@ class CudaIpcBackend(Backend):
                 self._order.settle(w, None)
                 return
             if st != _CUDA_NOT_READY or time.perf_counter() >= end:
-                return  # an error is the completion thread's to report
+                break  # an error is the completion thread's to report
+        assert self._done is not None
+        self._done.kick(w)
 
     def _finish_logged(self, w: _Work, err: KvxferError | None) -> None:
         try:
@@ -755,12 +780,9 @@ class CudaIpcBackend(Backend):
         self._closed = True
         for link in self.links:
             link.close(PeerLostError("connector closed"))
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=10.0)
-            if self._thread.is_alive():
-                log.warning("cuda_ipc completion thread still waiting on the GPU; leaving the stream in place")
-                return
+        if self._done is not None and not self._done.close(10.0):
+            log.warning("cuda_ipc completion thread still waiting on the GPU; leaving the stream in place")
+            return
         rt = self._cp.cuda.runtime
         try:
             with self._cp.cuda.Device(self.device):
