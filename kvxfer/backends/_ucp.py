@@ -121,7 +121,7 @@ class _RequestParam(C.Structure):
     ]
 
 
-_OP_CALLBACK, _OP_USER_DATA, _OP_FLAGS, _OP_MEMH = 1 << 1, 1 << 2, 1 << 4, 1 << 8
+_OP_CALLBACK, _OP_USER_DATA, _OP_FLAGS, _OP_MEMORY_TYPE, _OP_MEMH = 1 << 1, 1 << 2, 1 << 4, 1 << 6, 1 << 8
 
 AM_SEND_FLAG_REPLY, AM_SEND_FLAG_EAGER = 1 << 0, 1 << 1
 
@@ -346,6 +346,10 @@ class Ucp:
         """Send ``data`` as an eager active message; ``on_done(status)`` when it is sent
         (``data`` must stay alive until then: the caller holds it in ``on_done``'s closure)."""
         prm, key = self._param_with_cb(on_done, AM_SEND_FLAG_REPLY | AM_SEND_FLAG_EAGER)
+        # host bytes, said so: else UCX detects the buffer's memory type on every send, which
+        # asks the CUDA driver when ucxx has turned UCX's memory-type cache off (its default)
+        prm.op_attr_mask |= _OP_MEMORY_TYPE
+        prm.memory_type = MemoryType.HOST
         ptr = self.lib.ucp_am_send_nbx(ep, am_id, None, 0, data, len(data), C.byref(prm))
         self._finish_post(ptr, key, on_done, "ucp_am_send_nbx")
 
