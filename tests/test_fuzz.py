@@ -510,7 +510,7 @@ def _stub_ucx_link(peer: PeerMetadata = META) -> Any:
         _on_done=lambda xid: None, _on_err=lambda xid, k, m: None, _on_landed=lambda xid, upto: None,
         _on_ready=lambda xid, upto: None,
     )
-    link.on_request = lambda h: _ucx().UcxLink.on_request(link, h)
+    link.on_request = lambda h, arrived=0.0: _ucx().UcxLink.on_request(link, h, arrived)
     return link
 
 
