@@ -293,8 +293,8 @@ class UcxLink(BackendLink):
             x.staging = self.backend.staging().get(plan.nbytes)
             data = proto.encode_message(Msg.REQ, self.backend.session,
                                         proto.request_body(req, x.staging.address, x.staging.rkey, plan.nbytes))
-        except KvxferError as exc:
-            self._fail(x, exc)
+        except Exception as exc:  # this is the caller's thread: the handle reports it, as from the work thread
+            self._fail(x, exc if isinstance(exc, KvxferError) else TransportError(f"packed transfer setup failed: {exc!r}"))
             return
         with self._lock:
             closed = self._closed
