@@ -164,6 +164,20 @@ def test_a_kicked_item_is_waited_for_at_once_and_a_caller_may_settle_first():
     assert ct.close(5)
 
 
+def test_a_driven_item_left_alone_past_its_age_is_waited_for():
+    done, released = [], []
+    oc, ct = _thread_over(done, released, sweep_s=0.002, linger_s=0.0, max_age_s=0.02)
+    c = _Copy("forgotten")
+    oc.add(c)
+    ct.submit(c, driven=True)
+    _until(lambda: c.synced == 1)  # nobody drove or kicked it: after max_age the thread blocks on it
+    assert done == []
+    c.complete.set()
+    _until(lambda: released == ["forgotten"])
+    assert done == [("forgotten", None)]
+    assert ct.close(5)
+
+
 def test_closing_finishes_every_outstanding_driven_item():
     done, released = [], []
     oc, ct = _thread_over(done, released, sweep_s=10.0, linger_s=10.0, max_age_s=10.0)
