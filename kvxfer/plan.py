@@ -201,7 +201,7 @@ class TransferPlan:
         # the cuts depend on the pairs and the block count only: both sides of every transfer of
         # that many blocks between two layouts cut alike, so they are worked out once
         return list(_BOUNDS.get((bp.pairs,), (int(bp.src_blocks.size), target, edge),
-                                lambda: _chunk_bounds(bp.pairs, int(bp.src_blocks.size), n, target, edge)))
+                                lambda: _chunk_bounds(bp.pairs, int(bp.src_blocks.size), target, edge)))
 
     def piece(self, first: int, end: int) -> TransferPlan:
         """The plan of pairs ``[first, end)`` (a piece from :meth:`chunk_bounds`)."""
@@ -234,11 +234,10 @@ class TransferPlan:
 _BOUNDS: IdentityMemo[tuple[tuple[int, int, int, int], ...]] = IdentityMemo()
 
 
-def _chunk_bounds(pairs: np.ndarray, nblocks: int, n: int, target: int, edge: int) -> tuple[tuple[int, int, int, int], ...]:
-    """:meth:`TransferPlan.chunk_bounds` of ``nblocks`` blocks through ``pairs`` (``n`` bytes)."""
-    per_pair = pairs["src_run"] * pairs["src_count"] * nblocks
-    ends = np.cumsum(per_pair)
-    cuts, tail = _piece_cuts(n, target, edge)
+def _chunk_bounds(pairs: np.ndarray, nblocks: int, target: int, edge: int) -> tuple[tuple[int, int, int, int], ...]:
+    """:meth:`TransferPlan.chunk_bounds` of ``nblocks`` blocks through ``pairs``."""
+    ends = np.cumsum(pairs["src_run"] * pairs["src_count"] * nblocks)
+    cuts, tail = _piece_cuts(int(ends[-1]), target, edge)
     # a wanted cut moves to the first pair end at or after it; in the closing ramp, to the
     # last pair end at or before it (so the last pieces stay small, as the first ones)
     up = np.searchsorted(ends, cuts, side="left")

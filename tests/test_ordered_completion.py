@@ -104,6 +104,12 @@ def _thread_over(copies_done, released, **kw):
     return oc, ct
 
 
+def _queue(oc, ct, *copies, driven=True):
+    for c in copies:  # in stream order, as the backend does
+        oc.add(c)
+        ct.submit(c, driven=driven)
+
+
 def _until(cond, timeout=5.0):
     end = time.monotonic() + timeout
     while not cond():
@@ -115,9 +121,7 @@ def test_driven_items_nobody_waits_for_are_swept_in_order_and_released_once():
     done, released = [], []
     oc, ct = _thread_over(done, released, sweep_s=0.002, max_age_s=10.0)
     copies = [_Copy(f"c{i}") for i in range(4)]
-    for c in copies:
-        oc.add(c)
-        ct.submit(c, driven=True)
+    _queue(oc, ct, *copies)
     time.sleep(0.02)
     assert done == [] and released == []  # not complete: the sweep only queries, never blocks
     assert all(c.synced == 0 for c in copies)
@@ -136,9 +140,8 @@ def test_an_eager_item_finishes_the_driven_ones_before_it_and_each_is_released_o
     done, released = [], []
     oc, ct = _thread_over(done, released, sweep_s=10.0, linger_s=0.0, max_age_s=10.0)
     d, e = _Copy("driven"), _Copy("eager")
-    for c, driven in ((d, True), (e, False)):
-        oc.add(c)
-        ct.submit(c, driven=driven)
+    _queue(oc, ct, d)
+    _queue(oc, ct, e, driven=False)
     d.complete.set()
     e.complete.set()
     _until(lambda: len(released) == 2)
@@ -151,9 +154,7 @@ def test_a_kicked_item_is_waited_for_at_once_and_a_caller_may_settle_first():
     done, released = [], []
     oc, ct = _thread_over(done, released, sweep_s=10.0, linger_s=10.0, max_age_s=10.0)
     a, b = _Copy("a"), _Copy("b")
-    for c in (a, b):
-        oc.add(c)
-        ct.submit(c, driven=True)
+    _queue(oc, ct, a, b)
     assert oc.settle(a) is True  # its caller saw it complete and finished it (a is then released by a sweep)
     ct.kick(b)  # b's caller gave up driving: the thread blocks on it
     _until(lambda: b.synced == 1)
@@ -168,8 +169,7 @@ def test_a_driven_item_left_alone_past_its_age_is_waited_for():
     done, released = [], []
     oc, ct = _thread_over(done, released, sweep_s=0.002, linger_s=0.0, max_age_s=0.02)
     c = _Copy("forgotten")
-    oc.add(c)
-    ct.submit(c, driven=True)
+    _queue(oc, ct, c)
     _until(lambda: c.synced == 1)  # nobody drove or kicked it: after max_age the thread blocks on it
     assert done == []
     c.complete.set()
@@ -182,8 +182,7 @@ def test_closing_finishes_every_outstanding_driven_item():
     done, released = [], []
     oc, ct = _thread_over(done, released, sweep_s=10.0, linger_s=10.0, max_age_s=10.0)
     c = _Copy("late")
-    oc.add(c)
-    ct.submit(c, driven=True)
+    _queue(oc, ct, c)
     threading.Timer(0.05, c.complete.set).start()
     assert ct.close(5)
     assert done == [("late", None)] and released == ["late"]

@@ -117,12 +117,18 @@ def test_64mib_every_byte(mode, ucx_tls, monkeypatch, local_factory):
 
 def test_a_landing_that_overtakes_our_preparation_still_scatters_every_byte(monkeypatch, local_factory):
     # the request leaves from the caller's thread and our side is prepared on the work thread
-    # just after: with that preparation never run, the landings must prepare the scatter
-    from kvxfer.backends.ucx_link import UcxLink
+    # just after: with that queued preparation never run, the landings must prepare the scatter
+    from kvxfer.backends.ucx import UcxBackend
 
     _set_mode(monkeypatch, "packed-pieces")
     monkeypatch.setenv("UCX_TLS", "tcp")
-    monkeypatch.setattr(UcxLink, "_prepare_packed", lambda self, x: None)
+    defer = UcxBackend.defer
+
+    def defer_all_but_preparation(self, fn, *args):
+        if getattr(fn, "__name__", "") != "_prepare_packed":
+            defer(self, fn, *args)
+
+    monkeypatch.setattr(UcxBackend, "defer", defer_all_but_preparation)
     spec = LayoutSpec("kv_first", 64, layers=2, block_size=16, heads=2, head_dim=32)
     peer = PeerProcess("remote", spec, seed=4, backend="ucx")
     try:

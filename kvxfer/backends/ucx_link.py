@@ -217,6 +217,11 @@ class UcxLink(BackendLink):
         self.backend.defer(self.send, Msg.NOTE, proto.note_body(bytes(payload)))
 
     # -- initiator --------------------------------------------------------------------------
+    def _new_xfer(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle, ready: Any) -> _Xfer:
+        x = _Xfer(req, plan, handle, ready=ready, marks=_Marks.start(handle.created))
+        handle.add_done_callback(lambda h: self._on_handle_done(x, h))
+        return x
+
     def start(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle, ready: Any = None) -> None:
         """Work thread: begin a DIRECT (or empty) transfer this side initiated; a packed one
         begins with :meth:`start_packed`. ``ready``: an event on the caller's stream (GPU
@@ -224,12 +229,11 @@ class UcxLink(BackendLink):
         if self._closed:
             handle.set_failed(PeerLostError(f"link to {self.peer.name!r} is closed"))
             return
-        x = _Xfer(req, plan, handle, ready=ready, marks=_Marks.start(handle.created))
+        x = self._new_xfer(req, plan, handle, ready)
         if x.marks:
             x.marks("work thread")
         with self._lock:
             self._mine[req.xfer_id] = x
-        handle.add_done_callback(lambda h: self._on_handle_done(x, h))
         try:
             if plan.nbytes == 0:
                 self._finish_direct(x, 0)
@@ -287,8 +291,7 @@ class UcxLink(BackendLink):
         machine) on the critical path. The link's lock spans the closed check, the registration
         and the post, so a link being closed on the work thread never has its endpoint used
         after it is released."""
-        x = _Xfer(req, plan, handle, ready=ready, marks=_Marks.start(handle.created))
-        handle.add_done_callback(lambda h: self._on_handle_done(x, h))
+        x = self._new_xfer(req, plan, handle, ready)
         try:
             x.staging = self.backend.staging().get(plan.nbytes)
             data = proto.encode_message(Msg.REQ, self.backend.session,
@@ -308,26 +311,21 @@ class UcxLink(BackendLink):
             x.marks("REQ sent")
 
     def _prepare_packed(self, x: _Xfer) -> None:
-        """Work thread: our side of a packed transfer whose request is out (see start_packed)."""
+        """Work thread: our side of a packed transfer whose request is out (see start_packed),
+        once: cut ``x`` into the pieces both sides agree on; a read prepares their scatter, a
+        write gathers them and says READY as each is staged. A failure fails ``x``."""
         if x.finished or x.pieces is not None:  # failed, or an answer raced ahead (_on_landed)
             return
-        try:
-            self._prepare_pieces(x)
-        except KvxferError as exc:
-            self._fail(x, exc)
-
-    def _prepare_pieces(self, x: _Xfer) -> None:
-        """Cut ``x`` into the pieces both sides agree on; a read prepares their scatter, a write
-        gathers them and says READY as each is staged."""
         assert x.staging is not None
-        packer = self.backend.packer()
-        packer.wait_for(x.ready)  # the gather / scatter below are queued after the caller's work
-        x.chunks = _pieces_of(self.backend.config, x.plan)
-        if x.req.op is Op.READ:
-            x.pieces = packer.pieces(x.plan, x.staging, x.chunks, gather=False)
-            if x.marks:
-                x.marks("scatter prepared")
-        else:
+        try:
+            packer = self.backend.packer()
+            packer.wait_for(x.ready)  # the gather / scatter below are queued after the caller's work
+            x.chunks = _pieces_of(self.backend.config, x.plan)
+            if x.req.op is Op.READ:
+                x.pieces = packer.pieces(x.plan, x.staging, x.chunks, gather=False)
+                if x.marks:
+                    x.marks("scatter prepared")
+                return
             # each READY goes out as its piece is staged
             for _, hi in packer.pieces(x.plan, x.staging, x.chunks, gather=True).gather_staged():
                 if x.finished or self._closed:
@@ -335,6 +333,8 @@ class UcxLink(BackendLink):
                 self.send(Msg.READY, proto.progress_body(x.req.xfer_id, hi))
                 if x.marks:
                     x.marks("READY sent")
+        except KvxferError as exc:
+            self._fail(x, exc)
 
     def _on_landed(self, xid: int, upto: int) -> None:
         """Packed read: the responder's bytes [0, upto) are in our staging buffer."""
@@ -348,10 +348,8 @@ class UcxLink(BackendLink):
         if x.marks:
             x.marks("LANDED")
         if x.pieces is None:  # ahead of _prepare_packed, queued just after the request was posted
-            try:
-                self._prepare_pieces(x)
-            except KvxferError as exc:
-                self._fail(x, exc)
+            self._prepare_packed(x)
+            if x.finished:
                 return
         packer = self.backend.packer()
         assert x.staging is not None

@@ -27,7 +27,8 @@ from . import cuda as _cuda
 from ._loader import KernelSpec, get_kernel
 
 __all__ = ["BUF_DST", "BUF_NONE", "BUF_SRC", "INLINE_DTYPE", "INLINE_KERNEL", "PAIRS_KERNEL", "PAIR_DTYPE", "RUN_FIELDS",
-           "PairPieces", "PairsLaunch", "PreparedPairs", "copy_block_pairs", "gather_pairs", "pair_records", "prepare_pairs", "resolve_block_pairs", "scatter_pairs", "split_shift_for"]
+           "PairPieces", "PairsLaunch", "PreparedPairs", "copy_block_pairs", "gather_pairs", "pair_records",
+           "prepare_pairs", "resolve_block_pairs", "scatter_pairs", "split_shift_for"]
 
 PAIRS_KERNEL = KernelSpec("kv_copy.cu", "kv_copy_pairs")
 #: the same copy with its records passed in the kernel's parameters (small transfers)
