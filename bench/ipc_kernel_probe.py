@@ -31,25 +31,12 @@ VARIANTS = {
 
 
 # block-pair kernel builds, records prepared on the GPU (no upload in the timing)
-def pair_spec(**d):
-    return KernelSpec("kv_copy.cu", "kv_copy_pairs", tuple(sorted(d.items())))
-
-
 PAIR_VARIANTS = {
-    "pairs_prep": pair_spec(),
-    # cache hints on the 16-byte path (csrc/kv_copy.cu: KVX_LOAD_HINT, KVX_STORE_HINT)
-    "pairs_ld1": pair_spec(KVX_LOAD_HINT=1),
-    "pairs_ld2": pair_spec(KVX_LOAD_HINT=2),
-    "pairs_st1": pair_spec(KVX_STORE_HINT=1),
-    "pairs_ld1_st1": pair_spec(KVX_LOAD_HINT=1, KVX_STORE_HINT=1),
-    # loads in flight per lane
-    "pairs_u4": pair_spec(KVX_UNROLL=4),
-    "pairs_u16": pair_spec(KVX_UNROLL=16),
-    "pairs_ld1_u16": pair_spec(KVX_LOAD_HINT=1, KVX_UNROLL=16),
+    "pairs_prep": KernelSpec("kv_copy.cu", "kv_copy_pairs"),
 }
 
 
-def timeit(fn, stream, n=20):
+def timeit(fn, stream, n=10):
     fn()
     stream.synchronize()
     out = []

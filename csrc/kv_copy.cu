@@ -75,40 +75,6 @@ __device__ __forceinline__ void kvx_store(T* p, const T& v) {
 #endif
 }
 
-// Cache hints for the 16-byte path, chosen per build (default: none). KVX_LOAD_HINT 1: read-only
-// path, no L1 allocation, 256-byte L2 prefetch; 2: 256-byte L2 prefetch only. KVX_STORE_HINT 1:
-// no L1 allocation. Over NVLink each request's size sets how much of a packet is payload.
-#ifndef KVX_LOAD_HINT
-#define KVX_LOAD_HINT 0
-#endif
-#ifndef KVX_STORE_HINT
-#define KVX_STORE_HINT 0
-#endif
-#if KVX_LOAD_HINT == 1
-template <>
-__device__ __forceinline__ uint4 kvx_load<uint4>(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-#elif KVX_LOAD_HINT == 2
-template <>
-__device__ __forceinline__ uint4 kvx_load<uint4>(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-#endif
-#if KVX_STORE_HINT == 1
-template <>
-__device__ __forceinline__ void kvx_store<uint4>(uint4* p, const uint4& v) {
-    asm volatile("st.global.L1::no_allocate.v4.u32 [%0], {%1, %2, %3, %4};"
-                 :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
-}
-#endif
-
 // q = a / b, r = a % b for a >= 0, b > 0, choosing the cheapest exact form.
 __device__ __forceinline__ void kvx_divmod(i64 a, i64 b, i64& q, i64& r) {
     if ((b & (b - 1)) == 0) {
