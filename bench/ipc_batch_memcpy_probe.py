@@ -1,0 +1,153 @@
+"""Probe: the copy engines through one cuMemcpyBatchAsync per transfer, against kv_copy_pairs.
+
+Question: SM-issued peer copies (our kernel, the anchor kernel, every cache hint tried) stay at
+0.92-0.945 of a contiguous cudaMemcpyPeerAsync over NVLink; the copy engines reach the memcpy
+figure. CUDA 12.8+ can hand a whole list of (dst, src, size) to the driver in one call. Does
+that list of 32 KiB or 4 KiB pieces run at the copy engine's speed, and what does the call cost
+on the host?
+
+One process, GPU1 pulls from / pushes to GPU0 (peer access on), llama8b and llama8b-tp8
+geometry, random distinct blocks; CUDA-event medians; host time of the call alone; flags 0 and
+CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE (1). Every variant's pull is checked byte for byte.
+Prints a table, writes JSON to argv[1].
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import statistics
+import sys
+import time
+
+import cupy as cp
+import numpy as np
+
+from kvxfer import KVLayout, plan_transfer
+from kvxfer.ops.pairs import prepare_pairs
+
+WL = {"llama8b": (32, 2048, 8, 512), "llama8b-tp8": (32, 8192, 1, 4096)}
+
+
+class MemLocation(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class MemcpyAttributes(ctypes.Structure):
+    _fields_ = [("srcAccessOrder", ctypes.c_int), ("srcLocHint", MemLocation), ("dstLocHint", MemLocation),
+                ("flags", ctypes.c_uint)]
+
+
+_lib = ctypes.CDLL("libcuda.so.1")
+_v2 = getattr(_lib, "cuMemcpyBatchAsync_v2", None)
+_v1 = getattr(_lib, "cuMemcpyBatchAsync", None)
+
+
+def batch(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, flags: int, stream: int) -> None:
+    attrs = MemcpyAttributes(1, MemLocation(0, 0), MemLocation(0, 0), flags)  # 1: source in stream order
+    idx = (ctypes.c_size_t * 1)(0)
+    n = ctypes.c_size_t(dsts.size)
+    p = lambda a: ctypes.c_void_p(a.ctypes.data)
+    if _v2 is not None:
+        rc = _v2(p(dsts), p(srcs), p(sizes), n, ctypes.byref(attrs), idx, ctypes.c_size_t(1), ctypes.c_void_p(stream))
+    else:
+        fail = ctypes.c_size_t(0)
+        rc = _v1(p(dsts), p(srcs), p(sizes), n, ctypes.byref(attrs), idx, ctypes.c_size_t(1), ctypes.byref(fail),
+                 ctypes.c_void_p(stream))
+    if rc != 0:
+        raise RuntimeError(f"cuMemcpyBatchAsync returned CUresult {rc}")
+
+
+def timeit(fn, stream, n=10):
+    fn()
+    stream.synchronize()
+    dev, host = [], []
+    for _ in range(n):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record(stream)
+        t0 = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - t0)
+        b.record(stream)
+        b.synchronize()
+        dev.append(cp.cuda.get_elapsed_time(a, b) / 1e3)
+    return statistics.median(dev), statistics.median(host)
+
+
+def piece_lists(src, dst, s, d, half_bytes, blk):
+    """(dsts, srcs, sizes) of every (layer, K/V, block) piece."""
+    sb = np.array([t.data.ptr for t in src], dtype=np.uint64)[:, None, None]
+    db = np.array([t.data.ptr for t in dst], dtype=np.uint64)[:, None, None]
+    kv = (np.arange(2, dtype=np.uint64) * np.uint64(half_bytes))[None, :, None]
+    so = (s.astype(np.uint64) * np.uint64(blk))[None, None, :]
+    do = (d.astype(np.uint64) * np.uint64(blk))[None, None, :]
+    srcs = np.ascontiguousarray((sb + kv + so).ravel())
+    dsts = np.ascontiguousarray((db + kv + do).ravel())
+    return dsts, srcs, np.full(srcs.size, blk, dtype=np.uint64)
+
+
+def main() -> None:
+    res: dict = {"api": "cuMemcpyBatchAsync_v2" if _v2 is not None else ("cuMemcpyBatchAsync" if _v1 else None)}
+    for name, (L, NB, H, NSEL) in WL.items():
+        shape = (2, NB, 16, H, 128)
+        blk = 16 * H * 128 * 2
+        with cp.cuda.Device(0):
+            src = [cp.random.randint(0, 2**15, shape, dtype=cp.int16) for _ in range(L)]
+        with cp.cuda.Device(1):
+            try:
+                cp.cuda.runtime.deviceEnablePeerAccess(0)
+            except cp.cuda.runtime.CUDARuntimeError:
+                pass
+            dst = [cp.zeros(shape, dtype=cp.int16) for _ in range(L)]
+        cp.cuda.Device(1).use()
+        stream = cp.cuda.Stream(non_blocking=True)
+        rng = np.random.default_rng(0)
+        s, d = rng.choice(NB, NSEL, replace=False), rng.choice(NB, NSEL, replace=False)
+        nbytes = L * 2 * NSEL * blk
+        row: dict = {"pieces": L * 2 * NSEL, "piece_bytes": blk}
+        with cp.cuda.Device(0):
+            c0 = cp.empty(nbytes, dtype=cp.uint8)
+        c1 = cp.empty(nbytes, dtype=cp.uint8)
+        mem = nbytes / timeit(lambda: cp.cuda.runtime.memcpyPeerAsync(c1.data.ptr, 1, c0.data.ptr, 0, nbytes, stream.ptr), stream)[0] / 1e9
+        row["peer_memcpy_GBps"] = mem
+        ls, ld = KVLayout.from_tensors(src, block_dim=1), KVLayout.from_tensors(dst, block_dim=1)
+        plan = plan_transfer(ls.geometry, ld.geometry, s, d)
+        push_bp = plan_transfer(ld.geometry, ls.geometry, d, s).block_pairs
+        pull_k = prepare_pairs(plan.block_pairs, ls, ld, device=1)
+        push_k = prepare_pairs(push_bp, ld, ls, device=1)
+        row["kernel_pull_GBps"] = nbytes / timeit(lambda: pull_k.launch(stream.ptr), stream)[0] / 1e9
+        row["kernel_push_GBps"] = nbytes / timeit(lambda: push_k.launch(stream.ptr), stream)[0] / 1e9
+        half = NB * blk
+        pd, ps, sz = piece_lists(src, dst, s, d, half, blk)
+        qd, qs, _ = piece_lists(dst, src, d, s, half, blk)
+        t0 = time.perf_counter()
+        piece_lists(src, dst, s, d, half, blk)
+        row["build_lists_ms"] = (time.perf_counter() - t0) * 1e3
+        for flags in (0, 1):
+            tag = f"batch_f{flags}"
+            try:
+                for x in dst[:2]:
+                    x.fill(0)
+                batch(pd, ps, sz, flags, stream.ptr)
+                stream.synchronize()
+                row[f"{tag}_correct"] = all(bool((cp.asnumpy(b[:, d]) == cp.asnumpy(a[:, s])).all()) for a, b in zip(src[:2], dst[:2]))
+                dv, hs = timeit(lambda: batch(pd, ps, sz, flags, stream.ptr), stream)
+                row[f"{tag}_pull_GBps"], row[f"{tag}_pull_host_ms"] = nbytes / dv / 1e9, hs * 1e3
+                dv, hs = timeit(lambda: batch(qd, qs, sz, flags, stream.ptr), stream)  # push: into GPU0
+                row[f"{tag}_push_GBps"], row[f"{tag}_push_host_ms"] = nbytes / dv / 1e9, hs * 1e3
+            except Exception as exc:
+                row[f"{tag}_error"] = repr(exc)[:200]
+        for k, v in list(row.items()):
+            if k.endswith("GBps") and k != "peer_memcpy_GBps":
+                row[k.replace("_GBps", "_ratio")] = round(v / mem, 3)
+        res[name] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}
+        print(name, json.dumps(res[name], indent=1), flush=True)
+        del src, dst, c0, c1
+        cp.get_default_memory_pool().free_all_blocks()
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
