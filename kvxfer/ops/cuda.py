@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, KernelCompileError, LayoutError, TransportError
+from ..errors import BackendUnavailableError, LayoutError, TransportError
 from ..plan import TransferPlan
 from . import jobs as _jobs
 from ._loader import KernelSpec, get_kernel
@@ -198,26 +198,6 @@ def launch_with_params(spec: KernelSpec, device: int, ctas: int, params: np.ndar
     Raises:
         KernelCompileError: the kernel does not build. CUDA driver errors propagate.
     """
-    launch_raw(spec, device, ctas, np.array([params.ctypes.data], dtype=np.uintp), stream_ptr)
-
-
-def launch_slots(spec: KernelSpec, device: int, ctas: int, slots: np.ndarray, stream_ptr: int) -> None:
-    """Launch ``spec``'s kernel with argument ``i`` read from the 8-byte slot ``slots[i]`` (an
-    int64 array: a 4-byte argument sits in the low half of its slot, little-endian as every CUDA
-    host is). What CuPy's kernel call does per argument (type dispatch, boxing) costs tens of
-    microseconds for ten arguments; this costs one small array. Raises as :func:`launch_raw`."""
-    base = slots.ctypes.data
-    launch_raw(spec, device, ctas, np.arange(base, base + 8 * slots.size, 8, dtype=np.uintp), stream_ptr)
-
-
-def launch_raw(spec: KernelSpec, device: int, ctas: int, argv: np.ndarray, stream_ptr: int) -> None:
-    """``cuLaunchKernel`` of ``spec`` on ``device``: ``ctas`` CTAs, ``argv`` the kernel's
-    ``void* kernelParams[]`` (a uintp array of pointers to each argument's bytes, which the
-    launch copies: they may be reused once this returns).
-
-    Raises:
-        KernelCompileError: the kernel does not build. CUDA driver errors propagate.
-    """
     key = (spec, device)
     fptr = _fn_ptrs.get(key)
     cupy = _cupy()
@@ -225,6 +205,7 @@ def launch_raw(spec: KernelSpec, device: int, ctas: int, argv: np.ndarray, strea
         fn = get_kernel(spec, device)
         with cupy.cuda.Device(device):  # the loaded function of this device
             fptr = _fn_ptrs[key] = int(fn.kernel.ptr)
+    argv = np.array([params.ctypes.data], dtype=np.uintp)  # void* kernelParams[1]
     args = (fptr, ctas, 1, 1, _threads(spec), 1, 1, 0, stream_ptr, argv.ctypes.data, 0)
     if cupy.cuda.runtime.getDevice() == device:
         cupy.cuda.driver.launchKernel(*args)
@@ -256,10 +237,12 @@ class _Resolved:
 
 def _launch(spec: KernelSpec, device: int, ctas: int, warps: int, dev_ptr: int, jobs_off: int,
             stream_ptr: int) -> None:
+    cupy = _cupy()
+    fn = get_kernel(spec, device)
     try:
-        launch_slots(spec, device, ctas, np.array([dev_ptr, dev_ptr + jobs_off, warps], dtype=np.int64), stream_ptr)
-    except KernelCompileError:
-        raise
+        with cupy.cuda.Device(device):
+            fn((ctas,), (_threads(spec),), (np.uint64(dev_ptr), np.uint64(dev_ptr + jobs_off), np.int64(warps)),
+               stream=_cupy_stream(stream_ptr, device))
     except Exception as exc:
         raise TransportError(f"kv_copy launch failed on cuda:{device}: {exc}") from exc
 

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from .._memo import IdentityMemo
-from ..errors import KernelCompileError, TransportError
+from ..errors import TransportError
 from ..plan import BlockPairs
 from . import cuda as _cuda
-from ._loader import KernelSpec
+from ._loader import KernelSpec, get_kernel
 
 __all__ = ["BUF_DST", "BUF_NONE", "BUF_SRC", "INLINE_DTYPE", "INLINE_KERNEL", "PAIRS_KERNEL", "PAIR_DTYPE", "RUN_FIELDS",
            "PairPieces", "PairsLaunch", "PreparedPairs", "copy_block_pairs", "gather_pairs", "pair_records",
@@ -386,18 +386,16 @@ class _Payload:
         raw.flags.writeable = False
         return raw
 
-    def launch_global(self, base: int, stream_ptr: int, pairs: tuple[int, int] | None = None) -> None:
-        """Launch ``self.spec`` with the records at device address ``base`` on stream
-        ``stream_ptr`` (a handle of ``self.device``); ``pairs`` as in :meth:`args`.
+    def launch_global(self, base: int, cstream: Any, pairs: tuple[int, int] | None = None) -> None:
+        """Launch ``self.spec`` with the records at device address ``base`` on CuPy stream
+        ``cstream`` (the caller made ``self.device`` current); ``pairs`` as in :meth:`args`.
 
         Raises:
             TransportError: the launch failed.
         """
-        slots = np.array([int(a) for a in self.args(base, pairs)], dtype=np.int64)
         try:
-            _cuda.launch_slots(self.spec, self.device, self.ctas, slots, stream_ptr)
-        except KernelCompileError:
-            raise
+            get_kernel(self.spec, self.device)((self.ctas,), (_cuda._threads(self.spec),), self.args(base, pairs),
+                                               stream=cstream)
         except Exception as exc:
             raise TransportError(f"kv_copy_pairs launch failed on cuda:{self.device}: {exc}") from exc
 
@@ -462,7 +460,7 @@ class PairsLaunch:
             _cuda._check_not_capturing(sptr, "kv_copy_pairs")
             base = int(_cuda._device_buffer(st, pl.bytes.nbytes, cstream).ptr)
             _cuda._upload(st, pl.bytes, base, sptr, cstream, f"kv_copy_pairs records to cuda:{dev}")
-            pl.launch_global(base, sptr)
+            pl.launch_global(base, cstream)
 
 
 def resolve_block_pairs(bp: BlockPairs, src_bases: Any, dst_bases: Any, *, stream: Any = None,
@@ -519,7 +517,8 @@ class PreparedPairs:
         if self.inline:
             pl.launch_inline(sptr)
             return
-        pl.launch_global(int(self._mem.ptr), sptr)
+        with _cuda._cupy().cuda.Device(pl.device):
+            pl.launch_global(int(self._mem.ptr), _cuda._cupy_stream(sptr, pl.device))
 
 
 class PairPieces:
@@ -541,9 +540,9 @@ class PairPieces:
         if self._pl.nitems:
             st = _cuda._state(device, self._sptr)
             with st.lock, cupy.cuda.Device(device):
-                cstream = _cuda._cupy_stream(self._sptr, device)
-                self._mem = _cuda.alloc_on(cstream, self._pl.bytes.nbytes)
-                _cuda._upload(st, self._pl.bytes, int(self._mem.ptr), self._sptr, cstream,
+                self._cstream = _cuda._cupy_stream(self._sptr, device)
+                self._mem = _cuda.alloc_on(self._cstream, self._pl.bytes.nbytes)
+                _cuda._upload(st, self._pl.bytes, int(self._mem.ptr), self._sptr, self._cstream,
                               f"kv_copy_pairs records to cuda:{device}")
 
     def __len__(self) -> int:
@@ -557,7 +556,8 @@ class PairPieces:
         """
         if self._mem is None:
             return
-        self._pl.launch_global(int(self._mem.ptr), self._sptr, self._bounds[i])
+        with _cuda._cupy().cuda.Device(self._dev):
+            self._pl.launch_global(int(self._mem.ptr), self._cstream, self._bounds[i])
 
 
 def prepare_pairs(bp: BlockPairs, src: Any, dst: Any, *, buffer_side: int = BUF_NONE, device: int | None = None,
