@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import ctypes
 import json
-import statistics
+import os
 import sys
 import time
 
-import cupy as cp
 import numpy as np
 
-from kvxfer import KVLayout, plan_transfer
-from kvxfer.ops.pairs import prepare_pairs
+sys.path.insert(0, os.path.dirname(__file__))
+from _peer import cases, finish, gbps, peer_memcpy_gbps, timeit  # noqa: E402
 
-WL = {"llama8b": (32, 2048, 8, 512), "llama8b-tp8": (32, 8192, 1, 4096)}
+from kvxfer.ops.pairs import prepare_pairs  # noqa: E402
 
 
 class MemLocation(ctypes.Structure):
@@ -58,22 +57,6 @@ def batch(dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, flags: int, str
         raise RuntimeError(f"cuMemcpyBatchAsync returned CUresult {rc}")
 
 
-def timeit(fn, stream, n=10):
-    fn()
-    stream.synchronize()
-    dev, host = [], []
-    for _ in range(n):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record(stream)
-        t0 = time.perf_counter()
-        fn()
-        host.append(time.perf_counter() - t0)
-        b.record(stream)
-        b.synchronize()
-        dev.append(cp.cuda.get_elapsed_time(a, b) / 1e3)
-    return statistics.median(dev), statistics.median(host)
-
-
 def piece_lists(src, dst, s, d, half_bytes, blk):
     """(dsts, srcs, sizes) of every (layer, K/V, block) piece."""
     sb = np.array([t.data.ptr for t in src], dtype=np.uint64)[:, None, None]
@@ -88,49 +71,27 @@ def piece_lists(src, dst, s, d, half_bytes, blk):
 
 def main() -> None:
     res: dict = {"api": "cuMemcpyBatchAsync_v2" if _v2 is not None else ("cuMemcpyBatchAsync" if _v1 else None)}
-    for name, (L, NB, H, NSEL) in WL.items():
-        shape = (2, NB, 16, H, 128)
-        blk = 16 * H * 128 * 2
-        with cp.cuda.Device(0):
-            src = [cp.random.randint(0, 2**15, shape, dtype=cp.int16) for _ in range(L)]
-        with cp.cuda.Device(1):
-            try:
-                cp.cuda.runtime.deviceEnablePeerAccess(0)
-            except cp.cuda.runtime.CUDARuntimeError:
-                pass
-            dst = [cp.zeros(shape, dtype=cp.int16) for _ in range(L)]
-        cp.cuda.Device(1).use()
-        stream = cp.cuda.Stream(non_blocking=True)
-        rng = np.random.default_rng(0)
-        s, d = rng.choice(NB, NSEL, replace=False), rng.choice(NB, NSEL, replace=False)
-        nbytes = L * 2 * NSEL * blk
-        row: dict = {"pieces": L * 2 * NSEL, "piece_bytes": blk}
-        with cp.cuda.Device(0):
-            c0 = cp.empty(nbytes, dtype=cp.uint8)
-        c1 = cp.empty(nbytes, dtype=cp.uint8)
-        mem = nbytes / timeit(lambda: cp.cuda.runtime.memcpyPeerAsync(c1.data.ptr, 1, c0.data.ptr, 0, nbytes, stream.ptr), stream)[0] / 1e9
-        row["peer_memcpy_GBps"] = mem
-        ls, ld = KVLayout.from_tensors(src, block_dim=1), KVLayout.from_tensors(dst, block_dim=1)
-        plan = plan_transfer(ls.geometry, ld.geometry, s, d)
-        push_bp = plan_transfer(ld.geometry, ls.geometry, d, s).block_pairs
-        pull_k = prepare_pairs(plan.block_pairs, ls, ld, device=1)
-        push_k = prepare_pairs(push_bp, ld, ls, device=1)
-        row["kernel_pull_GBps"] = nbytes / timeit(lambda: pull_k.launch(stream.ptr), stream)[0] / 1e9
-        row["kernel_push_GBps"] = nbytes / timeit(lambda: push_k.launch(stream.ptr), stream)[0] / 1e9
-        half = NB * blk
-        pd, ps, sz = piece_lists(src, dst, s, d, half, blk)
-        qd, qs, _ = piece_lists(dst, src, d, s, half, blk)
+    for c in cases():
+        stream, nbytes, blk, s, d = c.stream, c.nbytes, c.block_bytes, c.s, c.d
+        row: dict = {"pieces": nbytes // blk, "piece_bytes": blk}
+        mem = row["peer_memcpy_GBps"] = peer_memcpy_gbps(c)
+        pull_k = prepare_pairs(c.plan.block_pairs, c.src_layout, c.dst_layout, device=1)
+        push_k = prepare_pairs(c.push_plan.block_pairs, c.dst_layout, c.src_layout, device=1)
+        row["kernel_pull_GBps"] = gbps(nbytes, lambda: pull_k.launch(stream.ptr), stream)
+        row["kernel_push_GBps"] = gbps(nbytes, lambda: push_k.launch(stream.ptr), stream)
+        half = c.src[0][0].nbytes  # K, then V, of each layer
+        pd, ps, sz = piece_lists(c.src, c.dst, s, d, half, blk)
+        qd, qs, _ = piece_lists(c.dst, c.src, d, s, half, blk)
         t0 = time.perf_counter()
-        piece_lists(src, dst, s, d, half, blk)
+        piece_lists(c.src, c.dst, s, d, half, blk)
         row["build_lists_ms"] = (time.perf_counter() - t0) * 1e3
         for flags in (0, 1):
             tag = f"batch_f{flags}"
             try:
-                for x in dst[:2]:
-                    x.fill(0)
+                c.clear()
                 batch(pd, ps, sz, flags, stream.ptr)
                 stream.synchronize()
-                row[f"{tag}_correct"] = all(bool((cp.asnumpy(b[:, d]) == cp.asnumpy(a[:, s])).all()) for a, b in zip(src[:2], dst[:2]))
+                row[f"{tag}_correct"] = c.pull_matches()
                 dv, hs = timeit(lambda: batch(pd, ps, sz, flags, stream.ptr), stream)
                 row[f"{tag}_pull_GBps"], row[f"{tag}_pull_host_ms"] = nbytes / dv / 1e9, hs * 1e3
                 dv, hs = timeit(lambda: batch(qd, qs, sz, flags, stream.ptr), stream)  # push: into GPU0
@@ -140,13 +101,9 @@ def main() -> None:
         for k, v in list(row.items()):
             if k.endswith("GBps") and k != "peer_memcpy_GBps":
                 row[k.replace("_GBps", "_ratio")] = round(v / mem, 3)
-        res[name] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}
-        print(name, json.dumps(res[name], indent=1), flush=True)
-        del src, dst, c0, c1
-        cp.get_default_memory_pool().free_all_blocks()
-    if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as f:
-            json.dump(res, f, indent=1)
+        res[c.name] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}
+        print(c.name, json.dumps(res[c.name], indent=1), flush=True)
+    finish(res)
 
 
 if __name__ == "__main__":
