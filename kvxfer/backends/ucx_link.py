@@ -394,8 +394,9 @@ class UcxLink(BackendLink):
         x.handle.set_done()
         if x.marks:
             x.marks("handle done")
-            log.debug("packed %s %d of %d B in %d pieces, ms after the handle was created: %s", x.req.op.value,
-                      x.req.xfer_id, x.plan.nbytes, len(x.chunks), x.marks)
+            log.debug("%s %s %d of %d B in %d pieces, ms after the handle was created: %s",
+                      "packed" if x.chunks else "direct", x.req.op.value, x.req.xfer_id, x.plan.nbytes,
+                      len(x.chunks), x.marks)
 
     def _fail(self, x: _Xfer, exc: KvxferError) -> None:
         self._release(x)
