@@ -64,7 +64,8 @@ def piece_addresses(c: PeerCase, push: bool) -> tuple[cp.ndarray, cp.ndarray, in
 def main() -> None:
     sms = cp.cuda.Device(1).attributes["MultiProcessorCount"]
     res: dict = {"sms": sms}
-    kernels = {ring: kernel(*ring) for ring in RINGS}
+    with cp.cuda.Device(1):  # the copies run on GPU1: the module is loaded in its context
+        kernels = {ring: kernel(*ring) for ring in RINGS}
     for c in cases():
         row: dict = {"peer_memcpy_GBps": peer_memcpy_gbps(c)}
         pull = prepare_pairs(c.plan.block_pairs, c.src_layout, c.dst_layout, device=1)
