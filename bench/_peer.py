@@ -55,8 +55,11 @@ class PeerCase:
                    for a, b in zip(self.src[:layers], self.dst[:layers]))
 
     def clear(self, layers: int = 2) -> None:
-        for x in self.dst[:layers]:
-            x.fill(0)
+        """Zero the first ``layers`` destination tensors, on the case's stream: the copies run
+        there, and it does not wait for CuPy's default stream."""
+        with self.stream:
+            for x in self.dst[:layers]:
+                x.fill(0)
 
 
 def cases() -> Iterator[PeerCase]:
