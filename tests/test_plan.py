@@ -2,6 +2,10 @@ import numpy as np
 import pytest
 
 from kvxfer import BlockIdError, KVLayout, LayoutMismatchError, plan_transfer
+from kvxfer.backends.base import TransferRequest, plan_for_initiator, plan_for_responder
+from kvxfer.handle import Op
+from kvxfer.metadata import PeerMetadata
+from kvxfer.plan import validate_block_ids
 from kvxfer._memory import host_bytes
 from kvxfer.ops import reference
 from kvpeers import KINDS, LayoutSpec, block_bytes
@@ -56,6 +60,52 @@ def test_bad_block_lists(src, dst, match):
     g = KVLayout.from_tensors([np.zeros((8, 4), np.uint8)]).geometry
     with pytest.raises(BlockIdError, match=match):
         plan_transfer(g, g, src, dst)
+
+
+@pytest.mark.parametrize("num_blocks", [4096, 10**9])  # a flag per block / a sort
+def test_duplicate_destinations_found_by_either_check(num_blocks):
+    ids = np.random.default_rng(3).choice(min(num_blocks, 10**6), 500, replace=False)
+    validate_block_ids(ids, num_blocks, "destination block ids", unique=True)  # distinct: accepted
+    dup = ids.copy()
+    dup[417] = dup[12]
+    with pytest.raises(BlockIdError, match=rf"duplicates: \[{dup[12]}\]"):
+        validate_block_ids(dup, num_blocks, "destination block ids", unique=True)
+
+
+def test_a_side_left_unchecked_is_only_counted():
+    g = KVLayout.from_tensors([np.zeros((2, 8, 4), np.uint8)], block_dim=1).geometry
+    # a responder checks its own ids only: the peer's may be anything of the right count
+    p = plan_transfer(g, g, [0, 1, 2], [99, -1, 99], check_dst=False)
+    assert p.nbytes == 3 * 2 * 4 and p.dst_blocks.tolist() == [99, -1, 99]
+    with pytest.raises(BlockIdError, match="source block ids out of range"):
+        plan_transfer(g, g, [0, 1, 8], [99, -1, 99], check_dst=False)
+    with pytest.raises(BlockIdError, match="destination block ids out of range"):
+        plan_transfer(g, g, [0, 99, 2], [1, 1, 9], check_src=False)
+    with pytest.raises(BlockIdError, match="equal length"):
+        plan_transfer(g, g, [0, 1], [5], check_dst=False)
+
+
+def test_responder_checks_its_own_ids_and_leaves_the_peers_to_the_peer():
+    t = np.zeros((2, 8, 4), np.uint8)
+    layout = KVLayout.from_tensors([t], block_dim=1)
+    peer = PeerMetadata("peer", "s", "boot", 1, layout.geometry, 0, {})
+
+    def req(op, src, dst):
+        return TransferRequest(1, op, np.array(src), np.array(dst), None, None)
+
+    # a read: we are the source (duplicates allowed, range checked); the peer's ids are not ours
+    assert plan_for_responder(layout, peer, req(Op.READ, [1, 1, 7], [9, 9, -4])).nbytes == 3 * 8
+    with pytest.raises(BlockIdError, match="source block ids out of range"):
+        plan_for_responder(layout, peer, req(Op.READ, [1, 8], [0, 1]))
+    # a write: we are the destination, each of our blocks written once
+    assert plan_for_responder(layout, peer, req(Op.WRITE, [50, 50], [2, 3])).nbytes == 2 * 8
+    with pytest.raises(BlockIdError, match="duplicates"):
+        plan_for_responder(layout, peer, req(Op.WRITE, [0, 1], [2, 2]))
+    with pytest.raises(BlockIdError, match="destination block ids out of range"):
+        plan_for_responder(layout, peer, req(Op.WRITE, [0, 1], [2, 8]))
+    # the initiator checks both sides
+    with pytest.raises(BlockIdError, match="destination block ids out of range"):
+        plan_for_initiator(layout, peer, req(Op.READ, [1, 2], [9, 0]))
 
 
 def test_mismatched_layouts_refused():

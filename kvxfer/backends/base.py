@@ -96,11 +96,16 @@ def _plan(layout: KVLayout, peer: PeerMetadata, req: TransferRequest, *, initiat
     assert dst is not None and src is not None
     if req.reshard is not None:
         return req.reshard.plan(src, dst, req.src_blocks, req.dst_blocks, req.layers)
-    return plan_transfer(src, dst, req.src_blocks, req.dst_blocks, req.layers)
+    return plan_transfer(src, dst, req.src_blocks, req.dst_blocks, req.layers,
+                         check_src=initiator or local_is_src, check_dst=initiator or not local_is_src)
 
 
 def plan_for_responder(layout: KVLayout | None, peer: PeerMetadata, req: TransferRequest) -> TransferPlan:
-    """Plan a transfer a peer started, validating every id against our own layout first."""
+    """Plan a transfer a peer started, validating every one of our ids against our own layout.
+
+    The peer's own ids are not range-checked here: it checked them before asking, and our side
+    never addresses its memory by them (they only shape the stream's runs, which the peer
+    computes alike). A peer lying about them can only garble its own copy."""
     if layout is None:
         raise LayoutError("no KV layout is registered on this connector")
     if peer.geometry is None:

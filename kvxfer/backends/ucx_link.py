@@ -421,6 +421,8 @@ class UcxLink(BackendLink):
         req, xid, notify, addr, key, nbytes = p.req, p.req.xfer_id, p.req.notify, p.address, p.rkey, p.nbytes
         try:
             plan = plan_for_responder(self.backend.layout, self.peer, req)
+            if marks:
+                marks("planned")
             if plan.nbytes != nbytes:
                 raise BlockIdError(f"request says {nbytes} B but its blocks hold {plan.nbytes} B")
         except (BlockIdError, LayoutError) as exc:

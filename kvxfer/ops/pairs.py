@@ -181,7 +181,12 @@ def _records(bp: BlockPairs, src_bases: Any, dst_bases: Any, buffer_side: int,
     if tmpl.any_coal:  # coalesced runs, split to bounded items
         per_item = tmpl.per_item
         lens = bp.run_lengths
-        if lens.size == s.size or int(lens.max()) <= per_item:  # no run needs splitting
+        if lens.size == s.size:  # every run is one block (random ids): the runs are the id lists
+            ones = np.ones(s.size, dtype=np.int64)
+            coal_runs = np.concatenate((s, d, ones, np.arange(s.size, dtype=np.int64), ones,
+                                        np.zeros(s.size, dtype=np.int64)))
+            n_coal = int(s.size)
+        elif int(lens.max()) <= per_item:  # no run needs splitting
             pre = np.cumsum(lens) - lens
             starts = bp.run_starts
             coal_runs = np.concatenate((s[starts], d[starts], lens, pre, lens, np.zeros(lens.size, dtype=np.int64)))
