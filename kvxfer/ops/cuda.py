@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -398,11 +398,15 @@ def _staging(st: _StreamState, n: int) -> _Slot:
     return _staging(st, n)
 
 
-def _upload(st: _StreamState, data: np.ndarray, dst: int, sptr: int, cstream: Any, what: str) -> None:
+def _upload(st: _StreamState, data: np.ndarray, dst: int, sptr: int, cstream: Any, what: str,
+            started: Callable[[], None] | None = None) -> None:
     """Stage ``data`` in pinned memory and copy it to device address ``dst`` in stream order
-    (the caller holds ``st.lock``); the slot stays busy until the copy has run."""
+    (the caller holds ``st.lock``); the slot stays busy until the copy has run. ``started``
+    runs once the host has staged the bytes, just before the copy is queued."""
     slot = _staging(st, data.nbytes)
     slot.view[: data.nbytes] = data
+    if started is not None:
+        started()
     cupy = _cupy()
     try:
         cupy.cuda.runtime.memcpyAsync(dst, slot.view.ctypes.data, data.nbytes, _H2D, sptr)
