@@ -104,18 +104,25 @@ class BlockPairs:
 RAMP = 4  # growth between consecutive ramp pieces (chunk_bounds): gather/scatter outpace the wire
 
 
-def _piece_cuts(n: int, target: int, edge: int) -> tuple[list[int], int]:
-    """Wanted stream offsets of piece ends (the last one is ``n``): ``target``-sized pieces,
-    with ``edge``-sized ramps at both ends when the transfer holds them (see chunk_bounds);
-    and how many of the last cuts belong to the closing ramp."""
-    head: list[int] = []
-    size = edge
+def _ramp(first: int, target: int) -> list[int]:
+    """Piece sizes from ``first`` growing by :data:`RAMP` while under ``target`` (none for 0)."""
+    sizes: list[int] = []
+    size = first
     while 0 < size < target:
-        head.append(size)
+        sizes.append(size)
         size *= RAMP
-    if not head or 2 * sum(head) + target > n:  # too small for a ramp: plain pieces
-        head = []
-    mid_lo, mid_hi = sum(head), n - sum(head)
+    return sizes
+
+
+def _piece_cuts(n: int, target: int, edge: int, first: int = 0) -> tuple[list[int], int]:
+    """Wanted stream offsets of piece ends (the last one is ``n``): ``target``-sized pieces,
+    with ramps at both ends when the transfer holds them (see chunk_bounds): the opening one
+    from ``first`` (``edge`` when 0), the closing one down to ``edge``; and how many of the
+    last cuts belong to the closing ramp."""
+    head, tail = _ramp(first or edge, target), _ramp(edge, target)
+    if not tail or sum(head) + sum(tail) + target > n:  # too small for a ramp: plain pieces
+        head = tail = []
+    mid_lo, mid_hi = sum(head), n - sum(tail)
     k = max(1, math.ceil((mid_hi - mid_lo) / target - 0.01))  # "about target": 1% over is one piece
     cuts, pos = [], 0
     for h in head:
@@ -123,10 +130,10 @@ def _piece_cuts(n: int, target: int, edge: int) -> tuple[list[int], int]:
         cuts.append(pos)
     cuts += [mid_lo + (mid_hi - mid_lo) * i // k for i in range(1, k + 1)]
     pos = mid_hi
-    for h in reversed(head):
+    for h in reversed(tail):
         pos += h
         cuts.append(pos)
-    return cuts, len(head) + 1 if head else 0  # the closing ramp starts at mid_hi
+    return cuts, len(tail) + 1 if tail else 0  # the closing ramp starts at mid_hi
 
 
 class TransferPlan:
@@ -181,7 +188,7 @@ class TransferPlan:
         j = self.jobs
         return int(j["src_count"].sum()) if j.size else 0
 
-    def chunk_bounds(self, target: int, edge: int = 0) -> list[tuple[int, int, int, int]]:
+    def chunk_bounds(self, target: int, edge: int = 0, first: int = 0) -> list[tuple[int, int, int, int]]:
         """The stream cut into consecutive pieces of about ``target`` bytes, for pipelining:
         ``(first pair, end pair, first stream byte, end byte)`` of each. A piece is a run of
         whole (tensor, segment) pairs of :attr:`block_pairs`, so it is a plan of its own whose
@@ -192,6 +199,8 @@ class TransferPlan:
         one up to :data:`RAMP` times the one before, until ``target``; the last pieces mirror
         that. In a gather -> move -> scatter pipeline the wire then starts after a short gather
         and the last scatter is short too (the copies run several times faster than the wire).
+        ``first`` > 0 starts the opening ramp there instead (the first piece must stay on the
+        wire while the host prepares the next; the closing ramp still ends at ``edge``).
         No ramp when the transfer is too small for one.
         """
         n = self.nbytes
@@ -200,8 +209,8 @@ class TransferPlan:
             return [(0, 0 if bp is None else int(bp.pairs.size), 0, n)]
         # the cuts depend on the pairs and the block count only: both sides of every transfer of
         # that many blocks between two layouts cut alike, so they are worked out once
-        return list(_BOUNDS.get((bp.pairs,), (int(bp.src_blocks.size), target, edge),
-                                lambda: _chunk_bounds(bp.pairs, int(bp.src_blocks.size), target, edge)))
+        return list(_BOUNDS.get((bp.pairs,), (int(bp.src_blocks.size), target, edge, first),
+                                lambda: _chunk_bounds(bp.pairs, int(bp.src_blocks.size), target, edge, first)))
 
     def piece(self, first: int, end: int) -> TransferPlan:
         """The plan of pairs ``[first, end)`` (a piece from :meth:`chunk_bounds`)."""
@@ -234,10 +243,11 @@ class TransferPlan:
 _BOUNDS: IdentityMemo[tuple[tuple[int, int, int, int], ...]] = IdentityMemo()
 
 
-def _chunk_bounds(pairs: np.ndarray, nblocks: int, target: int, edge: int) -> tuple[tuple[int, int, int, int], ...]:
+def _chunk_bounds(pairs: np.ndarray, nblocks: int, target: int, edge: int,
+                  first: int = 0) -> tuple[tuple[int, int, int, int], ...]:
     """:meth:`TransferPlan.chunk_bounds` of ``nblocks`` blocks through ``pairs``."""
     ends = np.cumsum(pairs["src_run"] * pairs["src_count"] * nblocks)
-    cuts, tail = _piece_cuts(int(ends[-1]), target, edge)
+    cuts, tail = _piece_cuts(int(ends[-1]), target, edge, first)
     # a wanted cut moves to the first pair end at or after it; in the closing ramp, to the
     # last pair end at or before it (so the last pieces stay small, as the first ones)
     up = np.searchsorted(ends, cuts, side="left")

@@ -188,6 +188,13 @@ def test_ramped_pieces_start_and_end_small_and_still_cut_at_pair_boundaries():
     # without an edge, or too small a transfer for a ramp: plain pieces
     assert all(hi - lo <= target for *_, lo, hi in plan.chunk_bounds(target)) and len(plan.chunk_bounds(target)) == -(-npairs // 16)
     assert plan.chunk_bounds(npairs // 2 * pair, edge) == plan.chunk_bounds(npairs // 2 * pair)
+    # a larger first piece: the opening ramp starts there, the closing one still ends at the edge
+    opened = plan.chunk_bounds(target, edge, RAMP * pair)
+    sizes = [hi - lo for _, _, lo, hi in opened]
+    assert sizes[0] == RAMP * pair and sizes[1] > RAMP * pair and sizes[-2:] == [RAMP * pair, pair]
+    assert sum(sizes) == plan.nbytes and all(a[1] == b[0] and a[3] == b[2] for a, b in zip(opened, opened[1:]))
+    for p0, p1, lo, hi in opened:
+        assert np.array_equal(reference.gather(plan.piece(p0, p1), views), full[lo:hi])
 
 
 def test_identity_memo_derives_once_per_object_and_never_confuses_equal_ones():

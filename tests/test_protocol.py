@@ -83,3 +83,16 @@ def test_ucx_piece_size_aims_at_four_pieces_within_bounds():
     assert piece_bytes(cfg, 4 << 30) == cfg.chunk_bytes  # capped
     assert piece_bytes(cfg, 8 << 20) == MIN_PIECE  # small transfers: one piece
     assert piece_bytes(ucx_config(chunk_bytes=4096), 1 << 30) == 4096
+
+
+def test_ucx_first_piece_outlasts_the_host_work_and_the_last_stays_small():
+    from kvxfer.backends.ucx_config import FIRST_PIECE, MIN_PIECE, piece_bytes, piece_edge, piece_first, ucx_config
+    from kvxfer.plan import _piece_cuts
+
+    cfg = ucx_config()
+    n = 1 << 30
+    cuts, _ = _piece_cuts(n, piece_bytes(cfg, n), piece_edge(cfg, n), piece_first(cfg, n))
+    sizes = np.diff([0, *cuts]).tolist()
+    assert sizes[0] == FIRST_PIECE and sizes[-1] == MIN_PIECE and sum(sizes) == n
+    assert piece_first(cfg, 8 << 20) == 0  # one piece, no ramp
+    assert piece_first(cfg, 256 << 20) == MIN_PIECE  # never above a quarter of the middle pieces

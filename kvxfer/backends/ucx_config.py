@@ -13,8 +13,10 @@ from enum import Enum
 
 from ..config import from_env
 from ..errors import ConfigError
+from ..plan import RAMP
 
-__all__ = ["ErrorHandling", "Progress", "TransferMode", "UcxConfig", "piece_bytes", "piece_edge", "ucx_config"]
+__all__ = ["ErrorHandling", "Progress", "TransferMode", "UcxConfig", "piece_bytes", "piece_edge", "piece_first",
+           "ucx_config"]
 
 
 class ErrorHandling(Enum):
@@ -86,7 +88,10 @@ class UcxConfig:
             raise ConfigError("ucx liveness_interval and close_timeout must be positive seconds")
 
 
-MIN_PIECE = 16 << 20  # below this a piece's RMA is too short to hide the next piece's host work
+MIN_PIECE = 16 << 20  # the smallest ramp piece: the last one, whose scatter ends the transfer
+FIRST_PIECE = 64 << 20  # the first piece: its RMA (0.17 ms at 390 GB/s) must outlast the host's
+# work for the next piece, 0.15-0.25 ms in place on 2x H200 (wait, put, flush, next gather);
+# a 16 MiB first piece left the wire idle for ~0.1 ms (bench/results/ucx_gpu_h200_2026-11-27_*)
 
 
 def piece_edge(config: UcxConfig, nbytes: int) -> int:
@@ -94,6 +99,13 @@ def piece_edge(config: UcxConfig, nbytes: int) -> int:
     :meth:`~kvxfer.plan.TransferPlan.chunk_bounds`): :data:`MIN_PIECE`, so that the wire starts
     after a short gather and the last scatter is short, once a transfer spans several pieces."""
     return MIN_PIECE if nbytes >= 4 * piece_bytes(config, nbytes) > MIN_PIECE else 0
+
+
+def piece_first(config: UcxConfig, nbytes: int) -> int:
+    """The first piece's size when the transfer ramps (:func:`piece_edge` > 0): :data:`FIRST_PIECE`,
+    or the edge itself when that is already as large."""
+    edge = piece_edge(config, nbytes)
+    return max(edge, min(FIRST_PIECE, piece_bytes(config, nbytes) // RAMP)) if edge else 0
 
 
 def piece_bytes(config: UcxConfig, nbytes: int) -> int:

@@ -65,7 +65,7 @@ from ..plan import TransferPlan
 from . import _ucp
 from . import ucx_protocol as proto
 from .base import BackendLink, TransferRequest, plan_for_responder, remote_error
-from .ucx_config import piece_bytes, piece_edge
+from .ucx_config import piece_bytes, piece_edge, piece_first
 from .ucx_protocol import Msg
 from .ucx_staging import Staging
 
@@ -82,7 +82,8 @@ _STAGING_RKEYS = 8  # unpacked staging keys kept per link
 def _pieces_of(config: Any, plan: TransferPlan) -> list[tuple[int, int, int, int]]:
     """How a packed transfer is pipelined: both sides cut it the same way (ramped pieces of
     about ``piece_bytes``; see ucx_config)."""
-    return plan.chunk_bounds(piece_bytes(config, plan.nbytes), piece_edge(config, plan.nbytes))
+    n = plan.nbytes
+    return plan.chunk_bounds(piece_bytes(config, n), piece_edge(config, n), piece_first(config, n))
 
 
 class _Marks:
