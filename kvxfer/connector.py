@@ -296,10 +296,20 @@ class Connector:
             notify=None if notify is None else bytes(notify),
             reshard=reshard,
         )
-        plan = plan_for_initiator(self._layout, peer.metadata, req)
+        backend = self._backends[peer.backend]
+        early = backend.start_early(peer.link, req)  # the peer may start while we plan
+        try:
+            plan = plan_for_initiator(self._layout, peer.metadata, req)
+        except BaseException:
+            if early is not None:
+                backend.abandon_early(early)
+            raise
         handle = TransferHandle(op, peer.name, plan.nbytes, peer.backend, req.dst_blocks)
         self._watchdog.add(handle, timeout if timeout is not None else self.config.timeout)
-        self._backends[peer.backend].submit(peer.link, req, plan, handle)
+        if early is not None:
+            backend.submit_early(early, plan, handle)
+        else:
+            backend.submit(peer.link, req, plan, handle)
         return handle
 
     def write(self, peer: Peer, src_blocks: Sequence[int] | np.ndarray, dst_blocks: Sequence[int] | np.ndarray, *,

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._memo import IdentityMemo
-from .errors import BlockIdError
+from .errors import BlockIdError, KvxferError
 from .layout import LayoutGeometry
 
-__all__ = ["JOB_DTYPE", "BlockPairs", "TransferPlan", "as_block_ids", "plan_transfer", "validate_block_ids"]
+__all__ = ["JOB_DTYPE", "BlockPairs", "TransferPlan", "as_block_ids", "plan_transfer", "transfer_shape",
+           "validate_block_ids"]
 
 JOB_DTYPE = np.dtype(
     [
@@ -376,6 +377,31 @@ def _pairs_for(src: LayoutGeometry, dst: LayoutGeometry, layers: tuple[int, ...]
         return pairs, _bytes_per_block(pairs)
 
     return _PAIRS_BY_ID.get((src, dst), layers, make)
+
+
+def transfer_shape(src: LayoutGeometry, dst: LayoutGeometry, src_blocks: np.ndarray, dst_blocks: np.ndarray,
+                   layers: np.ndarray | None = None) -> tuple[int, int] | None:
+    """(bytes, contiguous source runs) of the plan :func:`plan_transfer` would make of these
+    int64 id arrays, without validating the ids and without building the plan: what a backend
+    needs to decide how a transfer moves before it is planned. None when the lists or layers
+    are not plannable as given (planning them then raises the error)."""
+    if src_blocks.size != dst_blocks.size:
+        return None
+    if layers is not None:
+        layers = np.asarray(layers, dtype=np.int64)
+        if layers.size and (layers.min() < 0 or layers.max() >= len(src.tensors) or np.unique(layers).size != layers.size):
+            return None
+    try:
+        pairs, block_nbytes = _pairs_for(src, dst, None if layers is None else tuple(layers.tolist()))
+    except KvxferError:
+        return None
+    n = int(src_blocks.size)
+    if n == 0 or pairs.size == 0:
+        return 0, 0
+    s, d = src_blocks, dst_blocks
+    runs = 1 + (int(np.count_nonzero((s[1:] - s[:-1] - 1) | (d[1:] - d[:-1] - 1))) if n > 1 else 0)
+    per_pair = np.where(pairs["coal"], runs, n)  # as BlockPairs.nruns counts them
+    return n * block_nbytes, int((pairs["src_count"] * per_pair).sum())
 
 
 def plan_transfer(

@@ -115,28 +115,71 @@ def test_64mib_every_byte(mode, ucx_tls, monkeypatch, local_factory):
         peer.close()
 
 
-def test_a_landing_that_overtakes_our_preparation_still_scatters_every_byte(monkeypatch, local_factory):
-    # the request leaves from the caller's thread and our side is prepared on the work thread
-    # just after: with that queued preparation never run, the landings must prepare the scatter
+def test_a_landing_that_overtakes_our_plan_still_scatters_every_byte(monkeypatch, local_factory):
+    # a read's request leaves before we plan; our plan reaches the work thread after it. Held
+    # back until every piece has landed, the plan must still scatter every byte on arrival.
     from kvxfer.backends.ucx import UcxBackend
 
     _set_mode(monkeypatch, "packed-pieces")
     monkeypatch.setenv("UCX_TLS", "tcp")
     defer = UcxBackend.defer
+    landed: list[int] = []
+    landed_when_planned: list[int] = []
 
-    def defer_all_but_preparation(self, fn, *args):
-        if getattr(fn, "__name__", "") != "_prepare_packed":
+    def late(self, fn, args):
+        landed_when_planned.append(landed[-1] if landed else 0)
+        defer(self, fn, *args)
+
+    def defer_plan_late(self, fn, *args):
+        if getattr(fn, "__name__", "") == "_attached":
+            threading.Timer(1.0, late, (self, fn, args)).start()
+        else:
             defer(self, fn, *args)
 
-    monkeypatch.setattr(UcxBackend, "defer", defer_all_but_preparation)
+    monkeypatch.setattr(UcxBackend, "defer", defer_plan_late)
     spec = LayoutSpec("kv_first", 64, layers=2, block_size=16, heads=2, head_dim=32)
     peer = PeerProcess("remote", spec, seed=4, backend="ucx")
     try:
         local, tensors, bd = local_factory("local", spec, 8)
         p = local.connect(peer.metadata)
         src, dst = np.arange(40, 10, -1), np.arange(2, 32)
+        link = p.link
+        on_landed = link._on_landed
+        monkeypatch.setattr(link, "_on_landed", lambda xid, upto: (landed.append(upto), on_landed(xid, upto)))
         local.read(p, src, dst).wait(30)
+        total = sum(map(len, block_bytes(tensors, bd, dst)))
+        assert len(landed) > 1 and landed_when_planned == [total]  # in pieces, all before the plan
         assert block_bytes(tensors, bd, dst) == peer.call("blocks", src, None)
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("bad", ["duplicate destinations", "source out of range"])
+def test_a_read_started_early_whose_plan_fails_touches_nothing(bad, ucx_tls, monkeypatch, local_factory):
+    # the request is out before our plan refuses the ids: read() raises, our blocks stay as they
+    # were, the staging buffer comes back once the peer is done, and the link keeps working
+    _set_mode(monkeypatch, "packed-pieces")
+    spec = LayoutSpec("kv_first", 64, layers=2, block_size=16, heads=2, head_dim=32)
+    peer = PeerProcess("remote", spec, seed=6, backend="ucx")
+    try:
+        local, tensors, bd = local_factory("local", spec, 9)
+        p = local.connect(peer.metadata)
+        link = p.link
+        before = block_bytes(tensors, bd, list(range(64)))
+        if bad == "duplicate destinations":
+            src, dst, match = np.arange(10, 40), np.r_[np.arange(0, 29), 3], "duplicates"
+        else:
+            src, dst, match = np.r_[np.arange(10, 39), 64], np.arange(0, 30), "source block ids out of range"
+        with pytest.raises(BlockIdError, match=match):
+            local.read(p, src, dst)
+        deadline = time.monotonic() + 10
+        while link._mine and time.monotonic() < deadline:  # the abandoned read drains
+            time.sleep(0.01)
+        assert not link._mine
+        assert block_bytes(tensors, bd, list(range(64))) == before
+        good_src, good_dst = np.arange(20, 50), np.arange(30, 60)
+        local.read(p, good_src, good_dst).wait(30)
+        assert block_bytes(tensors, bd, good_dst) == peer.call("blocks", good_src, None)
     finally:
         peer.close()
 
@@ -407,8 +450,10 @@ def test_progress_messages_that_do_not_fit_the_transfer_are_protocol_errors():
     from kvxfer.handle import Op
 
     plan = SimpleNamespace(nbytes=1 << 20)
-    read = SimpleNamespace(req=SimpleNamespace(op=Op.READ, xfer_id=1), plan=plan, finished=False, landed=4096)
-    write = SimpleNamespace(req=SimpleNamespace(op=Op.WRITE, xfer_id=2), plan=plan, finished=False, landed=0)
+    read = SimpleNamespace(req=SimpleNamespace(op=Op.READ, xfer_id=1), plan=plan, nbytes=plan.nbytes, finished=False,
+                           landed=4096)
+    write = SimpleNamespace(req=SimpleNamespace(op=Op.WRITE, xfer_id=2), plan=plan, nbytes=plan.nbytes, finished=False,
+                            landed=0)
     link = _progress_stub(mine={1: read, 2: write})
     UcxLink._on_landed(link, 99, 10)  # unknown transfer (finished meanwhile): ignored
     for upto in (4096, 100, (1 << 20) + 1):  # not past what landed, going back, beyond the transfer

@@ -166,6 +166,22 @@ class Backend(ABC):
     def submit(self, link: BackendLink, req: TransferRequest, plan: TransferPlan, handle: TransferHandle) -> None:
         """Start moving ``plan``'s bytes; complete or fail ``handle`` later, from any thread."""
 
+    def start_early(self, link: BackendLink, req: TransferRequest) -> Any:
+        """Optionally start ``req`` before the caller has planned (validated) it, where the
+        peer can begin meanwhile. Returns a token for :meth:`submit_early` (plan made) or
+        :meth:`abandon_early` (planning failed), or None: not started, use :meth:`submit`.
+        A backend that starts early must touch none of the caller's memory before
+        :meth:`submit_early`."""
+        return None
+
+    def submit_early(self, early: Any, plan: TransferPlan, handle: TransferHandle) -> None:
+        """Go on with a transfer :meth:`start_early` started, now planned."""
+        raise NotImplementedError
+
+    def abandon_early(self, early: Any) -> None:
+        """Drop a transfer :meth:`start_early` started whose planning failed."""
+        raise NotImplementedError
+
     def on_layout_registered(self, layout: KVLayout) -> None:
         """Called once the connector's layout is known (register memory, export handles)."""
 

@@ -22,7 +22,10 @@ per link.
 - PACKED (many small ranges): the initiator sends REQ naming the blocks, its registered
   staging buffer (address, rkey; see :mod:`kvxfer.backends.ucx_staging`) and the byte count,
   straight from the caller's thread (the peer starts while our side is prepared);
-  the responder validates every id against its own layout. The responder moves the bytes
+  the responder validates every id against its own layout. A read's REQ leaves before the
+  caller has even planned it (:meth:`UcxLink.start_packed_early`): its plan follows with
+  :meth:`UcxLink.attach`, and if the plan fails the transfer is abandoned (nothing of ours is
+  touched; the staging buffer is kept until the responder has put its last byte or refused). The responder moves the bytes
   with RMA between the two staging buffers, in about four pieces (``piece_bytes``; runs of whole
   (tensor, segment) pairs, :meth:`~kvxfer.plan.TransferPlan.chunk_bounds`), so that packing, the
   wire and unpacking overlap:
@@ -114,13 +117,18 @@ def lost_error(status: int, peer: str) -> PeerLostError:
 
 @dataclass(eq=False)
 class _Xfer:
-    """A transfer this side initiated, until its handle finishes."""
+    """A transfer this side initiated, until its handle finishes. A read started early
+    (:meth:`UcxLink.start_packed_early`) has no plan and no handle until :meth:`UcxLink.attach`;
+    an abandoned one (its plan failed) only waits for the peer to be done with our buffer."""
 
     req: TransferRequest
-    plan: TransferPlan
-    handle: TransferHandle
+    plan: TransferPlan | None
+    handle: TransferHandle | None
+    nbytes: int = 0
     staging: Staging | None = None
     finished: bool = False
+    abandoned: bool = False
+    error: KvxferError | None = None  # why it ended before it had a handle
     chunks: list = field(default_factory=list)  # packed: chunk_bounds (first pair, end pair, first byte, end)
     landed: int = 0  # packed read: staged bytes the responder has put into our buffer
     scattered: int = 0  # packed read: pieces whose scatter is queued
@@ -219,7 +227,7 @@ class UcxLink(BackendLink):
 
     # -- initiator --------------------------------------------------------------------------
     def _new_xfer(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle, ready: Any) -> _Xfer:
-        x = _Xfer(req, plan, handle, ready=ready, marks=_Marks.start(handle.created))
+        x = _Xfer(req, plan, handle, plan.nbytes, ready=ready, marks=_Marks.start(handle.created))
         handle.add_done_callback(lambda h: self._on_handle_done(x, h))
         return x
 
@@ -300,16 +308,71 @@ class UcxLink(BackendLink):
         except Exception as exc:  # this is the caller's thread: the handle reports it, as from the work thread
             self._fail(x, exc if isinstance(exc, KvxferError) else TransportError(f"packed transfer setup failed: {exc!r}"))
             return
+        prepare = self._advance if req.op is Op.READ else self._prepare_packed
         with self._lock:
             closed = self._closed
             if not closed:
                 self._mine[req.xfer_id] = x
                 self._post_message(Msg.REQ, data)
-                self.backend.defer(self._prepare_packed, x)  # after the post: no wake-up to race it
+                self.backend.defer(prepare, x)  # after the post: no wake-up to race it
         if closed:
             self._fail(x, PeerLostError(f"link to {self.peer.name!r} is closed"))
         elif x.marks:
             x.marks("REQ sent")
+
+    def start_packed_early(self, req: TransferRequest, nbytes: int, ready: Any) -> _Xfer | None:
+        """Caller's thread: send a packed read's request before the caller's plan exists (see
+        :meth:`UcxBackend.start_early`); the plan and handle follow with :meth:`attach`, or
+        :meth:`abandon` when the plan fails. Nothing of ours is touched before :meth:`attach`:
+        the peer only writes our staging buffer. None when the request could not go out (the
+        transfer then takes the usual path, which reports any real error)."""
+        x = _Xfer(req, None, None, nbytes, ready=ready, marks=_Marks.start(time.perf_counter()))
+        pool = self.backend.staging()
+        try:
+            x.staging = pool.get(nbytes)
+            data = proto.encode_message(Msg.REQ, self.backend.session,
+                                        proto.request_body(req, x.staging.address, x.staging.rkey, nbytes))
+        except Exception as exc:
+            log.debug("not starting transfer %d early: %r", req.xfer_id, exc)
+            if x.staging is not None:
+                pool.put(x.staging)
+            return None
+        with self._lock:
+            if self._closed:
+                pool.put(x.staging)
+                return None
+            self._mine[req.xfer_id] = x
+            self._post_message(Msg.REQ, data)
+        if x.marks:
+            x.marks("REQ sent")
+        return x
+
+    def attach(self, x: _Xfer, plan: TransferPlan, handle: TransferHandle) -> None:
+        """Caller's thread: the plan and handle of a read started early; the rest happens on
+        the work thread (:meth:`_attached`), where every answer of the peer is handled."""
+        handle.add_done_callback(lambda h: self._on_handle_done(x, h))
+        self.backend.defer(self._attached, x, plan, handle)
+
+    def _attached(self, x: _Xfer, plan: TransferPlan, handle: TransferHandle) -> None:
+        if x.finished:  # refused, or the link closed, before the plan was ready
+            handle.set_failed(x.error or PeerLostError(f"link to {self.peer.name!r} is closed"))
+            return
+        if plan.nbytes != x.nbytes:  # the same formula on both paths: a bug, never the peer's doing
+            self.abandon(x)
+            handle.set_failed(TransportError(f"transfer {x.req.xfer_id}: planned {plan.nbytes} B, requested {x.nbytes} B"))
+            return
+        x.plan, x.handle = plan, handle
+        self._advance(x)
+
+    def abandon(self, x: _Xfer) -> None:
+        """The caller's plan of a read started early failed: scatter nothing; give the staging
+        buffer back once the peer has put every byte in it (or refused, or the link closed)."""
+        self.backend.defer(self._abandoned, x)
+
+    def _abandoned(self, x: _Xfer) -> None:
+        x.abandoned = True
+        if not x.finished and x.landed == x.nbytes:
+            self._release(x)
 
     def _prepare_packed(self, x: _Xfer) -> None:
         """Work thread: our side of a packed transfer whose request is out (see start_packed),
@@ -343,21 +406,31 @@ class UcxLink(BackendLink):
             x = self._mine.get(xid)
         if x is None or x.finished:
             return
-        if x.req.op is not Op.READ or not x.landed < upto <= x.plan.nbytes:
-            raise RemoteProtocolError(f"LANDED {upto} B for transfer {xid} (had {x.landed} of {x.plan.nbytes} B)")
+        if x.req.op is not Op.READ or not x.landed < upto <= x.nbytes:
+            raise RemoteProtocolError(f"LANDED {upto} B for transfer {xid} (had {x.landed} of {x.nbytes} B)")
         x.landed = upto
         if x.marks:
             x.marks("LANDED")
-        if x.pieces is None:  # ahead of _prepare_packed, queued just after the request was posted
+        if x.abandoned:
+            if upto == x.nbytes:  # the peer is done with our buffer
+                self._release(x)
+            return
+        self._advance(x)
+
+    def _advance(self, x: _Xfer) -> None:
+        """Work thread, packed read: prepare our scatter (once), queue the scatter of every
+        piece wholly landed, and finish once all has. Idempotent; waits for the plan of a read
+        started early (landings may overtake it: :meth:`_attached` calls this again)."""
+        if x.finished or x.plan is None:
+            return
+        if x.pieces is None:
             self._prepare_packed(x)
             if x.finished:
                 return
-        packer = self.backend.packer()
-        assert x.staging is not None
-        _scatter_landed(x, upto)
-        if upto < x.plan.nbytes:
+        _scatter_landed(x, x.landed)
+        if x.landed < x.nbytes:
             return
-        packer.wait(x.token)
+        self.backend.packer().wait(x.token)
         if x.marks:
             x.marks("scattered")
         if x.req.notify is not None:
@@ -392,16 +465,20 @@ class UcxLink(BackendLink):
 
     def _complete(self, x: _Xfer) -> None:
         self._release(x)
+        assert x.handle is not None
         x.handle.set_done()
         if x.marks:
             x.marks("handle done")
-            log.debug("%s %s %d of %d B in %d pieces, ms after the handle was created: %s",
-                      "packed" if x.chunks else "direct", x.req.op.value, x.req.xfer_id, x.plan.nbytes,
+            log.debug("%s %s %d of %d B in %d pieces, ms after it began: %s",
+                      "packed" if x.chunks else "direct", x.req.op.value, x.req.xfer_id, x.nbytes,
                       len(x.chunks), x.marks)
 
     def _fail(self, x: _Xfer, exc: KvxferError) -> None:
         self._release(x)
-        x.handle.set_failed(exc)
+        if x.handle is None:  # started early, not attached yet: _attached reports it
+            x.error = exc
+        else:
+            x.handle.set_failed(exc)
 
     def _on_handle_done(self, x: _Xfer, h: TransferHandle) -> None:
         if isinstance(h.exception(), TransferTimeoutError) and not x.finished:
@@ -597,7 +674,10 @@ class UcxLink(BackendLink):
         self.ready.set()
         for x in mine:
             x.finished = True
-            x.handle.set_failed(err)
+            if x.handle is None:  # started early, not attached yet: _attached reports it
+                x.error = err
+            else:
+                x.handle.set_failed(err)
         self.backend.forget(self)
         self.backend.local.link_lost(self, err)
         for rkey in self._staging_rkeys.values():
