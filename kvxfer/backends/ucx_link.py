@@ -22,10 +22,11 @@ per link.
 - PACKED (many small ranges): the initiator sends REQ naming the blocks, its registered
   staging buffer (address, rkey; see :mod:`kvxfer.backends.ucx_staging`) and the byte count,
   straight from the caller's thread (the peer starts while our side is prepared);
-  the responder validates every id against its own layout. A read's REQ leaves before the
-  caller has even planned it (:meth:`UcxLink.start_packed_early`): its plan follows with
-  :meth:`UcxLink.attach`, and if the plan fails the transfer is abandoned (nothing of ours is
-  touched; the staging buffer is kept until the responder has put its last byte or refused). The responder moves the bytes
+  the responder validates every one of its own ids against its own layout. A read's REQ leaves
+  before the caller has even planned it (:meth:`UcxLink.start_packed_early`): its plan follows
+  with :meth:`UcxLink.attach`, and if the plan fails the transfer is abandoned (nothing of ours
+  is touched; the staging buffer is kept until the responder has put its last byte or refused).
+  The responder moves the bytes
   with RMA between the two staging buffers, in about four pieces (``piece_bytes``; runs of whole
   (tensor, segment) pairs, :meth:`~kvxfer.plan.TransferPlan.chunk_bounds`), so that packing, the
   wire and unpacking overlap:
