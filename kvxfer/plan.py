@@ -66,11 +66,7 @@ class BlockPairs:
     @property
     def nruns(self) -> int:
         """Contiguous source runs the plan reads (without expanding jobs)."""
-        if self.src_blocks.size == 0:
-            return 0
-        coal = self.pairs["coal"]
-        per_run = np.where(coal, self.run_lengths.size, self.src_blocks.size)
-        return int((self.pairs["src_count"] * per_run).sum())
+        return _source_runs(self.pairs, int(self.run_lengths.size), int(self.src_blocks.size))
 
     def jobs(self) -> np.ndarray:
         """The copy jobs (JOB_DTYPE) in stream order."""
@@ -100,6 +96,14 @@ class BlockPairs:
             g["dst_stride"] = col("dst_stride")
             grids.append(g.reshape(-1))
         return grids[0] if len(grids) == 1 else np.concatenate(grids)
+
+
+def _source_runs(pairs: np.ndarray, runs: int, nblocks: int) -> int:
+    """Contiguous source runs of ``nblocks`` blocks moving through ``pairs`` in ``runs``
+    coalesced runs: a pair that coalesces reads each run at once, one that does not each block."""
+    if nblocks == 0:
+        return 0
+    return int((pairs["src_count"] * np.where(pairs["coal"], runs, nblocks)).sum())
 
 
 RAMP = 4  # growth between consecutive ramp pieces (chunk_bounds): gather/scatter outpace the wire
@@ -379,6 +383,25 @@ def _pairs_for(src: LayoutGeometry, dst: LayoutGeometry, layers: tuple[int, ...]
     return _PAIRS_BY_ID.get((src, dst), layers, make)
 
 
+def _checked_layers(layers: np.ndarray | None, ntensors: int) -> tuple[int, ...] | None:
+    """``layers`` as the key of :func:`_pairs_for`, checked. Raises BlockIdError."""
+    if layers is None:
+        return None
+    layers = np.asarray(layers, dtype=np.int64)
+    if layers.size and (layers.min() < 0 or layers.max() >= ntensors):
+        raise BlockIdError(f"layers {layers.tolist()} out of range; valid are 0..{ntensors - 1}")
+    if np.unique(layers).size != layers.size:
+        # a peer naming a layer twice would have the same destination bytes written twice
+        raise BlockIdError(f"layers {layers.tolist()} name a tensor more than once")
+    return tuple(layers.tolist())
+
+
+def _run_breaks(s: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Where a new run starts (indices >= 1): either side's next id is not the next block
+    (one pass, no masks)."""
+    return np.flatnonzero((s[1:] - s[:-1] - 1) | (d[1:] - d[:-1] - 1)) + 1
+
+
 def transfer_shape(src: LayoutGeometry, dst: LayoutGeometry, src_blocks: np.ndarray, dst_blocks: np.ndarray,
                    layers: np.ndarray | None = None) -> tuple[int, int] | None:
     """(bytes, contiguous source runs) of the plan :func:`plan_transfer` would make of these
@@ -387,21 +410,13 @@ def transfer_shape(src: LayoutGeometry, dst: LayoutGeometry, src_blocks: np.ndar
     are not plannable as given (planning them then raises the error)."""
     if src_blocks.size != dst_blocks.size:
         return None
-    if layers is not None:
-        layers = np.asarray(layers, dtype=np.int64)
-        if layers.size and (layers.min() < 0 or layers.max() >= len(src.tensors) or np.unique(layers).size != layers.size):
-            return None
     try:
-        pairs, block_nbytes = _pairs_for(src, dst, None if layers is None else tuple(layers.tolist()))
+        pairs, block_nbytes = _pairs_for(src, dst, _checked_layers(layers, len(src.tensors)))
     except KvxferError:
         return None
     n = int(src_blocks.size)
-    if n == 0 or pairs.size == 0:
-        return 0, 0
-    s, d = src_blocks, dst_blocks
-    runs = 1 + (int(np.count_nonzero((s[1:] - s[:-1] - 1) | (d[1:] - d[:-1] - 1))) if n > 1 else 0)
-    per_pair = np.where(pairs["coal"], runs, n)  # as BlockPairs.nruns counts them
-    return n * block_nbytes, int((pairs["src_count"] * per_pair).sum())
+    runs = 1 + _run_breaks(src_blocks, dst_blocks).size if n else 0
+    return n * block_nbytes, _source_runs(pairs, runs, n)
 
 
 def plan_transfer(
@@ -436,14 +451,7 @@ def plan_transfer(
         validate_block_ids(s, src.num_blocks, "source block ids", unique=False)
     if check_dst:
         validate_block_ids(d, dst.num_blocks, "destination block ids", unique=True)
-    if layers is not None:
-        layers = np.asarray(layers, dtype=np.int64)
-        if layers.size and (layers.min() < 0 or layers.max() >= len(src.tensors)):
-            raise BlockIdError(f"layers {layers.tolist()} out of range; valid are 0..{len(src.tensors) - 1}")
-        if np.unique(layers).size != layers.size:
-            # a peer naming a layer twice would have the same destination bytes written twice
-            raise BlockIdError(f"layers {layers.tolist()} name a tensor more than once")
-    pairs, block_nbytes = _pairs_for(src, dst, None if layers is None else tuple(layers.tolist()))
+    pairs, block_nbytes = _pairs_for(src, dst, _checked_layers(layers, len(src.tensors)))
 
     if 0 < s.size <= _FEW:
         sl, dl = s.tolist(), d.tolist()
@@ -451,9 +459,7 @@ def plan_transfer(
         starts = np.array(cut[:-1], dtype=np.int64)
         lengths = np.array([b - a for a, b in zip(cut, cut[1:])], dtype=np.int64)
     elif s.size:
-        # a run breaks where either side's next id is not the next block (one pass, no masks)
-        brk = np.flatnonzero((s[1:] - s[:-1] - 1) | (d[1:] - d[:-1] - 1)) + 1
-        starts = np.concatenate(([0], brk))
+        starts = np.concatenate(([0], _run_breaks(s, d)))
         lengths = np.diff(np.concatenate((starts, [s.size])))
     else:
         starts = lengths = np.zeros(0, dtype=np.int64)

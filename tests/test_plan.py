@@ -5,7 +5,7 @@ from kvxfer import BlockIdError, KVLayout, LayoutMismatchError, plan_transfer
 from kvxfer.backends.base import TransferRequest, plan_for_initiator, plan_for_responder
 from kvxfer.handle import Op
 from kvxfer.metadata import PeerMetadata
-from kvxfer.plan import validate_block_ids
+from kvxfer.plan import transfer_shape, validate_block_ids
 from kvxfer._memory import host_bytes
 from kvxfer.ops import reference
 from kvpeers import KINDS, LayoutSpec, block_bytes
@@ -106,6 +106,23 @@ def test_responder_checks_its_own_ids_and_leaves_the_peers_to_the_peer():
     # the initiator checks both sides
     with pytest.raises(BlockIdError, match="destination block ids out of range"):
         plan_for_initiator(layout, peer, req(Op.READ, [1, 2], [9, 0]))
+
+
+def test_transfer_shape_is_the_plans_bytes_and_runs_without_planning():
+    rng = np.random.default_rng(5)
+    for bd, shape in ((1, (2, 64, 16)), (0, (64, 2, 16))):
+        g = KVLayout.from_tensors([np.zeros(shape, np.uint8) for _ in range(3)], block_dim=bd).geometry
+        for n in (0, 1, 2, 7, 40):
+            for trial in range(6):
+                s = rng.choice(64, n, replace=False) if trial % 2 else np.arange(n) + 3
+                d = rng.choice(64, n, replace=False) if trial % 3 else np.arange(n) + 10
+                for layers in (None, np.array([2, 0])):
+                    p = plan_transfer(g, g, s, d, layers)
+                    assert transfer_shape(g, g, s, d, layers) == (p.nbytes, p.nruns)
+        one = np.zeros(1, dtype=np.int64)
+        assert transfer_shape(g, g, np.zeros(2, dtype=np.int64), one) is None  # unequal lengths
+        assert transfer_shape(g, g, one, one, np.array([0, 0])) is None  # a layer twice
+        assert transfer_shape(g, g, one, one, np.array([3])) is None  # no such layer
 
 
 def test_mismatched_layouts_refused():

@@ -656,14 +656,13 @@ class CudaIpcBackend(Backend):
                         t0 = self._event(True)
                         timed.append(t0)
                     started = (lambda: rt.eventRecord(t0, self._stream)) if timing else None
-                    if jobs is not None and jobs.size:
+                    if launch is not None:
+                        launch.enqueue(started)  # the timing starts once the records are staged
+                    else:
                         if started is not None:
                             started()
-                        _ops_cuda.copy_jobs(jobs, src, dst, stream=self._stream, device=self.device)
-                    elif launch is not None:
-                        launch.enqueue(started)  # the timing starts once the records are staged
-                    elif started is not None:
-                        started()
+                        if jobs is not None and jobs.size:
+                            _ops_cuda.copy_jobs(jobs, src, dst, stream=self._stream, device=self.device)
                     done = self._event(timing)
                     (timed if timing else events).append(done)
                     rt.eventRecord(done, self._stream)

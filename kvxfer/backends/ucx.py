@@ -333,6 +333,15 @@ class UcxBackend(Backend):
         link.ready.set()
         link.send(Msg.HELLO_ACK, proto.hello_ack_body(ok, None if ok else "no KV layout registered"))
 
+    def _caller_ready(self) -> Any:
+        """GPU memory: an event on the caller's current stream that every access to our blocks
+        waits for (call on the caller's thread); None for host memory."""
+        if self.layout is None or self.layout.memory is not MemoryKind.CUDA:
+            return None
+        from ..ops.cuda import caller_ready_event
+
+        return caller_ready_event(self.layout)
+
     def start_early(self, link: BackendLink, req: TransferRequest) -> Any:
         """A packed read's request goes out before the caller's plan is made: the peer starts
         staging while we validate and plan (0.2-0.4 ms of a 1 GiB read on 2x H200). Only where
@@ -345,12 +354,7 @@ class UcxBackend(Backend):
         shape = transfer_shape(link.peer.geometry, self.layout.geometry, req.src_blocks, req.dst_blocks, req.layers)
         if shape is None or shape[0] == 0 or not self._packs(*shape):
             return None
-        ready = None
-        if self.layout.memory is MemoryKind.CUDA:
-            from ..ops.cuda import caller_ready_event
-
-            ready = caller_ready_event(self.layout)  # on the caller's thread: its current stream
-        x = link.start_packed_early(req, shape[0], ready)
+        x = link.start_packed_early(req, shape[0], self._caller_ready())
         return None if x is None else (link, x)
 
     def submit_early(self, early: Any, plan: TransferPlan, handle: TransferHandle) -> None:
@@ -368,11 +372,7 @@ class UcxBackend(Backend):
         assert isinstance(link, UcxLink)
         if link.closed:
             raise PeerLostError(f"link to {link.peer.name!r} is closed")
-        ready = None
-        if self.layout is not None and self.layout.memory is MemoryKind.CUDA and plan.nbytes:
-            from ..ops.cuda import caller_ready_event
-
-            ready = caller_ready_event(self.layout)  # on the caller's thread: its current stream
+        ready = self._caller_ready() if plan.nbytes else None
         if plan.nbytes and self.choose_packed(plan):
             link.start_packed(req, plan, handle, ready)
         else:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -298,28 +299,11 @@ class UcxLink(BackendLink):
         """Caller's thread: begin a packed transfer by sending its request at once, so that the
         peer checks and stages while the work thread prepares our side (:meth:`_prepare_packed`).
         Sending from here saves the hand-off to the work thread (0.1-0.3 ms on the device
-        machine) on the critical path. The link's lock spans the closed check, the registration
-        and the post, so a link being closed on the work thread never has its endpoint used
-        after it is released."""
+        machine) on the critical path (:meth:`_send_request`)."""
         x = self._new_xfer(req, plan, handle, ready)
-        try:
-            x.staging = self.backend.staging().get(plan.nbytes)
-            data = proto.encode_message(Msg.REQ, self.backend.session,
-                                        proto.request_body(req, x.staging.address, x.staging.rkey, plan.nbytes))
-        except Exception as exc:  # this is the caller's thread: the handle reports it, as from the work thread
-            self._fail(x, exc if isinstance(exc, KvxferError) else TransportError(f"packed transfer setup failed: {exc!r}"))
-            return
-        prepare = self._advance if req.op is Op.READ else self._prepare_packed
-        with self._lock:
-            closed = self._closed
-            if not closed:
-                self._mine[req.xfer_id] = x
-                self._post_message(Msg.REQ, data)
-                self.backend.defer(prepare, x)  # after the post: no wake-up to race it
-        if closed:
-            self._fail(x, PeerLostError(f"link to {self.peer.name!r} is closed"))
-        elif x.marks:
-            x.marks("REQ sent")
+        err = self._send_request(x, self._advance if req.op is Op.READ else self._prepare_packed)
+        if err is not None:  # this is the caller's thread: the handle reports it, as from the work thread
+            self._fail(x, err)
 
     def start_packed_early(self, req: TransferRequest, nbytes: int, ready: Any) -> _Xfer | None:
         """Caller's thread: send a packed read's request before the caller's plan exists (see
@@ -328,25 +312,35 @@ class UcxLink(BackendLink):
         the peer only writes our staging buffer. None when the request could not go out (the
         transfer then takes the usual path, which reports any real error)."""
         x = _Xfer(req, None, None, nbytes, ready=ready, marks=_Marks.start(time.perf_counter()))
-        pool = self.backend.staging()
-        try:
-            x.staging = pool.get(nbytes)
-            data = proto.encode_message(Msg.REQ, self.backend.session,
-                                        proto.request_body(req, x.staging.address, x.staging.rkey, nbytes))
-        except Exception as exc:
-            log.debug("not starting transfer %d early: %r", req.xfer_id, exc)
-            if x.staging is not None:
-                pool.put(x.staging)
+        err = self._send_request(x)
+        if err is not None:
+            log.debug("not starting transfer %d early: %s", req.xfer_id, err)
+            self._release(x)
             return None
+        return x
+
+    def _send_request(self, x: _Xfer, then: Callable[[_Xfer], None] | None = None) -> KvxferError | None:
+        """Caller's thread: take ``x``'s staging buffer, register ``x`` and post its REQ, then
+        queue ``then(x)`` on the work thread (after the post: no wake-up to race it). The
+        link's lock spans the closed check, the registration and the post, so a link being
+        closed on the work thread never has its endpoint used after it is released. Returns
+        why the request could not go out (``x`` is then not registered), or None."""
+        try:
+            x.staging = self.backend.staging().get(x.nbytes)
+            data = proto.encode_message(Msg.REQ, self.backend.session,
+                                        proto.request_body(x.req, x.staging.address, x.staging.rkey, x.nbytes))
+        except Exception as exc:
+            return exc if isinstance(exc, KvxferError) else TransportError(f"packed transfer setup failed: {exc!r}")
         with self._lock:
             if self._closed:
-                pool.put(x.staging)
-                return None
-            self._mine[req.xfer_id] = x
+                return PeerLostError(f"link to {self.peer.name!r} is closed")
+            self._mine[x.req.xfer_id] = x
             self._post_message(Msg.REQ, data)
+            if then is not None:
+                self.backend.defer(then, x)
         if x.marks:
             x.marks("REQ sent")
-        return x
+        return None
 
     def attach(self, x: _Xfer, plan: TransferPlan, handle: TransferHandle) -> None:
         """Caller's thread: the plan and handle of a read started early; the rest happens on
@@ -359,7 +353,7 @@ class UcxLink(BackendLink):
             handle.set_failed(x.error or PeerLostError(f"link to {self.peer.name!r} is closed"))
             return
         if plan.nbytes != x.nbytes:  # the same formula on both paths: a bug, never the peer's doing
-            self.abandon(x)
+            self._abandoned(x)
             handle.set_failed(TransportError(f"transfer {x.req.xfer_id}: planned {plan.nbytes} B, requested {x.nbytes} B"))
             return
         x.plan, x.handle = plan, handle

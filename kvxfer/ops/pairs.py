@@ -182,10 +182,7 @@ def _records(bp: BlockPairs, src_bases: Any, dst_bases: Any, buffer_side: int,
         per_item = tmpl.per_item
         lens = bp.run_lengths
         if lens.size == s.size:  # every run is one block (random ids): the runs are the id lists
-            ones = np.ones(s.size, dtype=np.int64)
-            coal_runs = np.concatenate((s, d, ones, np.arange(s.size, dtype=np.int64), ones,
-                                        np.zeros(s.size, dtype=np.int64)))
-            n_coal = int(s.size)
+            coal_runs, n_coal = _single_runs(s, d), int(s.size)
         elif int(lens.max()) <= per_item:  # no run needs splitting
             pre = np.cumsum(lens) - lens
             starts = bp.run_starts
@@ -202,11 +199,15 @@ def _records(bp: BlockPairs, src_bases: Any, dst_bases: Any, buffer_side: int,
             n_coal = int(idx.size)
     n_single = 0
     if tmpl.any_single:
-        ones = np.ones(s.size, dtype=np.int64)
-        single_runs = np.concatenate((s, d, ones, np.arange(s.size, dtype=np.int64), ones, np.zeros(s.size, dtype=np.int64)))
-        n_single = int(s.size)
+        single_runs, n_single = _single_runs(s, d), int(s.size)
     rec, nitems = tmpl.records(n_coal, n_single)
     return rec, coal_runs, single_runs, nitems, tmpl
+
+
+def _single_runs(s: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """The run table (RUN_FIELDS arrays) of blocks ``s`` -> ``d`` moved one block per run."""
+    ones = np.ones(s.size, dtype=np.int64)
+    return np.concatenate((s, d, ones, np.arange(s.size, dtype=np.int64), ones, np.zeros(s.size, dtype=np.int64)))
 
 
 _FEW_BLOCKS = 8  # up to this many blocks, the run tables are built from Python lists (µs matter)
