@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -402,12 +402,22 @@ def _run_breaks(s: np.ndarray, d: np.ndarray) -> np.ndarray:
     return np.flatnonzero((s[1:] - s[:-1] - 1) | (d[1:] - d[:-1] - 1)) + 1
 
 
+_PREFIX = 64  # ids scanned first by transfer_shape(enough=...)
+
+
 def transfer_shape(src: LayoutGeometry, dst: LayoutGeometry, src_blocks: np.ndarray, dst_blocks: np.ndarray,
-                   layers: np.ndarray | None = None) -> tuple[int, int] | None:
+                   layers: np.ndarray | None = None, *,
+                   enough: Callable[[int], int] | None = None) -> tuple[int, int] | None:
     """(bytes, contiguous source runs) of the plan :func:`plan_transfer` would make of these
     int64 id arrays, without validating the ids and without building the plan: what a backend
     needs to decide how a transfer moves before it is planned. None when the lists or layers
-    are not plannable as given (planning them then raises the error)."""
+    are not plannable as given (planning them then raises the error).
+
+    ``enough(bytes)``: a run count from which the exact count no longer matters to the caller
+    (its decision is the same for every count at least that large). The runs of the first
+    :data:`_PREFIX` ids are counted first, and when they already reach that many the count
+    returned is theirs, a lower bound: a read of 4096 random blocks is decided from 64 ids.
+    """
     if src_blocks.size != dst_blocks.size:
         return None
     try:
@@ -415,8 +425,14 @@ def transfer_shape(src: LayoutGeometry, dst: LayoutGeometry, src_blocks: np.ndar
     except KvxferError:
         return None
     n = int(src_blocks.size)
+    nbytes = n * block_nbytes
+    if enough is not None and n > _PREFIX:
+        # runs among the first ids <= runs among all: a lower bound of the source runs
+        some = _source_runs(pairs, 1 + _run_breaks(src_blocks[:_PREFIX], dst_blocks[:_PREFIX]).size, n)
+        if some >= enough(nbytes):
+            return nbytes, some
     runs = 1 + _run_breaks(src_blocks, dst_blocks).size if n else 0
-    return n * block_nbytes, _source_runs(pairs, runs, n)
+    return nbytes, _source_runs(pairs, runs, n)
 
 
 def plan_transfer(

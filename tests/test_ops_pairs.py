@@ -440,3 +440,43 @@ def test_every_entry_point_resolves_its_buffer_side_like_pair_records(side, monk
     want[pl.coal_off: pl.single_off] = cr.view(np.uint8)
     want[pl.single_off:] = sr.view(np.uint8)
     assert np.array_equal(pl.bytes, want)
+
+
+@pytest.mark.parametrize("ids", ["one_block_runs", "coalesced"])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_records_written_in_place_match_pair_records(ids, mixed, monkeypatch):
+    # uploads write the records straight into a reused (dirty) pinned slot: every byte the
+    # kernel reads must be what pair_records builds, and a one-block-per-run table serving
+    # both kinds of pairs is uploaded once
+    from kvxfer.ops import pairs as ops_pairs
+
+    _stub_launch_shape(monkeypatch, warps=64, ctas=8)
+    tensors, bd = LayoutSpec("kv_first", 300, layers=3, block_size=4, heads=2, head_dim=8).build(1)
+    if mixed:  # coalescing pairs (K/V-first tensors) and one-block pairs (K and V in one tensor)
+        tensors = list(tensors) + list(LayoutSpec("vllm_shared", 300, layers=2, block_size=4, heads=2,
+                                                  head_dim=8).build(2)[0])
+    ls = KVLayout.from_tensors(tensors, block_dim=bd)
+    rng = np.random.default_rng(5)
+    if ids == "one_block_runs":
+        s, d = rng.permutation(300)[:120], rng.permutation(300)[:120]
+        s[1] = s[0] + 1  # no two neighbours consecutive on both sides
+        d[1] = d[0] + 3
+    else:
+        s, d = _ids(rng, 300, 300)
+    bp = plan_transfer(ls.geometry, ls.geometry, s, d).block_pairs
+    assert bool(bp.pairs["coal"].all()) is not mixed
+    pl = ops_pairs._resolve(bp, ls.addrs, ls.addrs, BUF_NONE, None, 0, ops_pairs.PAIRS_KERNEL, None)._pl
+    rec, cr, sr, n = pair_records(bp, ls.addrs, ls.addrs)
+    slot = np.full(pl.nbytes + 64, 0xA5, dtype=np.uint8)
+    pl.write(slot)
+    assert np.array_equal(slot[pl.nbytes:], np.full(64, 0xA5, dtype=np.uint8))  # nothing past the records
+    got = slot[: pl.nbytes]
+    assert np.array_equal(got[: rec.nbytes], rec.view(np.uint8))
+    assert pl.coal_off > rec.nbytes and not got[rec.nbytes : pl.coal_off].any()  # padding zeroed
+    assert np.array_equal(got[pl.coal_off : pl.coal_off + cr.nbytes], cr.view(np.uint8))
+    assert np.array_equal(got[pl.single_off : pl.single_off + sr.nbytes], sr.view(np.uint8))
+    assert (pl.ncoal, pl.nsingle, pl.nitems) == (cr.size // RUN_FIELDS, sr.size // RUN_FIELDS, n)
+    shared = mixed and ids == "one_block_runs"
+    assert (pl.single_off == pl.coal_off) is shared  # one table for both kinds of pairs
+    assert pl.nbytes == pl.coal_off + cr.nbytes + (0 if shared else sr.nbytes)
+    assert np.array_equal(pl.bytes, got)

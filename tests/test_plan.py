@@ -125,6 +125,25 @@ def test_transfer_shape_is_the_plans_bytes_and_runs_without_planning():
         assert transfer_shape(g, g, one, one, np.array([3])) is None  # no such layer
 
 
+def test_transfer_shape_counts_runs_only_as_far_as_asked():
+    # enough=k: the count is exact, or a lower bound of at least k taken from the first ids
+    rng = np.random.default_rng(8)
+    g = KVLayout.from_tensors([np.zeros((2, 4096, 16), np.uint8) for _ in range(3)], block_dim=1).geometry
+    asked = []
+    for n in (10, 64, 65, 300, 4000):
+        for trial in range(4):
+            s = rng.choice(4096, n, replace=False) if trial % 2 else np.arange(n) + 3
+            d = rng.choice(4096, n, replace=False) if trial > 1 else np.arange(n) + 9
+            exact = transfer_shape(g, g, s, d)
+            for k in (0, 1, 50, 200, 10**9):
+                nbytes, runs = transfer_shape(g, g, s, d, enough=lambda b, k=k: asked.append(b) or k)
+                assert nbytes == exact[0]
+                assert runs == exact[1] or exact[1] >= runs >= k
+    assert set(asked) == {n * 3 * 2 * 16 for n in (65, 300, 4000)}  # asked with the bytes, only past the prefix
+    s = rng.choice(4096, 4000, replace=False)
+    assert transfer_shape(g, g, s, s + 0, enough=lambda b: 64)[1] < transfer_shape(g, g, s, s + 0)[1]  # stopped early
+
+
 def test_mismatched_layouts_refused():
     a = KVLayout.from_tensors([np.zeros((8, 4), np.uint8)]).geometry
     b = KVLayout.from_tensors([np.zeros((8, 8), np.uint8)]).geometry

@@ -96,3 +96,35 @@ def test_ucx_first_piece_outlasts_the_host_work_and_the_last_stays_small():
     assert sizes[0] == FIRST_PIECE and sizes[-1] == MIN_PIECE and sum(sizes) == n
     assert piece_first(cfg, 8 << 20) == 0  # one piece, no ramp
     assert piece_first(cfg, 256 << 20) == MIN_PIECE  # never above a quarter of the middle pieces
+
+
+@pytest.mark.parametrize("memory", ["host", "cuda"])
+def test_ucx_early_decision_from_a_prefix_of_the_ids_is_the_exact_ones(memory):
+    # a read's request goes out before its plan when it will move packed; the run count behind
+    # that decision is taken from the first ids where that settles it: same answer as exact
+    from types import SimpleNamespace
+
+    from kvxfer import KVLayout
+    from kvxfer._tensors import MemoryKind
+    from kvxfer.backends.ucx import UcxBackend
+    from kvxfer.backends.ucx_config import TransferMode, ucx_config
+    from kvxfer.plan import transfer_shape
+
+    rng = np.random.default_rng(3)
+    g = KVLayout.from_tensors([np.zeros((2, 2048, 64), np.uint8) for _ in range(4)], block_dim=1).geometry
+    kind = MemoryKind.CUDA if memory == "cuda" else MemoryKind.HOST
+    configs = [ucx_config(), ucx_config(pack_min_ranges=1), ucx_config(pack_min_ranges=5000),
+               ucx_config(pack_below=0), ucx_config(pack_below=1 << 20), ucx_config(staging_max=1 << 16),
+               ucx_config(mode=TransferMode.PACKED), ucx_config(mode=TransferMode.DIRECT)]
+    seen = set()
+    for cfg in configs:
+        be = SimpleNamespace(config=cfg, layout=SimpleNamespace(memory=kind))
+        for n in (1, 70, 600, 2000):
+            for trial in range(4):
+                s = rng.choice(2048, n, replace=False) if trial % 2 else np.arange(n)
+                d = rng.choice(2048, n, replace=False) if trial > 1 else np.arange(n) + (2048 - n)
+                exact = UcxBackend._packs(be, *transfer_shape(g, g, s, d))
+                early = transfer_shape(g, g, s, d, enough=lambda b: UcxBackend._runs_deciding(be, b))
+                assert UcxBackend._packs(be, *early) == exact, (cfg, n, trial)
+                seen.add(exact)
+    assert seen == {True, False}

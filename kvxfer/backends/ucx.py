@@ -249,6 +249,17 @@ class UcxBackend(Backend):
         return (nruns >= self.config.pack_min_ranges and nbytes < self.config.pack_below * nruns
                 and nbytes <= self.config.staging_max)
 
+    def _runs_deciding(self, nbytes: int) -> int:
+        """The run count from which :meth:`_packs` gives ``nbytes`` the same answer for every
+        larger count (its rules only ever turn to packing as runs grow): 0 when runs never
+        change it."""
+        cfg = self.config
+        if cfg.mode is not TransferMode.AUTO or nbytes > cfg.staging_max:
+            return 0
+        if self.layout is not None and self.layout.memory is MemoryKind.CUDA:
+            return cfg.pack_min_ranges
+        return max(cfg.pack_min_ranges, nbytes // cfg.pack_below + 1) if cfg.pack_below else 0
+
     def _make_ep(self, addr: bytes, peer: PeerMetadata) -> tuple[Any, bool]:
         mode = self.config.error_handling
         ua = _ucxx.UCXAddress.create_from_buffer(addr)
@@ -351,7 +362,8 @@ class UcxBackend(Backend):
         if (not isinstance(link, UcxLink) or link.closed or req.op is not Op.READ or req.reshard is not None
                 or self.layout is None or link.peer.geometry is None):
             return None
-        shape = transfer_shape(link.peer.geometry, self.layout.geometry, req.src_blocks, req.dst_blocks, req.layers)
+        shape = transfer_shape(link.peer.geometry, self.layout.geometry, req.src_blocks, req.dst_blocks, req.layers,
+                               enough=self._runs_deciding)
         if shape is None or shape[0] == 0 or not self._packs(*shape):
             return None
         x = link.start_packed_early(req, shape[0], self._caller_ready())

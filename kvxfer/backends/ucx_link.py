@@ -331,6 +331,8 @@ class UcxLink(BackendLink):
                                         proto.request_body(x.req, x.staging.address, x.staging.rkey, x.nbytes))
         except Exception as exc:
             return exc if isinstance(exc, KvxferError) else TransportError(f"packed transfer setup failed: {exc!r}")
+        if x.marks:
+            x.marks("REQ encoded")
         with self._lock:
             if self._closed:
                 return PeerLostError(f"link to {self.peer.name!r} is closed")

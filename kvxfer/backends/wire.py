@@ -27,10 +27,11 @@ def ids_to_wire(ids: np.ndarray) -> bytes:
 
 
 def ids_from_wire(raw: Any, what: str) -> np.ndarray:
-    """Packed int64 block ids from a peer. Raises RemoteProtocolError when malformed."""
+    """Packed int64 block ids from a peer, as a read-only view of ``raw`` where the host is
+    little-endian (no copy on the request's path). Raises RemoteProtocolError when malformed."""
     if not isinstance(raw, bytes) or len(raw) % 8 or len(raw) > 8 * MAX_IDS:
         raise RemoteProtocolError(f"field {what!r} must be packed int64 block ids (at most {MAX_IDS})")
-    return np.frombuffer(raw, dtype="<i8").astype(np.int64)
+    return np.frombuffer(raw, dtype="<i8").astype(np.int64, copy=False)
 
 
 def _reshard_from_wire(obj: object) -> HeadReshard:

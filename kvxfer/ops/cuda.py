@@ -398,18 +398,19 @@ def _staging(st: _StreamState, n: int) -> _Slot:
     return _staging(st, n)
 
 
-def _upload(st: _StreamState, data: np.ndarray, dst: int, sptr: int, cstream: Any, what: str,
-            started: Callable[[], None] | None = None) -> None:
-    """Stage ``data`` in pinned memory and copy it to device address ``dst`` in stream order
-    (the caller holds ``st.lock``); the slot stays busy until the copy has run. ``started``
-    runs once the host has staged the bytes, just before the copy is queued."""
-    slot = _staging(st, data.nbytes)
-    slot.view[: data.nbytes] = data
+def _upload(st: _StreamState, nbytes: int, fill: Callable[[np.ndarray], None], dst: int, sptr: int, cstream: Any,
+            what: str, started: Callable[[], None] | None = None) -> None:
+    """Stage ``nbytes`` in pinned memory, written there by ``fill(view)`` (no temporary of
+    their own), and copy them to device address ``dst`` in stream order (the caller holds
+    ``st.lock``); the slot stays busy until the copy has run. ``started`` runs once the host
+    has staged the bytes, just before the copy is queued."""
+    slot = _staging(st, nbytes)
+    fill(slot.view[:nbytes])
     if started is not None:
         started()
     cupy = _cupy()
     try:
-        cupy.cuda.runtime.memcpyAsync(dst, slot.view.ctypes.data, data.nbytes, _H2D, sptr)
+        cupy.cuda.runtime.memcpyAsync(dst, slot.view.ctypes.data, nbytes, _H2D, sptr)
     except Exception as exc:
         raise TransportError(f"{what} upload failed: {exc}") from exc
     if slot.event is None:
@@ -514,7 +515,8 @@ def copy_jobs(jobs: np.ndarray, src_bases: Any, dst_bases: Any, *, stream: Any =
         cstream = _cupy_stream(sptr, dev)
         _check_not_capturing(sptr, "copy_jobs")
         mem = _device_buffer(st, buf.nbytes, cstream)
-        _upload(st, buf, int(mem.ptr), sptr, cstream, f"job records to cuda:{dev}")
+        _upload(st, buf.nbytes, lambda view: np.copyto(view, buf), int(mem.ptr), sptr, cstream,
+                f"job records to cuda:{dev}")
         _launch(spec, dev, res.ctas, res.warps, int(mem.ptr), jobs_off, sptr)
 
 

@@ -168,7 +168,10 @@ _EMPTY_RUNS = np.zeros(0, dtype=np.int64)
 
 
 def _records(bp: BlockPairs, src_bases: Any, dst_bases: Any, buffer_side: int,
-             buffer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, _Template | None]:
+             buffer: int) -> tuple[np.ndarray, Any, Any, int, _Template | None]:
+    """(pair records, coalesced run table, single-block run table, item count, template); a
+    table is an array or a :class:`_OneBlockRuns` (the same object for both when every run is
+    one block)."""
     pairs = bp.pairs
     s, d = bp.src_blocks, bp.dst_blocks
     if pairs.size == 0 or s.size == 0:
@@ -182,7 +185,7 @@ def _records(bp: BlockPairs, src_bases: Any, dst_bases: Any, buffer_side: int,
         per_item = tmpl.per_item
         lens = bp.run_lengths
         if lens.size == s.size:  # every run is one block (random ids): the runs are the id lists
-            coal_runs, n_coal = _single_runs(s, d), int(s.size)
+            coal_runs, n_coal = _OneBlockRuns(s, d), int(s.size)
         elif int(lens.max()) <= per_item:  # no run needs splitting
             pre = np.cumsum(lens) - lens
             starts = bp.run_starts
@@ -198,16 +201,68 @@ def _records(bp: BlockPairs, src_bases: Any, dst_bases: Any, buffer_side: int,
                                         (np.cumsum(lens) - lens)[idx], parent_len, within))
             n_coal = int(idx.size)
     n_single = 0
-    if tmpl.any_single:
-        single_runs, n_single = _single_runs(s, d), int(s.size)
+    if tmpl.any_single:  # the same table as the coalesced runs' when every run is one block
+        single_runs = coal_runs if isinstance(coal_runs, _OneBlockRuns) else _OneBlockRuns(s, d)
+        n_single = int(s.size)
     rec, nitems = tmpl.records(n_coal, n_single)
     return rec, coal_runs, single_runs, nitems, tmpl
 
 
-def _single_runs(s: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """The run table (RUN_FIELDS arrays) of blocks ``s`` -> ``d`` moved one block per run."""
-    ones = np.ones(s.size, dtype=np.int64)
-    return np.concatenate((s, d, ones, np.arange(s.size, dtype=np.int64), ones, np.zeros(s.size, dtype=np.int64)))
+class _OneBlockRuns:
+    """The run table (RUN_FIELDS arrays) of blocks ``s`` -> ``d`` moved one block per run (the
+    random-id case), written straight where it goes instead of built first: four of its six
+    fields are constants or a count. For a 4096-block transfer this saves a 196 KB temporary
+    and a copy of it on every launch's host path, where fresh memory costs page faults and
+    cold caches (``bench/results/host_cold_probe_*``). One object serves both tables of a
+    launch whose pairs are of both kinds (:class:`_Payload` then uploads it once)."""
+
+    __slots__ = ("s", "d", "size", "nbytes")
+
+    def __init__(self, s: np.ndarray, d: np.ndarray):
+        self.s, self.d = s, d
+        self.size = RUN_FIELDS * int(s.size)
+        self.nbytes = 8 * self.size
+
+    def write(self, out: np.ndarray) -> None:
+        """Fill ``out`` (int64, ``size`` entries) with the table."""
+        n = int(self.s.size)
+        out[:n] = self.s
+        out[n : 2 * n] = self.d
+        out[2 * n : 3 * n] = 1
+        out[3 * n : 4 * n] = _counting(n)
+        out[4 * n : 5 * n] = 1
+        out[5 * n :] = 0
+
+    def array(self) -> np.ndarray:
+        out = np.empty(self.size, dtype=np.int64)
+        self.write(out)
+        return out
+
+
+_COUNT = np.arange(1 << 16, dtype=np.int64)
+_COUNT.flags.writeable = False
+
+
+def _counting(n: int) -> np.ndarray:
+    """0, 1, ..., n - 1 (read-only; a shared array, regrown past its size)."""
+    global _COUNT
+    if n > _COUNT.size:
+        grown = np.arange(max(n, 2 * _COUNT.size), dtype=np.int64)
+        grown.flags.writeable = False
+        _COUNT = grown
+    return _COUNT[:n]
+
+
+def _table_array(t: np.ndarray | _OneBlockRuns) -> np.ndarray:
+    return t.array() if isinstance(t, _OneBlockRuns) else t
+
+
+def _write_table(t: np.ndarray | _OneBlockRuns, out: np.ndarray) -> None:
+    """Write run table ``t`` into the bytes ``out`` (uint8, ``t.nbytes`` long, 8-aligned)."""
+    if isinstance(t, _OneBlockRuns):
+        t.write(out.view(np.int64))
+    else:
+        out[:] = t.view(np.uint8)
 
 
 _FEW_BLOCKS = 8  # up to this many blocks, the run tables are built from Python lists (µs matter)
@@ -257,7 +312,8 @@ def pair_records(bp: BlockPairs, src_bases: np.ndarray, dst_bases: np.ndarray, *
     device address ``buffer`` holding the plan's stream (scatter from it / gather into it);
     its ``*_bases`` are ignored. The block-independent part is cached per (pairs, bases).
     """
-    return _records(bp, src_bases, dst_bases, buffer_side, buffer)[:4]
+    rec, coal_runs, single_runs, nitems, _ = _records(bp, src_bases, dst_bases, buffer_side, buffer)
+    return rec, _table_array(coal_runs), _table_array(single_runs), nitems
 
 
 def split_shift_for(rec: np.ndarray, nitems: int, warps: int) -> int:
@@ -314,15 +370,21 @@ def scatter_pairs(bp: BlockPairs, buf: Any, dst: Any, *, stream: Any = None, dev
 
 
 class _Payload:
-    """A launch of kv_copy_pairs resolved on the host: records, run tables and launch shape."""
+    """A launch of kv_copy_pairs resolved on the host: records, run tables and launch shape.
 
-    __slots__ = ("bytes", "coal_off", "single_off", "npairs", "ncoal", "nsingle", "nitems", "split", "ctas",
-                 "buffer_side", "device", "item0", "rows_inner", "spec", "inline")
+    The records' bytes (pairs, then the two run tables, 64-byte aligned; one table when both
+    are the same) are written where they go (:meth:`write`: a pinned upload slot, the inline
+    parameter block); :attr:`bytes` builds them in an array of their own for other uses."""
+
+    __slots__ = ("_rec", "_coal", "_single", "_bytes", "nbytes", "coal_off", "single_off", "npairs", "ncoal",
+                 "nsingle", "nitems", "split", "ctas", "buffer_side", "device", "item0", "rows_inner", "spec",
+                 "inline")
 
     def __init__(self, bp: BlockPairs, src: Sequence[int], dst: Sequence[int], buffer_side: int, buffer: int,
                  device: int, spec: KernelSpec, max_warps: int | None, rows_inner: bool | None = None,
                  inline: bool | None = None):
         rec, coal_runs, single_runs, self.nitems, tmpl = _records(bp, src, dst, buffer_side, buffer)
+        self._rec, self._coal, self._single, self._bytes = rec, coal_runs, single_runs, None
         self.buffer_side, self.device = buffer_side, device
         # item numbering (see kv_copy_pairs): the stream's order for a buffer side, one row across
         # blocks for block-to-block copies (faster over NVLink, bench/results/ipc_kernel_probe_*)
@@ -330,8 +392,9 @@ class _Payload:
         self.item0 = rec["item0"]  # read-only, shared by launches of equal shape
         self.npairs, self.ncoal, self.nsingle = rec.size, coal_runs.size // RUN_FIELDS, single_runs.size // RUN_FIELDS
         self.coal_off = -(-rec.nbytes // 64) * 64
-        self.single_off = self.coal_off + coal_runs.nbytes
-        total = self.single_off + single_runs.nbytes
+        shared = single_runs is coal_runs
+        self.single_off = self.coal_off if shared else self.coal_off + coal_runs.nbytes
+        total = self.nbytes = self.single_off + single_runs.nbytes
         # records that fit the kernel's parameters travel with the launch (kv_copy_pairs_inline)
         fits = total <= INLINE_WORDS * 8
         if inline and not fits:
@@ -360,16 +423,29 @@ class _Payload:
             if head is None:
                 head = tmpl.heads[hkey] = self._inline_head(rec)
             blob = head.copy()
-            w0 = _INLINE_W0
-            blob[w0 + self.coal_off : w0 + self.single_off] = coal_runs.view(np.uint8)
-            blob[w0 + self.single_off : w0 + total] = single_runs.view(np.uint8)
+            self._write_tables(blob[_INLINE_W0 : _INLINE_W0 + total])
             self.inline = blob
-            self.bytes = blob[w0 : w0 + total]  # the same layout as an upload's
-        else:
-            self.bytes = np.zeros(total, dtype=np.uint8)
-            self.bytes[: rec.nbytes] = rec.view(np.uint8)
-            self.bytes[self.coal_off : self.single_off] = coal_runs.view(np.uint8)
-            self.bytes[self.single_off :] = single_runs.view(np.uint8)
+            self._bytes = blob[_INLINE_W0 : _INLINE_W0 + total]  # the same layout as an upload's
+
+    def _write_tables(self, out: np.ndarray) -> None:
+        _write_table(self._coal, out[self.coal_off : self.coal_off + self._coal.nbytes])
+        if self._single is not self._coal:
+            _write_table(self._single, out[self.single_off : self.nbytes])
+
+    def write(self, out: np.ndarray) -> None:
+        """Write the records' bytes into ``out`` (uint8, at least :attr:`nbytes`, 8-aligned)."""
+        rec = self._rec.view(np.uint8)
+        out[: rec.size] = rec
+        out[rec.size : self.coal_off] = 0
+        self._write_tables(out)
+
+    @property
+    def bytes(self) -> np.ndarray:
+        """The records' bytes as one array (built on first use)."""
+        if self._bytes is None:
+            self._bytes = np.empty(self.nbytes, dtype=np.uint8)
+            self.write(self._bytes)
+        return self._bytes
 
     def _inline_head(self, rec: np.ndarray) -> np.ndarray:
         """The parameter block of kv_copy_pairs_inline with the launch's scalars and the pair
@@ -467,8 +543,8 @@ class PairsLaunch:
         with st.lock, cupy.cuda.Device(dev):
             cstream = _cuda._cupy_stream(sptr, dev)
             _cuda._check_not_capturing(sptr, "kv_copy_pairs")
-            base = int(_cuda._device_buffer(st, pl.bytes.nbytes, cstream).ptr)
-            _cuda._upload(st, pl.bytes, base, sptr, cstream, f"kv_copy_pairs records to cuda:{dev}", started)
+            base = int(_cuda._device_buffer(st, pl.nbytes, cstream).ptr)
+            _cuda._upload(st, pl.nbytes, pl.write, base, sptr, cstream, f"kv_copy_pairs records to cuda:{dev}", started)
             pl.launch_global(base, cstream)
 
 
@@ -504,7 +580,7 @@ class PreparedPairs:
 
     def __init__(self, payload: _Payload):
         self._pl = payload
-        self.nbytes_records = payload.bytes.nbytes
+        self.nbytes_records = payload.nbytes
         self.inline = payload.inline is not None
         self._mem = None
         if payload.nitems and not self.inline:
@@ -550,8 +626,8 @@ class PairPieces:
             st = _cuda._state(device, self._sptr)
             with st.lock, cupy.cuda.Device(device):
                 self._cstream = _cuda._cupy_stream(self._sptr, device)
-                self._mem = _cuda.alloc_on(self._cstream, self._pl.bytes.nbytes)
-                _cuda._upload(st, self._pl.bytes, int(self._mem.ptr), self._sptr, self._cstream,
+                self._mem = _cuda.alloc_on(self._cstream, self._pl.nbytes)
+                _cuda._upload(st, self._pl.nbytes, self._pl.write, int(self._mem.ptr), self._sptr, self._cstream,
                               f"kv_copy_pairs records to cuda:{device}")
 
     def __len__(self) -> int:
