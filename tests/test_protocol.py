@@ -58,6 +58,36 @@ def test_transfer_request_round_trip_and_validation():
             request_from_wire(bad)
 
 
+@pytest.mark.parametrize("ids, width", [([1, 2, 65535], 2), ([0, 65536], 4), ([7, (1 << 32) - 1], 4),
+                                        ([3, 1 << 32], 8), ([-1, 5], 8), ([], 2)])
+def test_request_ids_travel_in_the_narrowest_width_that_holds_them(ids, width):
+    from kvxfer.backends import ucx_protocol as up
+
+    src = np.array(ids, dtype=np.int64)
+    dst = src[::-1].copy()
+    req = TransferRequest(9, Op.WRITE, src, dst, np.array([1, 0]), None)
+    h = request_to_wire(req)
+    assert h["iw"] == width and len(h["s"]) == width * src.size
+    back = request_from_wire(msgpack.unpackb(msgpack.packb(h), raw=False))
+    assert back.src_blocks.dtype == np.int64 and back.src_blocks.tolist() == ids
+    assert back.dst_blocks.tolist() == ids[::-1] and back.layers.tolist() == [1, 0]
+    body = up.request_body(req, 4096, b"key", 64)
+    assert body["iw"] == width
+    p = up.decode_request(msgpack.unpackb(msgpack.packb(body), raw=False))
+    assert p.req.src_blocks.tolist() == ids and p.req.dst_blocks.tolist() == ids[::-1]
+    # an old peer's request (no width) is int64; a width we never send, or bytes that don't
+    # divide into it, are refused
+    legacy = {**h, "s": src.astype("<i8").tobytes(), "d": dst.astype("<i8").tobytes(),
+              "l": np.array([1, 0], "<i8").tobytes()}
+    del legacy["iw"]
+    assert request_from_wire(legacy).src_blocks.tolist() == ids
+    for bad in ({**h, "iw": 3}, {**h, "iw": "2"}, {**h, "iw": True}, {**h, "s": h["s"] + b"\0"} if width > 1 else {}):
+        with pytest.raises(RemoteProtocolError):
+            request_from_wire(bad)
+    with pytest.raises(RemoteProtocolError, match="'iw'"):
+        up.decode_request({**body, "iw": 16})
+
+
 @pytest.mark.parametrize("blob", [b"", b"\xc1", msgpack.packb({"v": 1}), msgpack.packb([1]), msgpack.packb({"v": 7})])
 def test_malformed_metadata(blob):
     with pytest.raises(RemoteProtocolError):

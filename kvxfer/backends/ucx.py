@@ -132,8 +132,10 @@ class UcxBackend(Backend):
 
     # -- plumbing ----------------------------------------------------------------------------
     def wake(self) -> None:
-        """Wake the progress thread after posting from another thread."""
-        self.ucp.signal(self._worker_h)
+        """Wake the progress thread after posting from another thread (a busy-polling one never
+        sleeps: no signal, one system call less on every post)."""
+        if not self._polling:
+            self.ucp.signal(self._worker_h)
 
     def defer(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the work thread (never on the progress thread)."""
@@ -366,8 +368,15 @@ class UcxBackend(Backend):
                                enough=self._runs_deciding)
         if shape is None or shape[0] == 0 or not self._packs(*shape):
             return None
-        x = link.start_packed_early(req, shape[0], self._caller_ready())
-        return None if x is None else (link, x)
+        x = link.start_packed_early(req, shape[0])
+        if x is None:
+            return None
+        try:  # recorded after the post: the request is on the read's critical path, the event is not
+            x.ready = self._caller_ready()
+        except BaseException:
+            link.abandon(x)
+            raise
+        return link, x
 
     def submit_early(self, early: Any, plan: TransferPlan, handle: TransferHandle) -> None:
         """The plan and handle of a transfer :meth:`start_early` started."""

@@ -305,7 +305,7 @@ class UcxLink(BackendLink):
         if err is not None:  # this is the caller's thread: the handle reports it, as from the work thread
             self._fail(x, err)
 
-    def start_packed_early(self, req: TransferRequest, nbytes: int, ready: Any) -> _Xfer | None:
+    def start_packed_early(self, req: TransferRequest, nbytes: int, ready: Any = None) -> _Xfer | None:
         """Caller's thread: send a packed read's request before the caller's plan exists (see
         :meth:`UcxBackend.start_early`); the plan and handle follow with :meth:`attach`, or
         :meth:`abandon` when the plan fails. Nothing of ours is touched before :meth:`attach`:

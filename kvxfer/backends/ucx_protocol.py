@@ -22,7 +22,7 @@ from ..errors import RemoteProtocolError
 from ..handle import Op
 from ..metadata import PeerMetadata
 from .base import TransferRequest
-from .wire import _reshard_from_wire, ids_from_wire, ids_to_wire
+from .wire import _reshard_from_wire, id_width_from_wire, ids_from_wire, ids_to_wire, ids_width
 
 __all__ = [
     "AM_ID",
@@ -164,9 +164,11 @@ class PackedRequest:
 
 
 def request_body(req: TransferRequest, address: int, rkey: bytes, nbytes: int) -> dict[str, Any]:
+    width = ids_width(req.src_blocks, req.dst_blocks, *(() if req.layers is None else (req.layers,)))
     return {
-        "x": req.xfer_id, "op": "w" if req.op is Op.WRITE else "r", "sb": ids_to_wire(req.src_blocks),
-        "db": ids_to_wire(req.dst_blocks), "l": None if req.layers is None else ids_to_wire(req.layers),
+        "x": req.xfer_id, "op": "w" if req.op is Op.WRITE else "r", "iw": width,
+        "sb": ids_to_wire(req.src_blocks, width), "db": ids_to_wire(req.dst_blocks, width),
+        "l": None if req.layers is None else ids_to_wire(req.layers, width),
         "n": req.notify, "a": address, "k": rkey, "b": nbytes,
         "rs": None if req.reshard is None else req.reshard.to_wire(),
     }
@@ -180,9 +182,10 @@ def decode_request(h: dict) -> PackedRequest:
         raise RemoteProtocolError("malformed REQ")
     layers = h.get("l")
     reshard = None if h.get("rs") is None else _reshard_from_wire(h["rs"])
-    req = TransferRequest(xid, Op.READ if op == "r" else Op.WRITE, ids_from_wire(h.get("sb"), "sb"),
-                          ids_from_wire(h.get("db"), "db"), None if layers is None else ids_from_wire(layers, "l"),
-                          notify, reshard)
+    width = id_width_from_wire(h)
+    req = TransferRequest(xid, Op.READ if op == "r" else Op.WRITE, ids_from_wire(h.get("sb"), "sb", width),
+                          ids_from_wire(h.get("db"), "db", width),
+                          None if layers is None else ids_from_wire(layers, "l", width), notify, reshard)
     return PackedRequest(req, addr, key, nbytes)
 
 

@@ -163,18 +163,21 @@ class _Pieces:
                                    bounds=[b[:2] for b in bounds], stream=packer._gpu_stream(), device=lay.device)
 
     def gather_staged(self) -> Iterator[tuple[int, int]]:
-        """Yield each piece's stream bytes (lo, hi) as soon as that piece is in the buffer,
-        then queue the next piece's gather: the first piece is moved after one launch (not
-        after queueing them all, ~20 us of host time each), the caller starts moving piece i
-        before paying the launch of piece i + 1, and the GPU gathers piece i + 1 while piece i
-        is on the wire (the gathers run several times faster than the wire)."""
+        """Yield each piece's stream bytes (lo, hi) as soon as that piece is in the buffer.
+
+        GPU: two gathers are queued ahead, the next one launched while the GPU runs the
+        current one, so when piece i is yielded (and put on the wire) piece i + 1 is already
+        gathering and its launch (~20 us of host time) is off the wire's path; the first
+        piece still moves after one gather. Host memory: a gather is the copy itself, so
+        piece i + 1 is gathered only after piece i has been yielded."""
         n = len(self._bounds)
-        token = self.launch(0) if n else None
+        ahead = 2 if self._gpu is not None else 1
+        tokens = [self.launch(i) for i in range(min(ahead, n))]
         for i, (_, _, lo, hi) in enumerate(self._bounds):
-            self._packer.wait(token)
+            self._packer.wait(tokens[i])
             yield lo, hi
-            if i + 1 < n:
-                token = self.launch(i + 1)
+            if i + ahead < n:
+                tokens.append(self.launch(i + ahead))
 
     def launch(self, i: int) -> Any:
         p0, p1, lo, _ = self._bounds[i]
