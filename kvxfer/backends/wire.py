@@ -13,7 +13,6 @@ import numpy as np
 
 from ..errors import LayoutError, RemoteProtocolError
 from ..handle import Op
-from ..plan import block_id_range
 from ..reshard import HeadReshard
 from .base import TransferRequest
 
@@ -30,14 +29,11 @@ def ids_width(*lists: np.ndarray) -> int:
     """Bytes per id that carry every id of ``lists`` (int64 arrays): 2 or 4 where all are
     non-negative and small enough, else 8. A request of 4096 ids among 8192 blocks is 16 KB
     instead of 64 (its post and its transit are on a packed read's critical path)."""
-    lo = hi = 0
+    bits = 0  # the OR of every id: below 2**16 iff all are in [0, 2**16); negative iff one is
     for ids in lists:
         if ids.size:
-            a, b = block_id_range(ids)
-            lo, hi = min(lo, a), max(hi, b)
-    if lo < 0:
-        return 8
-    return 2 if hi < 1 << 16 else 4 if hi < 1 << 32 else 8
+            bits |= int(np.bitwise_or.reduce(ids))
+    return 8 if bits < 0 else 2 if bits < 1 << 16 else 4 if bits < 1 << 32 else 8
 
 
 def ids_to_wire(ids: np.ndarray, width: int = 8) -> bytes:
