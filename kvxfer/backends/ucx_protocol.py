@@ -22,7 +22,7 @@ from ..errors import RemoteProtocolError
 from ..handle import Op
 from ..metadata import PeerMetadata
 from .base import TransferRequest
-from .wire import _reshard_from_wire, id_width_from_wire, ids_from_wire, ids_to_wire, ids_width
+from .wire import _reshard_from_wire, id_width_from_wire, ids_from_wire, request_ids_to_wire
 
 __all__ = [
     "AM_ID",
@@ -164,11 +164,9 @@ class PackedRequest:
 
 
 def request_body(req: TransferRequest, address: int, rkey: bytes, nbytes: int) -> dict[str, Any]:
-    width = ids_width(req.src_blocks, req.dst_blocks, *(() if req.layers is None else (req.layers,)))
+    width, src, dst, layers = request_ids_to_wire(req)
     return {
-        "x": req.xfer_id, "op": "w" if req.op is Op.WRITE else "r", "iw": width,
-        "sb": ids_to_wire(req.src_blocks, width), "db": ids_to_wire(req.dst_blocks, width),
-        "l": None if req.layers is None else ids_to_wire(req.layers, width),
+        "x": req.xfer_id, "op": "w" if req.op is Op.WRITE else "r", "iw": width, "sb": src, "db": dst, "l": layers,
         "n": req.notify, "a": address, "k": rkey, "b": nbytes,
         "rs": None if req.reshard is None else req.reshard.to_wire(),
     }

@@ -17,7 +17,7 @@ from ..reshard import HeadReshard
 from .base import TransferRequest
 
 __all__ = ["MAX_IDS", "id_width_from_wire", "ids_from_wire", "ids_to_wire", "ids_width", "request_from_wire",
-           "request_to_wire"]
+           "request_ids_to_wire", "request_to_wire"]
 
 MAX_IDS = 1 << 22  # block ids in one request at most
 
@@ -47,6 +47,15 @@ def ids_from_wire(raw: Any, what: str, width: int = 8) -> np.ndarray:
     if not isinstance(raw, bytes) or len(raw) % width or len(raw) > width * MAX_IDS:
         raise RemoteProtocolError(f"field {what!r} must be packed {width}-byte block ids (at most {MAX_IDS})")
     return np.frombuffer(raw, dtype=_WIDTHS[width]).astype(np.int64, copy=False)
+
+
+def request_ids_to_wire(req: TransferRequest) -> tuple[int, bytes, bytes, bytes | None]:
+    """(bytes per id, source ids, destination ids, layers or None) of ``req`` on the wire, every
+    list in the one width that holds them all."""
+    layers = () if req.layers is None else (req.layers,)
+    width = ids_width(req.src_blocks, req.dst_blocks, *layers)
+    return (width, ids_to_wire(req.src_blocks, width), ids_to_wire(req.dst_blocks, width),
+            None if req.layers is None else ids_to_wire(req.layers, width))
 
 
 def id_width_from_wire(h: dict) -> int:
@@ -83,14 +92,14 @@ def request_from_wire(h: dict) -> TransferRequest:
 
 def request_to_wire(req: TransferRequest) -> dict:
     """The msgpack map of ``req``, as :func:`request_from_wire` reads it."""
-    width = ids_width(req.src_blocks, req.dst_blocks, *(() if req.layers is None else (req.layers,)))
+    width, src, dst, layers = request_ids_to_wire(req)
     return {
         "x": req.xfer_id,
         "op": "r" if req.op is Op.READ else "w",
         "iw": width,
-        "s": ids_to_wire(req.src_blocks, width),
-        "d": ids_to_wire(req.dst_blocks, width),
-        "l": None if req.layers is None else ids_to_wire(req.layers, width),
+        "s": src,
+        "d": dst,
+        "l": layers,
         "n": req.notify,
         "rs": None if req.reshard is None else req.reshard.to_wire(),
     }
