@@ -398,8 +398,54 @@ def _checked_layers(layers: np.ndarray | None, ntensors: int) -> tuple[int, ...]
 
 def _run_breaks(s: np.ndarray, d: np.ndarray) -> np.ndarray:
     """Where a new run starts (indices >= 1): either side's next id is not the next block
-    (one pass, no masks)."""
-    return np.flatnonzero((s[1:] - s[:-1] - 1) | (d[1:] - d[:-1] - 1)) + 1
+    (two temporaries, the rest in place: this is on every transfer's path)."""
+    gap = s[1:] - s[:-1]
+    gap -= 1
+    dgap = d[1:] - d[:-1]
+    dgap -= 1
+    gap |= dgap
+    breaks = np.flatnonzero(gap)
+    breaks += 1
+    return breaks
+
+
+_COUNT = np.arange(1 << 16, dtype=np.int64)
+_ONES = np.ones(1 << 16, dtype=np.int64)
+_COUNT.flags.writeable = _ONES.flags.writeable = False
+
+
+def shared_arange(n: int) -> np.ndarray:
+    """0, 1, ..., n - 1 as a read-only view of one shared array (regrown past its size)."""
+    global _COUNT
+    if n > _COUNT.size:
+        grown = np.arange(max(n, 2 * _COUNT.size), dtype=np.int64)
+        grown.flags.writeable = False
+        _COUNT = grown
+    return _COUNT[:n]
+
+
+def shared_ones(n: int) -> np.ndarray:
+    """n ones as a read-only view of one shared array (regrown past its size)."""
+    global _ONES
+    if n > _ONES.size:
+        grown = np.ones(max(n, 2 * _ONES.size), dtype=np.int64)
+        grown.flags.writeable = False
+        _ONES = grown
+    return _ONES[:n]
+
+
+def _runs(s: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) of the runs of blocks consecutive on both sides, for more than
+    :data:`_FEW` blocks. Every block its own run (random ids, the usual case) gives shared
+    read-only arrays: no arrays built on the path."""
+    n = int(s.size)
+    breaks = _run_breaks(s, d)
+    if breaks.size == n - 1:
+        return shared_arange(n), shared_ones(n)
+    starts = np.empty(breaks.size + 1, dtype=np.int64)
+    starts[0] = 0
+    starts[1:] = breaks
+    return starts, np.diff(starts, append=n)
 
 
 _PREFIX = 64  # ids scanned first by transfer_shape(enough=...)
@@ -475,8 +521,7 @@ def plan_transfer(
         starts = np.array(cut[:-1], dtype=np.int64)
         lengths = np.array([b - a for a, b in zip(cut, cut[1:])], dtype=np.int64)
     elif s.size:
-        starts = np.concatenate(([0], _run_breaks(s, d)))
-        lengths = np.diff(np.concatenate((starts, [s.size])))
+        starts, lengths = _runs(s, d)
     else:
         starts = lengths = np.zeros(0, dtype=np.int64)
 

@@ -248,3 +248,24 @@ def test_identity_memo_derives_once_per_object_and_never_confuses_equal_ones():
     assert memo.get((b,), "x", lambda: make("b")) == "b"  # same value, other object: its own entry
     assert memo.get((a,), "y", lambda: make("a-y")) == "a-y"  # full: dropped, then refilled
     assert made == ["a", "b", "a-y"]
+
+
+def test_runs_match_a_python_walk_and_one_block_runs_share_read_only_arrays():
+    g = KVLayout.from_tensors([np.zeros((2, 200_000, 4), np.uint8)], block_dim=1).geometry
+    rng = np.random.default_rng(11)
+
+    def walk(s, d):  # the runs, one step at a time
+        starts = [0] + [i for i in range(1, len(s)) if s[i] != s[i - 1] + 1 or d[i] != d[i - 1] + 1]
+        return starts, [b - a for a, b in zip(starts, starts[1:] + [len(s)])]
+
+    cases = [(rng.choice(200_000, 5000, replace=False), rng.choice(200_000, 5000, replace=False)),
+             (np.arange(100, 5100), np.arange(7, 5007)),
+             (np.concatenate([np.arange(40), rng.choice(np.arange(50, 9000), 300, replace=False)]),
+              np.concatenate([np.arange(9, 49), rng.choice(np.arange(60, 9000), 300, replace=False)])),
+             (rng.permutation(200_000)[:70_000], rng.permutation(200_000)[:70_000])]  # past the shared arrays' size
+    for s, d in cases:
+        bp = plan_transfer(g, g, s, d).block_pairs
+        starts, lengths = walk(s.tolist(), d.tolist())
+        assert bp.run_starts.tolist() == starts and bp.run_lengths.tolist() == lengths
+        if len(starts) == len(s):  # every block its own run: views nobody may write through
+            assert not bp.run_starts.flags.writeable and not bp.run_lengths.flags.writeable

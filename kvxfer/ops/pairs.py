@@ -22,7 +22,7 @@ import numpy as np
 
 from .._memo import IdentityMemo
 from ..errors import TransportError
-from ..plan import BlockPairs
+from ..plan import BlockPairs, shared_arange
 from . import cuda as _cuda
 from ._loader import KernelSpec, get_kernel
 
@@ -229,7 +229,7 @@ class _OneBlockRuns:
         out[:n] = self.s
         out[n : 2 * n] = self.d
         out[2 * n : 3 * n] = 1
-        out[3 * n : 4 * n] = _counting(n)
+        out[3 * n : 4 * n] = shared_arange(n)
         out[4 * n : 5 * n] = 1
         out[5 * n :] = 0
 
@@ -237,20 +237,6 @@ class _OneBlockRuns:
         out = np.empty(self.size, dtype=np.int64)
         self.write(out)
         return out
-
-
-_COUNT = np.arange(1 << 16, dtype=np.int64)
-_COUNT.flags.writeable = False
-
-
-def _counting(n: int) -> np.ndarray:
-    """0, 1, ..., n - 1 (read-only; a shared array, regrown past its size)."""
-    global _COUNT
-    if n > _COUNT.size:
-        grown = np.arange(max(n, 2 * _COUNT.size), dtype=np.int64)
-        grown.flags.writeable = False
-        _COUNT = grown
-    return _COUNT[:n]
 
 
 def _table_array(t: np.ndarray | _OneBlockRuns) -> np.ndarray:
