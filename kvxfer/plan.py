@@ -409,29 +409,30 @@ def _run_breaks(s: np.ndarray, d: np.ndarray) -> np.ndarray:
     return breaks
 
 
-_COUNT = np.arange(1 << 16, dtype=np.int64)
-_ONES = np.ones(1 << 16, dtype=np.int64)
-_COUNT.flags.writeable = _ONES.flags.writeable = False
+class _SharedPrefix:
+    """Views of the first ``n`` entries of one read-only int64 array made by ``make(size)``,
+    regrown past its size: constant arrays handed out without building them per call."""
+
+    def __init__(self, make: Callable[[int], np.ndarray]):
+        self._make = make
+        self._arr = self._grown(1 << 16)
+
+    def _grown(self, size: int) -> np.ndarray:
+        arr = self._make(size)
+        arr.flags.writeable = False
+        return arr
+
+    def __call__(self, n: int) -> np.ndarray:
+        arr = self._arr
+        if n > arr.size:
+            arr = self._arr = self._grown(max(n, 2 * arr.size))
+        return arr[:n]
 
 
-def shared_arange(n: int) -> np.ndarray:
-    """0, 1, ..., n - 1 as a read-only view of one shared array (regrown past its size)."""
-    global _COUNT
-    if n > _COUNT.size:
-        grown = np.arange(max(n, 2 * _COUNT.size), dtype=np.int64)
-        grown.flags.writeable = False
-        _COUNT = grown
-    return _COUNT[:n]
-
-
-def shared_ones(n: int) -> np.ndarray:
-    """n ones as a read-only view of one shared array (regrown past its size)."""
-    global _ONES
-    if n > _ONES.size:
-        grown = np.ones(max(n, 2 * _ONES.size), dtype=np.int64)
-        grown.flags.writeable = False
-        _ONES = grown
-    return _ONES[:n]
+#: 0, 1, ..., n - 1 (read-only)
+shared_arange = _SharedPrefix(lambda size: np.arange(size, dtype=np.int64))
+#: n ones (read-only)
+shared_ones = _SharedPrefix(lambda size: np.ones(size, dtype=np.int64))
 
 
 def _runs(s: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
