@@ -409,6 +409,11 @@ def _run_breaks(s: np.ndarray, d: np.ndarray) -> np.ndarray:
     return breaks
 
 
+def _run_count(s: np.ndarray, d: np.ndarray) -> int:
+    """How many runs of blocks consecutive on both sides the lists hold."""
+    return 1 + int(_run_breaks(s, d).size) if s.size else 0
+
+
 class _SharedPrefix:
     """Views of the first ``n`` entries of one read-only int64 array made by ``make(size)``,
     regrown past its size: constant arrays handed out without building them per call."""
@@ -475,11 +480,10 @@ def transfer_shape(src: LayoutGeometry, dst: LayoutGeometry, src_blocks: np.ndar
     nbytes = n * block_nbytes
     if enough is not None and n > _PREFIX:
         # runs among the first ids <= runs among all: a lower bound of the source runs
-        some = _source_runs(pairs, 1 + _run_breaks(src_blocks[:_PREFIX], dst_blocks[:_PREFIX]).size, n)
+        some = _source_runs(pairs, _run_count(src_blocks[:_PREFIX], dst_blocks[:_PREFIX]), n)
         if some >= enough(nbytes):
             return nbytes, some
-    runs = 1 + _run_breaks(src_blocks, dst_blocks).size if n else 0
-    return nbytes, _source_runs(pairs, runs, n)
+    return nbytes, _source_runs(pairs, _run_count(src_blocks, dst_blocks), n)
 
 
 def plan_transfer(

@@ -148,12 +148,21 @@ def test_ucx_early_decision_from_a_prefix_of_the_ids_is_the_exact_ones(memory):
                ucx_config(mode=TransferMode.PACKED), ucx_config(mode=TransferMode.DIRECT)]
     seen = set()
     for cfg in configs:
-        be = SimpleNamespace(config=cfg, layout=SimpleNamespace(memory=kind))
+        be = UcxBackend.__new__(UcxBackend)  # the decision's methods only, no UCX context
+        be.config, be.layout = cfg, SimpleNamespace(memory=kind)
         for n in (1, 70, 600, 2000):
             for trial in range(4):
                 s = rng.choice(2048, n, replace=False) if trial % 2 else np.arange(n)
                 d = rng.choice(2048, n, replace=False) if trial > 1 else np.arange(n) + (2048 - n)
-                exact = UcxBackend._packs(be, *transfer_shape(g, g, s, d))
+                nbytes, nruns = transfer_shape(g, g, s, d)
+                exact = UcxBackend._packs(be, nbytes, nruns)
+                # the packing rules as documented (ucx_config / docs/ucx.md)
+                if cfg.mode is not TransferMode.AUTO:
+                    rule = cfg.mode is TransferMode.PACKED
+                else:
+                    rule = (nruns >= cfg.pack_min_ranges and nbytes <= cfg.staging_max
+                            and (kind is MemoryKind.CUDA or nbytes < cfg.pack_below * nruns))
+                assert exact == rule, (cfg, n, trial)
                 early = transfer_shape(g, g, s, d, enough=lambda b: UcxBackend._runs_deciding(be, b))
                 assert UcxBackend._packs(be, *early) == exact, (cfg, n, trial)
                 seen.add(exact)

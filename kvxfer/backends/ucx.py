@@ -244,23 +244,28 @@ class UcxBackend(Backend):
         mode = self.config.mode
         if mode is not TransferMode.AUTO:
             return mode is TransferMode.PACKED
+        need = self._runs_to_pack(nbytes)
+        return need is not None and nruns >= need
+
+    def _runs_to_pack(self, nbytes: int) -> int | None:
+        """AUTO: the fewest contiguous ranges from which a transfer of ``nbytes`` packs (more
+        ranges only make packing likelier); None when it never packs."""
+        cfg = self.config
+        if nbytes > cfg.staging_max:
+            return None
         if self.layout is not None and self.layout.memory is MemoryKind.CUDA:
             # GPU memory: one gather launch and one large RMA beat thousands of RMAs posted from
             # Python (BENCHMARKS.md: 2.7 GB/s for 32 KiB gets one by one, 254 GB/s for one 256 MiB get)
-            return nruns >= self.config.pack_min_ranges and nbytes <= self.config.staging_max
-        return (nruns >= self.config.pack_min_ranges and nbytes < self.config.pack_below * nruns
-                and nbytes <= self.config.staging_max)
+            return cfg.pack_min_ranges
+        # host memory: also the ranges must average under pack_below bytes
+        return max(cfg.pack_min_ranges, nbytes // cfg.pack_below + 1) if cfg.pack_below else None
 
     def _runs_deciding(self, nbytes: int) -> int:
         """The run count from which :meth:`_packs` gives ``nbytes`` the same answer for every
-        larger count (its rules only ever turn to packing as runs grow): 0 when runs never
-        change it."""
-        cfg = self.config
-        if cfg.mode is not TransferMode.AUTO or nbytes > cfg.staging_max:
+        larger count: 0 when runs never change it."""
+        if self.config.mode is not TransferMode.AUTO:
             return 0
-        if self.layout is not None and self.layout.memory is MemoryKind.CUDA:
-            return cfg.pack_min_ranges
-        return max(cfg.pack_min_ranges, nbytes // cfg.pack_below + 1) if cfg.pack_below else 0
+        return self._runs_to_pack(nbytes) or 0
 
     def _make_ep(self, addr: bytes, peer: PeerMetadata) -> tuple[Any, bool]:
         mode = self.config.error_handling

@@ -139,6 +139,14 @@ class _Xfer:
     ready: Any = None  # GPU memory: the caller's stream event our accesses wait for
     marks: _Marks | None = None  # ms since the handle was created (DEBUG logging only)
 
+    def report(self, exc: KvxferError) -> None:
+        """Fail the handle with ``exc``; a read started early without one yet keeps it for
+        :meth:`UcxLink._attached` to report."""
+        if self.handle is None:
+            self.error = exc
+        else:
+            self.handle.set_failed(exc)
+
 
 @dataclass(eq=False)
 class _Serving:
@@ -472,10 +480,7 @@ class UcxLink(BackendLink):
 
     def _fail(self, x: _Xfer, exc: KvxferError) -> None:
         self._release(x)
-        if x.handle is None:  # started early, not attached yet: _attached reports it
-            x.error = exc
-        else:
-            x.handle.set_failed(exc)
+        x.report(exc)
 
     def _on_handle_done(self, x: _Xfer, h: TransferHandle) -> None:
         if isinstance(h.exception(), TransferTimeoutError) and not x.finished:
@@ -671,10 +676,7 @@ class UcxLink(BackendLink):
         self.ready.set()
         for x in mine:
             x.finished = True
-            if x.handle is None:  # started early, not attached yet: _attached reports it
-                x.error = err
-            else:
-                x.handle.set_failed(err)
+            x.report(err)
         self.backend.forget(self)
         self.backend.local.link_lost(self, err)
         for rkey in self._staging_rkeys.values():
