@@ -214,13 +214,24 @@ def launch_with_params(spec: KernelSpec, device: int, ctas: int, params: np.ndar
             cupy.cuda.driver.launchKernel(*args)
 
 
+def _jobs_offset(tasks: np.ndarray) -> int:
+    """Where the jobs start in a payload: after the tasks, 64-byte aligned."""
+    return -(-tasks.nbytes // 64) * 64
+
+
+def _write_payload(view: np.ndarray, djobs: np.ndarray, tasks: np.ndarray) -> None:
+    """Tasks then jobs (at :func:`_jobs_offset`) written into the byte array ``view``."""
+    head = _jobs_offset(tasks)
+    view[: tasks.nbytes] = tasks.view(np.uint8)
+    view[tasks.nbytes : head] = 0
+    view[head : head + djobs.nbytes] = djobs.view(np.uint8)
+
+
 def _payload(djobs: np.ndarray, tasks: np.ndarray) -> tuple[np.ndarray, int]:
-    """Tasks then jobs in one byte array (jobs 64-byte aligned); returns it and the jobs' offset."""
-    head = -(-tasks.nbytes // 64) * 64
-    buf = np.zeros(head + djobs.nbytes, dtype=np.uint8)
-    buf[: tasks.nbytes] = tasks.view(np.uint8)
-    buf[head:] = djobs.view(np.uint8)
-    return buf, head
+    """Tasks then jobs in one new byte array; returns it and the jobs' offset."""
+    buf = np.empty(_jobs_offset(tasks) + djobs.nbytes, dtype=np.uint8)
+    _write_payload(buf, djobs, tasks)
+    return buf, _jobs_offset(tasks)
 
 
 class _Resolved:
@@ -510,12 +521,13 @@ def copy_jobs(jobs: np.ndarray, src_bases: Any, dst_bases: Any, *, stream: Any =
     cupy = _cupy()
     sptr = _stream_ptr(stream, objs, dev)
     st = _state(dev, sptr)
-    buf, jobs_off = _payload(res.djobs, res.spans)
+    jobs_off = _jobs_offset(res.spans)
+    nbytes = jobs_off + res.djobs.nbytes
     with st.lock, cupy.cuda.Device(dev):
         cstream = _cupy_stream(sptr, dev)
         _check_not_capturing(sptr, "copy_jobs")
-        mem = _device_buffer(st, buf.nbytes, cstream)
-        _upload(st, buf.nbytes, lambda view: np.copyto(view, buf), int(mem.ptr), sptr, cstream,
+        mem = _device_buffer(st, nbytes, cstream)
+        _upload(st, nbytes, lambda view: _write_payload(view, res.djobs, res.spans), int(mem.ptr), sptr, cstream,
                 f"job records to cuda:{dev}")
         _launch(spec, dev, res.ctas, res.warps, int(mem.ptr), jobs_off, sptr)
 
