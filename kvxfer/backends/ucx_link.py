@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -494,8 +494,8 @@ class UcxLink(BackendLink):
         staged (LANDED after each piece's flush); a write is fetched piece by piece as the
         initiator says READY, and each piece scattered as it arrives (DONE at the end).
         ``arrived``: when the progress thread received the request (tracing). ``inline``: we
-        are on the progress thread in the idle work thread's place (UcxBackend._serve_inline);
-        a read's pieces are all put from here, without waiting for the worker's lock."""
+        are on the progress thread in the idle work thread's place (UcxBackend._serve_inline):
+        a read's first piece is put from here, the rest from the work thread."""
         marks = _Marks.start(arrived or time.perf_counter())
         if marks:
             marks("work thread")
@@ -533,11 +533,19 @@ class UcxLink(BackendLink):
             marks("pieces prepared")
         if req.op is Op.WRITE:
             return  # READY messages drive it
-        for lo, hi in s.pieces.gather_staged():
+        self._put_staged(s, s.pieces.gather_staged(), first_only=inline)
+
+    def _put_staged(self, s: _Serving, staged: Iterator[tuple[int, int]], first_only: bool = False) -> None:
+        """Packed read, responder: put each piece into the initiator's buffer as ``staged``
+        yields it (in the buffer); ``first_only``: the first here, the rest from the work thread."""
+        for lo, hi in staged:
             if self._closed or not self._post(True, s, lo, hi, self._put_flushed):
                 return
-            if marks:
-                marks("put")
+            if s.marks:
+                s.marks("put")
+            if first_only:
+                self.backend.defer(self._put_staged, s, staged)
+                return
 
     def _post(self, put: bool, s: _Serving, lo: int, hi: int, then: Any) -> bool:
         """Move staged bytes [lo, hi) between the two buffers (put: ours to the initiator's),
