@@ -322,65 +322,6 @@ def test_malformed_control_messages_are_dropped(ucx_tls, local_factory, caplog):
     assert block_bytes(tb, bd, [2]) == block_bytes(ta, bd, [1])
 
 
-def test_requests_served_inline_on_the_progress_thread(ucx_tls, monkeypatch, local_factory, caplog):
-    """A GPU responder begins a packed request on the progress thread while its work thread is
-    idle (UcxBackend._serve_inline). Forced on here for host memory: reads and writes, one at a
-    time and several in flight, move every byte; a refused and a malformed request are handled
-    as on the work thread (ERR; the link dropped)."""
-    _set_mode(monkeypatch, "packed-pieces")
-    spec = LayoutSpec("kv_first", 128, layers=2, block_size=16, heads=2, head_dim=32)
-    a, ta, bd = local_factory("a", spec, 1)
-    b, tb, _ = local_factory("b", spec, 2)
-    served = b._backends["ucx"]
-    assert served.config.inline_requests and not served._serves_inline  # host memory: off
-    served._serves_inline = True
-    threads: list[str] = []
-    inline = served._serve_inline
-
-    def counted(link, h, arrived):
-        threads.append(threading.current_thread().name)
-        inline(link, h, arrived)
-
-    monkeypatch.setattr(served, "_serve_inline", counted)
-    p = a.connect(b.metadata())
-    rng = np.random.default_rng(7)
-    for _ in range(3):
-        src, dst = rng.permutation(128)[:40], rng.permutation(128)[:40]
-        a.read(p, src, dst).wait(30)
-        assert block_bytes(ta, bd, dst) == block_bytes(tb, bd, src)
-        a.write(p, dst[:20], src[:20]).wait(30)
-        assert block_bytes(tb, bd, src[:20]) == block_bytes(ta, bd, dst[:20])
-    assert threads and served._thread.name not in threads
-    # several in flight: each request is served inline or on the work thread, never both at once
-    ids = rng.permutation(128)
-    reads = [a.read(p, ids[:30], d) for d in ids[30:120].reshape(3, 30)]
-    for h in reads:
-        h.wait(30)
-    assert all(block_bytes(ta, bd, d) == block_bytes(tb, bd, ids[:30]) for d in ids[30:120].reshape(3, 30))
-    # refused inline: the initiator gets the responder's BlockIdError
-    link, be = p.link, p.link.backend
-    got, ev = [], threading.Event()
-    link._on_err = lambda xid, kind, msg: (got.append((xid, kind)), ev.set())
-    stg = be.staging().get(4096)
-    n = len(threads)
-    be.defer(link.send, kvxfer.backends.ucx.Msg.REQ, {
-        "x": 9001, "op": "r", "sb": np.asarray([0, 500], "<i8").tobytes(), "db": np.asarray([0, 1], "<i8").tobytes(),
-        "l": None, "n": None, "a": stg.address, "k": stg.rkey, "b": 4096})
-    assert ev.wait(10) and got == [(9001, "BlockIdError")] and len(threads) == n + 1
-    # malformed inline: dropped like any protocol violation, on the work thread
-    with caplog.at_level(logging.WARNING, logger="kvxfer"):
-        junk = msgpack.packb({"v": 1, "t": int(kvxfer.backends.ucx.Msg.REQ), "s": be.session, "x": "no"})
-        be.defer(lambda: be.ucp.am_send(link.ep_handle, 17, junk, lambda st: None) or be.wake())
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not any("dropping link" in r.getMessage() for r in caplog.records):
-            time.sleep(0.05)
-    assert any("dropping link" in r.getMessage() for r in caplog.records) and len(threads) == n + 2
-    p2 = a.connect(b.metadata())
-    a.write(p2, [5], [6]).wait(10)
-    assert block_bytes(tb, bd, [6]) == block_bytes(ta, bd, [5])
-    be.staging().put(stg)
-
-
 @pytest.mark.parametrize("mode", ["direct", "packed"])
 @pytest.mark.parametrize("tls", ["tcp", "tcp,sm"])
 def test_peer_killed_fails_pending_handles(mode, tls, monkeypatch, local_factory):

@@ -120,10 +120,6 @@ class UcxBackend(Backend):
         self._pool: StagingPool | None = None
         self._packer: Packer | None = None
         self._work: queue.SimpleQueue = queue.SimpleQueue()
-        self._queued = 0  # work items deferred and not yet finished (under _queued_lock)
-        self._queued_lock = threading.Lock()
-        self._working = threading.Lock()  # held while a work item runs, or a request is served inline
-        self._serves_inline = False  # see _serve_inline; set when a GPU layout is registered
         self._am_cb = self.ucp.set_am_handler(self._worker_h, proto.AM_ID, self._on_am)
         self._polling = self._wants_polling(local.layout)
         self._worker.start_progress_thread(polling_mode=self._polling, epoll_timeout=self.config.wakeup_ms)
@@ -143,50 +139,26 @@ class UcxBackend(Backend):
 
     def defer(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the work thread (never on the progress thread)."""
-        with self._queued_lock:
-            self._queued += 1
-            self._work.put((fn, args))
+        self._work.put((fn, args))
 
     def _work_loop(self) -> None:
         while True:
             item = self._work.get()
             if item is None:
                 return
-            with self._working:
-                self._run(*item)
-            with self._queued_lock:
-                self._queued -= 1
-
-    def _claim_idle(self) -> bool:
-        """Progress thread: take the work thread's place if it is idle, with nothing queued
-        (so nothing deferred earlier can run after what runs now); :meth:`_working` is then
-        held until released. False: it is busy, hand the work over as usual."""
-        if not self._working.acquire(blocking=False):
-            return False
-        with self._queued_lock:
-            idle = self._queued == 0
-        if not idle:
-            self._working.release()
-        return idle
-
-    @staticmethod
-    def _reraise(exc: BaseException, link: UcxLink) -> None:
-        raise exc
-
-    def _run(self, fn: Callable[..., Any], args: tuple) -> None:
-        """Run one work item; a peer's protocol violation drops its link, other errors are logged."""
-        try:
-            fn(*args)
-        except RemoteProtocolError as exc:
-            # the link is an argument, or the object whose bound method this is (link.on_message)
-            link = next((a for a in (*args, getattr(fn, "__self__", None)) if isinstance(a, UcxLink)), None)
-            log.warning("dropping link to %r: %s", getattr(getattr(link, "peer", None), "name", "?"), exc)
-            if link is not None:
-                link.close(PeerLostError(f"link to {link.peer.name!r} dropped: {exc}"))
-        except KvxferError as exc:
-            log.warning("UCX work item failed: %s", exc)
-        except Exception:
-            log.exception("unexpected error in the UCX work thread")
+            fn, args = item
+            try:
+                fn(*args)
+            except RemoteProtocolError as exc:
+                # the link is an argument, or the object whose bound method this is (link.on_message)
+                link = next((a for a in (*args, getattr(fn, "__self__", None)) if isinstance(a, UcxLink)), None)
+                log.warning("dropping link to %r: %s", getattr(getattr(link, "peer", None), "name", "?"), exc)
+                if link is not None:
+                    link.close(PeerLostError(f"link to {link.peer.name!r} dropped: {exc}"))
+            except KvxferError as exc:
+                log.warning("UCX work item failed: %s", exc)
+            except Exception:
+                log.exception("unexpected error in the UCX work thread")
 
     def _watch_loop(self) -> None:
         # same-host peers on links without UCX error handling: is their process still there?
@@ -213,25 +185,7 @@ class UcxBackend(Backend):
         if link is None:
             log.info("dropping %s from unknown session %r", kind.name, session)
             return
-        arrived = time.perf_counter()
-        if kind is Msg.REQ and self._serves_inline and self._claim_idle():
-            self._serve_inline(link, h, arrived)
-            return
-        self.defer(link.on_message, kind, h, arrived)
-
-    def _serve_inline(self, link: UcxLink, h: dict, arrived: float) -> None:
-        """Progress thread, holding the idle work thread's place: begin serving a packed
-        request here, on the thread that is awake and hot (busy-polling), instead of waking the
-        work thread. On 2x H200 the responder's host steps (plan, records, launches) take about
-        2.5x longer on a thread that slept than back to back. The request's pieces go on in
-        the work thread (:meth:`UcxLink.on_request`, ``inline``); an error goes there too, to
-        be handled like any work item's (closing a link must not run on this thread)."""
-        try:
-            link.on_request(h, arrived, inline=True)
-        except Exception as exc:
-            self.defer(self._reraise, exc, link)
-        finally:
-            self._working.release()
+        self.defer(link.on_message, kind, h, time.perf_counter())
 
     # -- Backend interface -------------------------------------------------------------------
     def endpoint(self) -> dict[str, Any]:
@@ -264,7 +218,6 @@ class UcxBackend(Backend):
             self._regions.append(_ucp.MemRegion(int(addr), t.span, memh, self.ucp.rkey_pack(self._ctx_h, memh)))
             self.tensor_params.append(self.ucp.request_param(memh))
         self.layout = layout
-        self._serves_inline = self.config.inline_requests and layout.memory is MemoryKind.CUDA
 
     def staging(self) -> StagingPool:
         """The registered staging buffers (made at first use, from any thread)."""

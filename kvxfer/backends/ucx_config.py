@@ -68,8 +68,6 @@ class UcxConfig:
     chunk_bytes: int = 256 << 20  # packed transfers move in up to ~4 pipelined pieces of at most this size
     wakeup_ms: int = 50  # progress thread's epoll timeout: a safety net, not a poll
     progress: Progress = Progress.AUTO  # progress thread: sleep in epoll or busy-poll (see Progress)
-    inline_requests: bool = True  # GPU memory: begin serving a packed request on the progress thread
-    # when the work thread is idle (UcxBackend._on_am); False: always hand it to the work thread
     liveness_interval: float = 0.5  # seconds between pid checks of same-host peers (NONE)
     close_timeout: float = 2.0  # seconds an endpoint close may take
 

@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -488,14 +488,12 @@ class UcxLink(BackendLink):
             self.backend.defer(self.close, PeerLostError(f"link to {self.peer.name!r} closed after a transfer timed out"))
 
     # -- responder --------------------------------------------------------------------------
-    def on_request(self, h: dict, arrived: float = 0.0, inline: bool = False) -> None:
+    def on_request(self, h: dict, arrived: float = 0.0) -> None:
         """Work thread: serve a packed transfer the peer asked for (validated first). A read is
         gathered piece by piece and each piece put into the initiator's buffer as soon as it is
         staged (LANDED after each piece's flush); a write is fetched piece by piece as the
         initiator says READY, and each piece scattered as it arrives (DONE at the end).
-        ``arrived``: when the progress thread received the request (tracing). ``inline``: we
-        are on the progress thread in the idle work thread's place (UcxBackend._serve_inline):
-        a read's first piece is put from here, the rest from the work thread."""
+        ``arrived``: when the progress thread received the request (tracing)."""
         marks = _Marks.start(arrived or time.perf_counter())
         if marks:
             marks("work thread")
@@ -533,19 +531,13 @@ class UcxLink(BackendLink):
             marks("pieces prepared")
         if req.op is Op.WRITE:
             return  # READY messages drive it
-        self._put_staged(s, s.pieces.gather_staged(), first_only=inline)
-
-    def _put_staged(self, s: _Serving, staged: Iterator[tuple[int, int]], first_only: bool = False) -> None:
-        """Packed read, responder: put each piece into the initiator's buffer as ``staged``
-        yields it (in the buffer); ``first_only``: the first here, the rest from the work thread."""
-        for lo, hi in staged:
-            if self._closed or not self._post(True, s, lo, hi, self._put_flushed):
+        for lo, hi in s.pieces.gather_staged():
+            if self._closed:
                 return
-            if s.marks:
-                s.marks("put")
-            if first_only:
-                self.backend.defer(self._put_staged, s, staged)
+            if not self._post(True, s, lo, hi, self._put_flushed):
                 return
+            if marks:
+                marks("put")
 
     def _post(self, put: bool, s: _Serving, lo: int, hi: int, then: Any) -> bool:
         """Move staged bytes [lo, hi) between the two buffers (put: ours to the initiator's),
@@ -554,8 +546,8 @@ class UcxLink(BackendLink):
         try:
             ucp.post_rma(put, self.ep_handle, [s.staging.address + lo], [s.address + lo], [hi - lo], [s.rkey],
                          [ucp.request_param(s.staging.memh)])
-        except _ucp.UcxCallError as exc:  # closed from the work thread (this may be the progress thread)
-            self.backend.defer(self.close, PeerLostError(f"RMA with {self.peer.name!r} failed: {exc}"))
+        except _ucp.UcxCallError as exc:
+            self.close(PeerLostError(f"RMA with {self.peer.name!r} failed: {exc}"))
             return False
         ucp.flush(self.ep_handle, lambda st: then(s, hi, st))
         self.backend.wake()

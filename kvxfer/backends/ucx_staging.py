@@ -163,21 +163,16 @@ class _Pieces:
                                    bounds=[b[:2] for b in bounds], stream=packer._gpu_stream(), device=lay.device)
 
     def gather_staged(self) -> Iterator[tuple[int, int]]:
-        """Start gathering now; the iterator yields each piece's stream bytes (lo, hi) as soon
-        as that piece is in the buffer.
+        """Yield each piece's stream bytes (lo, hi) as soon as that piece is in the buffer.
 
-        GPU: two gathers are queued ahead (both launched before this returns), the next one
-        launched while the GPU runs the current one, so when piece i is yielded (and put on
-        the wire) piece i + 1 is already gathering and its launch (~20 us of host time) is off
-        the wire's path; the first piece still moves after one gather. Host memory: a gather
-        is the copy itself, so the first happens here and piece i + 1 is gathered only after
-        piece i has been yielded."""
-        ahead = 2 if self._gpu is not None else 1
-        tokens = [self.launch(i) for i in range(min(ahead, len(self._bounds)))]
-        return self._staged(tokens, ahead)
-
-    def _staged(self, tokens: list[Any], ahead: int) -> Iterator[tuple[int, int]]:
+        GPU: two gathers are queued ahead, the next one launched while the GPU runs the
+        current one, so when piece i is yielded (and put on the wire) piece i + 1 is already
+        gathering and its launch (~20 us of host time) is off the wire's path; the first
+        piece still moves after one gather. Host memory: a gather is the copy itself, so
+        piece i + 1 is gathered only after piece i has been yielded."""
         n = len(self._bounds)
+        ahead = 2 if self._gpu is not None else 1
+        tokens = [self.launch(i) for i in range(min(ahead, n))]
         for i, (_, _, lo, hi) in enumerate(self._bounds):
             self._packer.wait(tokens[i])
             yield lo, hi
