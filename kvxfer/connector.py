@@ -297,7 +297,8 @@ class Connector:
             reshard=reshard,
         )
         backend = self._backends[peer.backend]
-        early = backend.start_early(peer.link, req)  # the peer may start while we plan
+        timeout = timeout if timeout is not None else self.config.timeout
+        early = backend.start_early(peer.link, req, timeout)  # the peer may start while we plan
         try:
             plan = plan_for_initiator(self._layout, peer.metadata, req)
         except BaseException:
@@ -305,7 +306,7 @@ class Connector:
                 backend.abandon_early(early)
             raise
         handle = TransferHandle(op, peer.name, plan.nbytes, peer.backend, req.dst_blocks)
-        self._watchdog.add(handle, timeout if timeout is not None else self.config.timeout)
+        self._watchdog.add(handle, timeout)
         if early is not None:
             backend.submit_early(early, plan, handle)
         else:

@@ -184,6 +184,29 @@ def test_a_read_started_early_whose_plan_fails_touches_nothing(bad, ucx_tls, mon
         peer.close()
 
 
+def test_an_abandoned_read_the_peer_never_finishes_closes_the_link_after_its_timeout(monkeypatch, local_factory):
+    # the request is out before our plan refuses the ids; a peer that then never answers must
+    # not hold our staging buffer forever: after the read's timeout the link is closed
+    _set_mode(monkeypatch, "packed-pieces")
+    monkeypatch.setenv("UCX_TLS", "tcp")
+    spec = LayoutSpec("kv_first", 64, layers=2, block_size=16, heads=2, head_dim=32)
+    a, *_ = local_factory("a", spec, 1)
+    b, *_ = local_factory("b", spec, 2)
+    p = a.connect(b.metadata())
+    (served,) = b._backends["ucx"]._links.values()
+    requests: list[int] = []
+    served.on_request = lambda h, arrived=0.0: requests.append(h["x"])  # b hears the request, never answers
+    t0 = time.monotonic()
+    with pytest.raises(BlockIdError, match="duplicates"):
+        a.read(p, np.arange(10, 40), np.r_[np.arange(0, 29), 3], timeout=0.5)
+    deadline = time.monotonic() + 10
+    while not p.link.closed and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert requests and p.link.closed and time.monotonic() - t0 >= 0.5
+    with pytest.raises(PeerLostError):
+        a.read(p, [1], [2]).wait(10)
+
+
 @pytest.mark.parametrize("pieces", [False, True], ids=["one-piece", "pieces"])
 def test_packed_transfers_in_flight_together_every_byte(pieces, ucx_tls, monkeypatch, local_factory):
     # several packed reads and writes at once (disjoint destinations): staging buffers, pieces

@@ -166,12 +166,13 @@ class Backend(ABC):
     def submit(self, link: BackendLink, req: TransferRequest, plan: TransferPlan, handle: TransferHandle) -> None:
         """Start moving ``plan``'s bytes; complete or fail ``handle`` later, from any thread."""
 
-    def start_early(self, link: BackendLink, req: TransferRequest) -> Any:
+    def start_early(self, link: BackendLink, req: TransferRequest, timeout: float) -> Any:
         """Optionally start ``req`` before the caller has planned (validated) it, where the
         peer can begin meanwhile. Returns a token for :meth:`submit_early` (plan made) or
         :meth:`abandon_early` (planning failed), or None: not started, use :meth:`submit`.
         A backend that starts early must touch none of the caller's memory before
-        :meth:`submit_early`."""
+        :meth:`submit_early`. ``timeout``: the transfer's deadline in seconds, which bounds
+        how long an abandoned one may keep anything of ours."""
         return None
 
     def submit_early(self, early: Any, plan: TransferPlan, handle: TransferHandle) -> None:

@@ -360,7 +360,7 @@ class UcxBackend(Backend):
 
         return caller_ready_event(self.layout)
 
-    def start_early(self, link: BackendLink, req: TransferRequest) -> Any:
+    def start_early(self, link: BackendLink, req: TransferRequest, timeout: float) -> Any:
         """A packed read's request goes out before the caller's plan is made: the peer starts
         staging while we validate and plan (0.2-0.4 ms of a 1 GiB read on 2x H200). Only where
         the plan is sure to move packed: same decision (:meth:`_packs`) from the transfer's
@@ -373,7 +373,7 @@ class UcxBackend(Backend):
                                enough=self._runs_deciding)
         if shape is None or shape[0] == 0 or not self._packs(*shape):
             return None
-        x = link.start_packed_early(req, shape[0])
+        x = link.start_packed_early(req, shape[0], timeout)
         if x is None:
             return None
         try:  # recorded after the post: the request is on the read's critical path, the event is not
@@ -390,7 +390,8 @@ class UcxBackend(Backend):
 
     def abandon_early(self, early: Any) -> None:
         """The caller's plan of an early-started transfer failed: nothing of ours is touched;
-        the staging buffer is kept until the peer is done with it."""
+        the staging buffer is kept until the peer is done with it (or the link is closed when
+        the peer is not done within the transfer's timeout: see :meth:`UcxLink.abandon`)."""
         link, x = early
         link.abandon(x)
 

@@ -138,6 +138,7 @@ class _Xfer:
     pieces: Any = None  # packed read: the prepared scatter
     ready: Any = None  # GPU memory: the caller's stream event our accesses wait for
     marks: _Marks | None = None  # ms since the handle was created (DEBUG logging only)
+    timeout: float = 0.0  # read started early: how long the peer may take once it is abandoned
 
     def report(self, exc: KvxferError) -> None:
         """Fail the handle with ``exc``; a read started early without one yet keeps it for
@@ -313,13 +314,14 @@ class UcxLink(BackendLink):
         if err is not None:  # this is the caller's thread: the handle reports it, as from the work thread
             self._fail(x, err)
 
-    def start_packed_early(self, req: TransferRequest, nbytes: int, ready: Any = None) -> _Xfer | None:
+    def start_packed_early(self, req: TransferRequest, nbytes: int, timeout: float) -> _Xfer | None:
         """Caller's thread: send a packed read's request before the caller's plan exists (see
         :meth:`UcxBackend.start_early`); the plan and handle follow with :meth:`attach`, or
         :meth:`abandon` when the plan fails. Nothing of ours is touched before :meth:`attach`:
         the peer only writes our staging buffer. None when the request could not go out (the
-        transfer then takes the usual path, which reports any real error)."""
-        x = _Xfer(req, None, None, nbytes, ready=ready, marks=_Marks.start(time.perf_counter()))
+        transfer then takes the usual path, which reports any real error). ``timeout``: see
+        :meth:`abandon`."""
+        x = _Xfer(req, None, None, nbytes, marks=_Marks.start(time.perf_counter()), timeout=timeout)
         err = self._send_request(x)
         if err is not None:
             log.debug("not starting transfer %d early: %s", req.xfer_id, err)
@@ -371,13 +373,23 @@ class UcxLink(BackendLink):
 
     def abandon(self, x: _Xfer) -> None:
         """The caller's plan of a read started early failed: scatter nothing; give the staging
-        buffer back once the peer has put every byte in it (or refused, or the link closed)."""
+        buffer back once the peer has put every byte in it (or refused, or the link closed).
+        A peer not done within the read's timeout gets the link closed: its puts could still
+        land in our buffer, which is therefore never reused."""
         self.backend.defer(self._abandoned, x)
+        timer = threading.Timer(x.timeout, self.backend.defer, (self._abandoned_expired, x))
+        timer.daemon = True
+        timer.start()
 
     def _abandoned(self, x: _Xfer) -> None:
         x.abandoned = True
         if not x.finished and x.landed == x.nbytes:
             self._release(x)
+
+    def _abandoned_expired(self, x: _Xfer) -> None:
+        if not x.finished:
+            self.close(PeerLostError(f"peer {self.peer.name!r} did not finish transfer {x.req.xfer_id} within "
+                                     f"{x.timeout:g} s (abandoned: our plan failed); link closed"))
 
     def _prepare_packed(self, x: _Xfer) -> None:
         """Work thread: our side of a packed transfer whose request is out (see start_packed),
