@@ -203,6 +203,12 @@ def test_an_abandoned_read_the_peer_never_finishes_closes_the_link_after_its_tim
     while not p.link.closed and time.monotonic() < deadline:
         time.sleep(0.02)
     assert requests and p.link.closed and time.monotonic() - t0 >= 0.5
+    # its staging buffer is held, registered, never handed out again while the connector lives
+    pool = a._backends["ucx"].staging()
+    (held,) = pool.held
+    fresh = pool.get(held.nbytes)
+    assert fresh.address != held.address and fresh.nbytes == held.nbytes
+    pool.put(fresh)
     with pytest.raises(PeerLostError):
         a.read(p, [1], [2]).wait(10)
 
@@ -313,6 +319,7 @@ def test_remote_checks_its_own_bounds_before_touching_memory(ucx_tls, monkeypatc
                 "a": stg.address, "k": stg.rkey, "b": nbytes})
             assert ev.wait(10), f"no refusal for {xid}"
             assert got[-1][0] == xid and got[-1][1] == "BlockIdError"
+            link.backend.staging().put(stg)
         assert peer.call("blocks", list(range(16)), None) == before
         local.write(p, [3], [4]).wait(10)
         assert peer.call("blocks", [4], None) == block_bytes(tensors, bd, [3])
@@ -373,6 +380,9 @@ def test_peer_killed_fails_pending_handles(mode, tls, monkeypatch, local_factory
     while time.monotonic() < deadline and not p.closed:
         time.sleep(0.05)
     assert p.closed, "the link to a killed peer must close"
+    if mode == "packed":  # each transfer the kill cut off keeps its staging buffer out of reuse
+        cut = sum(h.status is kvxfer.TransferStatus.FAILED for h in handles)
+        assert len(local._backends["ucx"].staging().held) == cut
     with pytest.raises(PeerLostError):
         local.read(p, [0], [0])
 

@@ -157,7 +157,7 @@ class _Serving:
     op: Op
     plan: TransferPlan
     notify: bytes | None
-    staging: Staging
+    staging: Staging | None  # None once held by the link's close (_hold_staging)
     rkey: int
     address: int = 0  # the initiator's staging buffer
     chunks: list = field(default_factory=list)
@@ -555,6 +555,8 @@ class UcxLink(BackendLink):
         """Move staged bytes [lo, hi) between the two buffers (put: ours to the initiator's),
         then ``then(s, hi, status)`` on the progress thread once they are remotely complete."""
         ucp = self.backend.ucp
+        if s.staging is None:  # the link closed (its buffer is held)
+            return False
         try:
             ucp.post_rma(put, self.ep_handle, [s.staging.address + lo], [s.address + lo], [hi - lo], [s.rkey],
                          [ucp.request_param(s.staging.memh)])
@@ -683,12 +685,13 @@ class UcxLink(BackendLink):
                 return
             self._closed = True
             mine, self._mine = list(self._mine.values()), {}
-            self._serving = {}  # their staging is not reused: UCX may still touch it
+            serving, self._serving = list(self._serving.values()), {}
         err = exc or PeerLostError(f"link to {self.peer.name!r} closed")
         self.ready.set()
         for x in mine:
             x.finished = True
             x.report(err)
+        self._hold_staging([*mine, *serving])
         self.backend.forget(self)
         self.backend.local.link_lost(self, err)
         for rkey in self._staging_rkeys.values():
@@ -699,6 +702,21 @@ class UcxLink(BackendLink):
                 self.backend.ucp.rkey_destroy(k.rkey)
             self._rkeys = None
         self.backend.close_endpoint(self.ep, failed=self.ep_failed)
+
+    def _hold_staging(self, cut: list[_Xfer | _Serving]) -> None:
+        """The staging buffers of transfers cut off by the close: the peer, or an RMA of ours
+        still in flight, may yet write them, so they are held until the connector closes
+        (:meth:`StagingPool.hold`), not reused or freed."""
+        held = [t.staging for t in cut if t.staging is not None]
+        if not held:
+            return
+        for t in cut:
+            t.staging = None  # a late completion must not hand it back to the pool
+        pool = self.backend.staging()
+        for s in held:
+            pool.hold(s)
+        log.info("link to %r closed with %d transfers unfinished: holding their %d B of staging until the "
+                 "connector closes", self.peer.name, len(held), sum(s.nbytes for s in held))
 
     def hello(self, meta: bytes, addr: bytes) -> None:
         """Work thread: unpack the peer's rkeys and send HELLO."""

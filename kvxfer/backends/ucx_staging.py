@@ -41,6 +41,7 @@ class StagingPool:
     def __init__(self, ucp: _ucp.Ucp, context: int, memory: MemoryKind, device: int, keep: int):
         self._ucp, self._ctx, self._memory, self._device, self._keep = ucp, context, memory, device, keep
         self._free: list[Staging] = []
+        self._held: list[Staging] = []
         self._lock = threading.Lock()
 
     def get(self, nbytes: int) -> Staging:
@@ -68,10 +69,24 @@ class StagingPool:
                 return
         self._ucp.mem_unmap(self._ctx, s.memh)
 
+    def hold(self, s: Staging) -> None:
+        """Keep ``s`` allocated and registered, never reused, until :meth:`close`: a buffer of
+        a transfer cut off by its link's close, which the peer (or an RMA of ours still in
+        flight) may yet write. Freed, its memory would go back to the allocator while UCX
+        still has it registered."""
+        with self._lock:
+            self._held.append(s)
+
+    @property
+    def held(self) -> tuple[Staging, ...]:
+        """The buffers :meth:`hold` keeps."""
+        with self._lock:
+            return tuple(self._held)
+
     def close(self) -> None:
         with self._lock:
-            free, self._free = self._free, []
-        for s in free:
+            done, self._free, self._held = self._free + self._held, [], []
+        for s in done:
             self._ucp.mem_unmap(self._ctx, s.memh)
 
 
