@@ -161,12 +161,17 @@ class UcxBackend(Backend):
                 log.exception("unexpected error in the UCX work thread")
 
     def _watch_loop(self) -> None:
+        # every liveness_interval: abandoned reads past their deadline (UcxLink.overdue), and
         # same-host peers on links without UCX error handling: is their process still there?
         while not self._stop.wait(self.config.liveness_interval):
             with self._lock:
-                links = [lk for lk in self._links.values() if not lk.error_handling]
+                links = list(self._links.values())
+            now = time.monotonic()
             for lk in links:
-                if lk.peer.boot_id == boot_id() and not _pid_alive(lk.peer.pid):
+                x = lk.overdue(now)
+                if x is not None:
+                    self.defer(lk.close_overdue, x)
+                if not lk.error_handling and lk.peer.boot_id == boot_id() and not _pid_alive(lk.peer.pid):
                     lk.ep_failed = True  # closing an endpoint to a dead peer without error handling may abort
                     self.defer(lk.close, PeerLostError(f"peer {lk.peer.name!r} (pid {lk.peer.pid}) is gone"))
 

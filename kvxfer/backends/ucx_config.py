@@ -68,7 +68,8 @@ class UcxConfig:
     chunk_bytes: int = 256 << 20  # packed transfers move in up to ~4 pipelined pieces of at most this size
     wakeup_ms: int = 50  # progress thread's epoll timeout: a safety net, not a poll
     progress: Progress = Progress.AUTO  # progress thread: sleep in epoll or busy-poll (see Progress)
-    liveness_interval: float = 0.5  # seconds between pid checks of same-host peers (NONE)
+    liveness_interval: float = 0.5  # seconds between the watch thread's checks: pids of same-host
+    # peers without error handling (NONE), deadlines of abandoned early reads
     close_timeout: float = 2.0  # seconds an endpoint close may take
 
     def __post_init__(self) -> None:

@@ -139,6 +139,7 @@ class _Xfer:
     ready: Any = None  # GPU memory: the caller's stream event our accesses wait for
     marks: _Marks | None = None  # ms since the handle was created (DEBUG logging only)
     timeout: float = 0.0  # read started early: how long the peer may take once it is abandoned
+    deadline: float = 0.0  # abandoned: when the peer must be done (time.monotonic), see overdue()
 
     def report(self, exc: KvxferError) -> None:
         """Fail the handle with ``exc``; a read started early without one yet keeps it for
@@ -374,19 +375,24 @@ class UcxLink(BackendLink):
     def abandon(self, x: _Xfer) -> None:
         """The caller's plan of a read started early failed: scatter nothing; give the staging
         buffer back once the peer has put every byte in it (or refused, or the link closed).
-        A peer not done within the read's timeout gets the link closed: its puts could still
-        land in our buffer, which is therefore never reused."""
+        A peer not done within the read's timeout gets the link closed (the backend's watch
+        thread looks for :meth:`overdue` reads): its puts could still land in our buffer,
+        which is therefore held, never reused."""
+        x.deadline = time.monotonic() + x.timeout
         self.backend.defer(self._abandoned, x)
-        timer = threading.Timer(x.timeout, self.backend.defer, (self._abandoned_expired, x))
-        timer.daemon = True
-        timer.start()
 
     def _abandoned(self, x: _Xfer) -> None:
         x.abandoned = True
         if not x.finished and x.landed == x.nbytes:
             self._release(x)
 
-    def _abandoned_expired(self, x: _Xfer) -> None:
+    def overdue(self, now: float) -> _Xfer | None:
+        """Any thread: an abandoned read of ours that the peer has not finished by its deadline."""
+        with self._lock:
+            return next((x for x in self._mine.values() if 0 < x.deadline < now and not x.finished), None)
+
+    def close_overdue(self, x: _Xfer) -> None:
+        """Work thread: close the link for :meth:`overdue` read ``x`` (unless it finished meanwhile)."""
         if not x.finished:
             self.close(PeerLostError(f"peer {self.peer.name!r} did not finish transfer {x.req.xfer_id} within "
                                      f"{x.timeout:g} s (abandoned: our plan failed); link closed"))
