@@ -138,8 +138,7 @@ class _Xfer:
     pieces: Any = None  # packed read: the prepared scatter
     ready: Any = None  # GPU memory: the caller's stream event our accesses wait for
     marks: _Marks | None = None  # ms since the handle was created (DEBUG logging only)
-    timeout: float = 0.0  # read started early: how long the peer may take once it is abandoned
-    deadline: float = 0.0  # abandoned: when the peer must be done (time.monotonic), see overdue()
+    deadline: float = 0.0  # read started early: its end by the caller's timeout (time.monotonic), see overdue()
 
     def report(self, exc: KvxferError) -> None:
         """Fail the handle with ``exc``; a read started early without one yet keeps it for
@@ -320,9 +319,9 @@ class UcxLink(BackendLink):
         :meth:`UcxBackend.start_early`); the plan and handle follow with :meth:`attach`, or
         :meth:`abandon` when the plan fails. Nothing of ours is touched before :meth:`attach`:
         the peer only writes our staging buffer. None when the request could not go out (the
-        transfer then takes the usual path, which reports any real error). ``timeout``: see
-        :meth:`abandon`."""
-        x = _Xfer(req, None, None, nbytes, marks=_Marks.start(time.perf_counter()), timeout=timeout)
+        transfer then takes the usual path, which reports any real error). ``timeout``: the
+        read's, which bounds an abandoned one (:meth:`abandon`)."""
+        x = _Xfer(req, None, None, nbytes, marks=_Marks.start(time.perf_counter()), deadline=time.monotonic() + timeout)
         err = self._send_request(x)
         if err is not None:
             log.debug("not starting transfer %d early: %s", req.xfer_id, err)
@@ -375,10 +374,9 @@ class UcxLink(BackendLink):
     def abandon(self, x: _Xfer) -> None:
         """The caller's plan of a read started early failed: scatter nothing; give the staging
         buffer back once the peer has put every byte in it (or refused, or the link closed).
-        A peer not done within the read's timeout gets the link closed (the backend's watch
+        A peer not done by the read's deadline gets the link closed (the backend's watch
         thread looks for :meth:`overdue` reads): its puts could still land in our buffer,
         which is therefore held, never reused."""
-        x.deadline = time.monotonic() + x.timeout
         self.backend.defer(self._abandoned, x)
 
     def _abandoned(self, x: _Xfer) -> None:
@@ -389,13 +387,13 @@ class UcxLink(BackendLink):
     def overdue(self, now: float) -> _Xfer | None:
         """Any thread: an abandoned read of ours that the peer has not finished by its deadline."""
         with self._lock:
-            return next((x for x in self._mine.values() if 0 < x.deadline < now and not x.finished), None)
+            return next((x for x in self._mine.values() if x.abandoned and x.deadline < now and not x.finished), None)
 
     def close_overdue(self, x: _Xfer) -> None:
         """Work thread: close the link for :meth:`overdue` read ``x`` (unless it finished meanwhile)."""
         if not x.finished:
-            self.close(PeerLostError(f"peer {self.peer.name!r} did not finish transfer {x.req.xfer_id} within "
-                                     f"{x.timeout:g} s (abandoned: our plan failed); link closed"))
+            self.close(PeerLostError(f"peer {self.peer.name!r} did not finish transfer {x.req.xfer_id} by its "
+                                     "timeout (abandoned: our plan failed); link closed"))
 
     def _prepare_packed(self, x: _Xfer) -> None:
         """Work thread: our side of a packed transfer whose request is out (see start_packed),
@@ -716,9 +714,9 @@ class UcxLink(BackendLink):
         held = [t.staging for t in cut if t.staging is not None]
         if not held:
             return
+        pool = self.backend.staging()
         for t in cut:
             t.staging = None  # a late completion must not hand it back to the pool
-        pool = self.backend.staging()
         for s in held:
             pool.hold(s)
         log.info("link to %r closed with %d transfers unfinished: holding their %d B of staging until the "
