@@ -257,17 +257,42 @@ struct KvRun {
     i64 sblk, dblk, nblk, bpre, plen, within;
 };
 
+// A run table as kvx_pairs reads it: `n` runs, run k from `at(k)`.
 template <typename L>
-__device__ __forceinline__ KvRun kvx_run(const i64* runs, i64 n, i64 k) {
-    KvRun r;
-    r.sblk = L::ld(&runs[k]);
-    r.dblk = L::ld(&runs[n + k]);
-    r.nblk = L::ld(&runs[2 * n + k]);
-    r.bpre = L::ld(&runs[3 * n + k]);
-    r.plen = L::ld(&runs[4 * n + k]);
-    r.within = L::ld(&runs[5 * n + k]);
-    return r;
-}
+struct KvxRuns64 {  // the KVX_RUN_FIELDS int64 arrays above
+    const i64* runs;
+    i64 n;
+    __device__ __forceinline__ KvRun at(i64 k) const {
+        KvRun r;
+        r.sblk = L::ld(&runs[k]);
+        r.dblk = L::ld(&runs[n + k]);
+        r.nblk = L::ld(&runs[2 * n + k]);
+        r.bpre = L::ld(&runs[3 * n + k]);
+        r.plen = L::ld(&runs[4 * n + k]);
+        r.within = L::ld(&runs[5 * n + k]);
+        return r;
+    }
+};
+
+// Every run one block (kv_copy_pairs_ids): only the block ids, int32, are stored; run k is
+// block k of the transfer, so it sits at block k of each pair's stream. A buffer side's ids
+// are never read (its address is the stream offset): `s` or `d` may then alias the other.
+template <typename L>
+struct KvxIds32 {
+    const int* s;
+    const int* d;
+    i64 n;
+    __device__ __forceinline__ KvRun at(i64 k) const {
+        KvRun r;
+        r.sblk = L::ld(&s[k]);
+        r.dblk = L::ld(&d[k]);
+        r.nblk = 1;
+        r.bpre = k;
+        r.plen = 1;
+        r.within = 0;
+        return r;
+    }
+};
 
 // Where part `part` of item (pair p, run r, row m) lies: source, destination, bytes.
 struct KvSpan {
@@ -322,11 +347,10 @@ __device__ __forceinline__ void kvx_item_km(i64 local, i64 count, i64 nr, int ro
 // or scatter), (pair, row, run) walks one row across blocks (measured faster over NVLink). Pair fields are
 // re-read per item through the read-only cache (a few L1 hits per item of KiBs) instead of
 // being held in registers, which keeps the copy loop free of spills.
-template <typename L>
-__device__ __forceinline__ void kvx_pairs(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restrict__ coal_runs,
-                                          i64 ncoal, const i64* __restrict__ single_runs, i64 nsingle, i64 nitems,
-                                          int split_shift, int buf_side, i64 item_base, int rows_inner,
-                                          int uniform) {
+template <typename L, typename T>
+__device__ __forceinline__ void kvx_pairs(const KvPair* __restrict__ pairs, i64 npairs, const T coal_runs,
+                                          const T single_runs, i64 nitems, int split_shift, int buf_side,
+                                          i64 item_base, int rows_inner, int uniform) {
     const i64 nwarps = (i64)gridDim.x * (KVX_THREADS / 32);
     const i64 w = (i64)blockIdx.x * (KVX_THREADS / 32) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
@@ -341,11 +365,11 @@ __device__ __forceinline__ void kvx_pairs(const KvPair* __restrict__ pairs, i64 
     // every pair holding `uniform` items (> 0): the pair is a division away, no search
     const KvPair* p = uniform > 0 ? pairs + first_item / uniform : kvx_pair_of<L>(pairs, npairs, first_item);
     bool coal = L::ld(&p->coal) != 0;
-    const i64* runs = coal ? coal_runs : single_runs;
-    i64 nr = coal ? ncoal : nsingle;
+    T runs = coal ? coal_runs : single_runs;  // a pointer or two and a count: registers
+    i64 nr = runs.n;
     i64 k, m;
     kvx_item_km(first_item - L::ld(&p->item0), L::ld(&p->count), nr, rows_inner, k, m);
-    KvRun r = kvx_run<L>(runs, nr, k);
+    KvRun r = runs.at(k);
     for (;;) {
         const KvSpan sp = kvx_span<L>(p, r, m, part, split_shift, buf_side);
         const int unit = (int)L::ld(&p->unit);
@@ -372,7 +396,7 @@ __device__ __forceinline__ void kvx_pairs(const KvPair* __restrict__ pairs, i64 
                     next_pair = true;
                 }
             }
-            if (!next_pair && nk != k) nxt = kvx_run<L>(runs, nr, nk);
+            if (!next_pair && nk != k) nxt = runs.at(nk);
         }
         switch (unit) {
             case 4: kvx_copy_unit<uint4>(sp.s, sp.d, sp.len, lane); break;
@@ -389,11 +413,10 @@ __device__ __forceinline__ void kvx_pairs(const KvPair* __restrict__ pairs, i64 
         if (next_pair) {
             do {  // pairs without items (no runs of their kind) are skipped
                 ++p;
-                coal = L::ld(&p->coal) != 0;
-                nr = coal ? ncoal : nsingle;
+                runs = L::ld(&p->coal) != 0 ? coal_runs : single_runs;
+                nr = runs.n;
             } while (nr == 0);
-            runs = coal ? coal_runs : single_runs;
-            nxt = kvx_run<L>(runs, nr, 0);
+            nxt = runs.at(0);
         }
         r = nxt;
     }
@@ -403,8 +426,9 @@ extern "C" __global__ void __launch_bounds__(KVX_THREADS, KVX_MIN_BLOCKS)
 kv_copy_pairs(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restrict__ coal_runs, i64 ncoal,
               const i64* __restrict__ single_runs, i64 nsingle, i64 nitems, int split_shift, int buf_side,
               i64 item_base, int rows_inner) {
-    kvx_pairs<KvxGlobal>(pairs, npairs, coal_runs, ncoal, single_runs, nsingle, nitems, split_shift, buf_side,
-                         item_base, rows_inner, 0);
+    kvx_pairs<KvxGlobal>(pairs, npairs, KvxRuns64<KvxGlobal>{coal_runs, ncoal},
+                         KvxRuns64<KvxGlobal>{single_runs, nsingle}, nitems, split_shift, buf_side, item_base,
+                         rows_inner, 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -428,6 +452,40 @@ struct KvInline {
 
 extern "C" __global__ void __launch_bounds__(KVX_THREADS, KVX_MIN_BLOCKS)
 kv_copy_pairs_inline(const __grid_constant__ KvInline in) {
-    kvx_pairs<KvxParam>((const KvPair*)in.w, in.npairs, in.w + in.coal_off, in.ncoal, in.w + in.single_off,
-                        in.nsingle, in.nitems, in.split_shift, in.buf_side, 0, in.rows_inner, in.uniform);
+    kvx_pairs<KvxParam>((const KvPair*)in.w, in.npairs, KvxRuns64<KvxParam>{in.w + in.coal_off, in.ncoal},
+                        KvxRuns64<KvxParam>{in.w + in.single_off, in.nsingle}, in.nitems, in.split_shift,
+                        in.buf_side, 0, in.rows_inner, in.uniform);
+}
+
+// ---------------------------------------------------------------------------------------------
+// kv_copy_pairs_ids: a pipelined gather or scatter (one piece of consecutive pairs per launch)
+// with everything in the kernel's parameters: the pair records and the block ids as int32,
+// every run one block (the stream places block k of a pair at k * count * run: the coalesced
+// form's stream where every run is one block, or where the coalesced pairs have one row;
+// the host checks, kvxfer.ops.pairs.ids_params_fit). Up to
+// 32 KiB of parameters (CUDA 12.1 and later, compute capability 7.0 and later): a 32-layer
+// K/V cache's 64 pairs take 6 KiB, leaving room for ~6,400 block ids. Nothing is uploaded
+// and nothing is allocated per transfer; piece i is the same struct with its own
+// `item_base` and `nitems`, the pairs array staying whole (item0 numbers the plan's items).
+// Layout must match IDS_DTYPE in kvxfer/ops/pairs.py.
+// ---------------------------------------------------------------------------------------------
+#ifndef KVX_IDS_WORDS
+#define KVX_IDS_WORDS 4080
+#endif
+
+struct KvIds {
+    i64 npairs, nblocks, nitems, item_base;
+    i64 sids_off, dids_off;  // int32 offsets of the source and destination ids in `w`
+    int split_shift, buf_side;
+    int rows_inner;
+    int uniform;
+    i64 w[KVX_IDS_WORDS];  // pair records (12 words each), then the ids
+};
+
+extern "C" __global__ void __launch_bounds__(KVX_THREADS, KVX_MIN_BLOCKS)
+kv_copy_pairs_ids(const __grid_constant__ KvIds in) {
+    const int* ids = (const int*)in.w;
+    const KvxIds32<KvxParam> runs{ids + in.sids_off, ids + in.dids_off, in.nblocks};
+    kvx_pairs<KvxParam>((const KvPair*)in.w, in.npairs, runs, runs, in.nitems, in.split_shift, in.buf_side,
+                        in.item_base, in.rows_inner, in.uniform);
 }

@@ -2,6 +2,7 @@
 on a GPU, the kernel itself against the numpy reference."""
 
 import ctypes
+import itertools
 
 import numpy as np
 import pytest
@@ -201,6 +202,119 @@ def test_empty_plan_has_no_items():
     assert pair_records(plan.block_pairs, lay.addrs, lay.addrs)[3] == 0
 
 
+def _decode_ids(params):
+    """What kv_copy_pairs_ids reads from its parameter struct: (records, run table as
+    RUN_FIELDS int64 arrays, item count, item base, split, buffer side, rows_inner, uniform)."""
+    from kvxfer.ops.pairs import IDS_DTYPE
+
+    raw = np.frombuffer(params.tobytes(), dtype=np.uint8)
+    assert raw.nbytes == IDS_DTYPE.itemsize <= 32764  # CUDA 12.1's parameter limit
+    hdr, h32 = raw[:64].view(np.int64), raw[:64].view(np.int32)
+    npairs, nblocks, nitems, item_base, sids_off, dids_off = (int(x) for x in hdr[:6])
+    w = raw[64:]
+    rec = w[: npairs * PAIR_DTYPE.itemsize].copy().view(PAIR_DTYPE)
+    ids = w.view(np.int32)
+    s, d = ids[sids_off: sids_off + nblocks], ids[dids_off: dids_off + nblocks]
+    k = np.arange(nblocks)
+    runs = np.concatenate([s, d, np.ones(nblocks), k, np.ones(nblocks), np.zeros(nblocks)]).astype(np.int64)
+    return rec, runs, nitems, item_base, int(h32[12]), int(h32[13]), int(h32[14]), int(h32[15])
+
+
+def _stub_params_launch(monkeypatch):
+    """Pretend the GPU takes 32 KiB of parameters; return the list that collects each
+    kv_copy_pairs_ids launch's (ctas, parameter bytes) instead of launching."""
+    from kvxfer.ops import cuda as ops_cuda
+
+    launched = []
+    monkeypatch.setattr(ops_cuda, "large_params", lambda dev: True)
+    monkeypatch.setattr(ops_cuda, "launch_with_params",
+                        lambda spec, dev, ctas, params, sptr: launched.append((spec, ctas, params.copy())))
+    return launched
+
+
+@pytest.mark.parametrize("side", [BUF_SRC, BUF_DST])
+@pytest.mark.parametrize("kind", ["kv_first", "blocks_first", "mla", "vllm_shared"])
+@pytest.mark.parametrize("warps", [7, 256, 8192])
+@pytest.mark.parametrize("random", [True, False], ids=["random-ids", "with-a-run"])
+def test_pieces_in_kernel_parameters_walk_like_the_reference(side, kind, warps, random, monkeypatch):
+    from kvxfer.ops.pairs import IDS_KERNEL, PairPieces, ids_params_fit
+
+    _stub_launch_shape(monkeypatch, warps=warps, ctas=max(1, warps // 8))
+    launched = _stub_params_launch(monkeypatch)
+    spec = LayoutSpec(kind, 64, layers=3, block_size=32, heads=8, head_dim=64)
+    st, bd = spec.build(1)
+    out_t, _ = spec.build(2)
+    ref_t, _ = spec.build(2)
+    ls, lo, lr = (KVLayout.from_tensors(x, block_dim=bd) for x in (st, out_t, ref_t))
+    rng = np.random.default_rng(4)
+    # random ids: every run one block; else a long consecutive run (coalesced) and random ids
+    s, d = (rng.permutation(64)[:40], rng.permutation(64)[:40]) if random else _ids(rng, 64, 64)
+    plan = plan_transfer(ls.geometry, lo.geometry, s, d)
+    rows = bool((plan.block_pairs.pairs["coal"] & (plan.block_pairs.pairs["src_count"] > 1)).any())
+    assert (plan.block_pairs.run_lengths.size == s.size) == random
+    if not random and rows:  # K and V rows of a run of blocks stream row by row: one block per run can't
+        assert kind in ("kv_first", "vllm_shared") and not ids_params_fit(plan.block_pairs, side)
+        return
+    want = reference.gather(plan_transfer(ls.geometry, ls.geometry, s, s), _views(ls))
+    stream = np.full(plan.nbytes, 7, dtype=np.uint8) if side == BUF_DST else want.copy()
+    src, dst = (ls.addrs, stream.ctypes.data) if side == BUF_DST else (stream.ctypes.data, lo.addrs)
+    bounds = [b[:2] for b in plan.chunk_bounds(plan.nbytes // 3)]
+    assert len(bounds) >= 3
+    pieces = PairPieces(plan.block_pairs, src, dst, buffer_side=side, bounds=bounds, stream=None, device=0)
+    assert pieces.in_params
+    for i in reversed(range(len(pieces))):  # any order: each piece moves its own items
+        pieces.launch(i)
+    moved, covered = 0, []
+    for spec_, ctas, params in launched:
+        assert spec_ == IDS_KERNEL and ctas == max(1, warps // 8)
+        rec, runs, nitems, base, split, bside, rows_inner, uniform = _decode_ids(params)
+        assert (bside, rows_inner) == (side, 1) and uniform == int(rec["item0"][1])  # equal items per pair
+        assert split == split_shift_for(rec, int(rec["item0"][-1]) + uniform, warps)
+        covered.append((base, base + nitems))
+        moved += _walk_like_the_kernel(rec, runs, runs, nitems, warps, split, buf_side=side, item_base=base,
+                                       uniform=uniform)
+    assert moved == plan.nbytes
+    covered.sort()  # the pieces' item ranges tile the plan's items
+    assert covered[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(covered))
+    if side == BUF_DST:
+        assert np.array_equal(stream, want)
+    else:
+        reference.copy_blocks(plan, _views(ls), _views(lr))
+        assert all(np.array_equal(a, b) for a, b in zip(_bytes(ref_t), _bytes(out_t)))
+
+
+def test_what_cannot_travel_in_kernel_parameters_is_uploaded_and_forcing_it_says_why(monkeypatch):
+    from kvxfer.ops import cuda as ops_cuda
+    from kvxfer.ops.pairs import IDS_WORDS, PairPieces, ids_params_fit
+
+    st, bd = LayoutSpec("kv_first", 8192, layers=2, block_size=1, heads=1, head_dim=8).build(1)
+    ls = KVLayout.from_tensors(st, block_dim=bd)
+    rng = np.random.default_rng(1)
+
+    def bp(n):
+        return plan_transfer(ls.geometry, ls.geometry, rng.permutation(8192)[:n], rng.permutation(8192)[:n]).block_pairs
+
+    npairs = bp(1).pairs.size
+    most = 2 * (IDS_WORDS - 12 * npairs)  # int32 ids after the records
+    assert ids_params_fit(bp(most), BUF_DST) and ids_params_fit(bp(most), BUF_SRC)
+    assert not ids_params_fit(bp(most + 1), BUF_DST)
+    assert not ids_params_fit(bp(16), BUF_NONE)  # block to block: the 4 KiB inline kernel or an upload
+    assert not ids_params_fit(bp(0), BUF_DST)
+    big = bp(4)
+    huge = type(big)(big.pairs, np.array([0, 1, 2, 2**31]), big.dst_blocks, big.run_starts, big.run_lengths,
+                     big.block_nbytes)
+    assert ids_params_fit(huge, BUF_SRC) and not ids_params_fit(huge, BUF_DST)  # only the tensor side's ids travel
+    # a run of four blocks through pairs of two rows (K, V) streams K of all four, then V: one
+    # block per run would interleave them
+    assert (big.pairs["coal"] & (big.pairs["src_count"] == 2)).all()
+    run = plan_transfer(ls.geometry, ls.geometry, [0, 1, 2, 3, 9], [10, 11, 12, 13, 5]).block_pairs
+    assert run.run_lengths.tolist() == [4, 1] and not ids_params_fit(run, BUF_DST)
+    monkeypatch.setattr(ops_cuda, "large_params", lambda dev: False)  # a GPU with 4 KiB of parameters
+    with pytest.raises(ValueError, match="cannot travel in kernel parameters"):
+        PairPieces(bp(16), ls.addrs, 0, buffer_side=BUF_DST, bounds=[(0, npairs)], stream=None, device=0,
+                   in_params=True)
+
+
 torch = pytest.importorskip("torch")
 
 
@@ -314,23 +428,30 @@ def test_an_inline_gather_and_scatter_are_captured_in_a_cuda_graph_and_replayed(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
-def test_pieces_on_gpu_gather_then_scatter_round_trip():
+@pytest.mark.parametrize("ids,in_params", [("with-a-run", None), ("random", True), ("random", False)],
+                         ids=["with-a-run-uploaded", "random-in-parameters", "random-uploaded"])
+def test_pieces_on_gpu_gather_then_scatter_round_trip(ids, in_params):
     pytest.importorskip("cupy", reason="the CUDA ops need cupy")
     from kvxfer.ops.pairs import PairPieces
 
     spec = LayoutSpec("kv_first", 64, layers=5, block_size=32, heads=8, head_dim=64)
     st, bd, g_src, g_dst, gs, gd = _gpu_copy_pair(spec, 1)
-    s, d = _ids(np.random.default_rng(9), 64, 64)
+    rng = np.random.default_rng(9)
+    s, d = _ids(rng, 64, 64) if ids == "with-a-run" else (rng.permutation(64)[:50], rng.permutation(64)[:50])
     plan = plan_transfer(gs.geometry, gd.geometry, s, d)
     lh = KVLayout.from_tensors(st, block_dim=bd)
     want = reference.gather(plan_transfer(lh.geometry, lh.geometry, s, d), _views(lh))
     buf = torch.full((plan.nbytes,), 7, dtype=torch.uint8, device="cuda")
     bounds = plan.chunk_bounds(plan.nbytes // 3)
     stream = torch.cuda.current_stream()
-    g = PairPieces(plan.block_pairs, gs, buf, buffer_side=BUF_DST, bounds=[b[:2] for b in bounds], stream=stream, device=0)
+    g = PairPieces(plan.block_pairs, gs, buf, buffer_side=BUF_DST, bounds=[b[:2] for b in bounds], stream=stream,
+                   device=0, in_params=in_params)
+    assert g.in_params == (ids == "random" and in_params is not False)  # needs CUDA 12.1: 32 KiB of parameters
     for i in reversed(range(len(g))):  # any order: each piece writes its own slice
         g.launch(i)
-    sc = PairPieces(plan.block_pairs, buf, gd, buffer_side=BUF_SRC, bounds=[b[:2] for b in bounds], stream=stream, device=0)
+    sc = PairPieces(plan.block_pairs, buf, gd, buffer_side=BUF_SRC, bounds=[b[:2] for b in bounds], stream=stream,
+                    device=0, in_params=in_params)
+    assert sc.in_params == g.in_params
     for i in range(len(sc)):
         sc.launch(i)
     torch.cuda.synchronize()

@@ -21,6 +21,7 @@ Importing this module imports neither cupy nor torch.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -32,6 +33,8 @@ from ..errors import BackendUnavailableError, LayoutError, TransportError
 from ..plan import TransferPlan
 from . import jobs as _jobs
 from ._loader import KernelSpec, get_kernel
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "KERNEL",
@@ -46,6 +49,8 @@ __all__ = [
     "gather",
     "scatter",
     "copy_blocks",
+    "large_params",
+    "no_large_params",
 ]
 
 KERNEL = KernelSpec("kv_copy.cu", "kv_copy_jobs")
@@ -184,6 +189,34 @@ def _workers_for(spec: KernelSpec, device: int, total: int, ctas_per_sm: int | N
     warps_per_cta = _threads(spec) // 32
     warps = max(1, min(sms * (ctas_per_sm or fit) * warps_per_cta, -(-total // _MIN_WARP_BYTES)))
     return warps, -(-warps // warps_per_cta)
+
+
+_large_params: dict[int, bool] = {}
+
+
+def large_params(device: int) -> bool:
+    """Whether kernels on ``device`` take up to 32,764 bytes of parameters instead of 4,096:
+    CUDA 12.1 or later in both the driver and NVRTC, and compute capability 7.0 or later."""
+    ok = _large_params.get(device)
+    if ok is None:
+        try:
+            from cupy_backends.cuda.libs import nvrtc
+
+            rt = _cupy().cuda.runtime
+            ok = (int(rt.getDeviceProperties(device)["major"]) >= 7 and int(rt.driverGetVersion()) >= 12010
+                  and tuple(nvrtc.getVersion()) >= (12, 1))
+        except Exception as exc:  # no device, an old CuPy: the 4 KiB limit
+            log.debug("assuming 4 KiB kernel parameters on cuda:%s: %r", device, exc)
+            ok = False
+        _large_params[device] = ok
+    return ok
+
+
+def no_large_params(device: int, why: str) -> None:
+    """Record that a kernel with large parameters failed to build for ``device`` (see
+    :func:`large_params`): later copies take the 4 KiB path."""
+    log.warning("kernels with 32 KiB parameters unavailable on cuda:%s, using uploaded records: %s", device, why)
+    _large_params[device] = False
 
 
 _fn_ptrs: dict[tuple[KernelSpec, int], int] = {}

@@ -11,6 +11,13 @@ all: ``kv_copy_pairs_inline`` takes them as its one by-value parameter, launched
 ``cuLaunchKernel``. No staging copy, no device buffer, and the launch can be captured in a CUDA
 graph as is; on 2x H200 the ``small`` gather runs at 800 GB/s this way against 550 uploaded
 (``bench/results/pack_h200_2026-11-27_inline.json``).
+
+A pipelined gather or scatter (:class:`PairPieces`, the UCX backend's packed path) goes further
+where the GPU takes 32 KiB of parameters (CUDA 12.1 and later): ``kv_copy_pairs_ids`` gets
+the pair records and the block ids themselves, as int32, one block per run; thousands of
+blocks fit (4,096 ids and 64 pairs take 22 KiB). Each piece is the same parameter block with
+its own item range. No upload, no device buffer, no staging slot or event per transfer: the
+host work before the first piece's launch is writing the ids once.
 """
 
 from __future__ import annotations
@@ -21,14 +28,14 @@ from typing import Any
 import numpy as np
 
 from .._memo import IdentityMemo
-from ..errors import TransportError
-from ..plan import BlockPairs, shared_arange
+from ..errors import KernelCompileError, TransportError
+from ..plan import BlockPairs, block_id_range, shared_arange
 from . import cuda as _cuda
 from ._loader import KernelSpec, get_kernel
 
-__all__ = ["BUF_DST", "BUF_NONE", "BUF_SRC", "INLINE_DTYPE", "INLINE_KERNEL", "PAIRS_KERNEL", "PAIR_DTYPE", "RUN_FIELDS",
-           "PairPieces", "PairsLaunch", "PreparedPairs", "copy_block_pairs", "gather_pairs", "pair_records",
-           "prepare_pairs", "resolve_block_pairs", "scatter_pairs", "split_shift_for"]
+__all__ = ["BUF_DST", "BUF_NONE", "BUF_SRC", "IDS_DTYPE", "IDS_KERNEL", "INLINE_DTYPE", "INLINE_KERNEL", "PAIRS_KERNEL",
+           "PAIR_DTYPE", "RUN_FIELDS", "PairPieces", "PairsLaunch", "PreparedPairs", "copy_block_pairs", "gather_pairs",
+           "ids_params_fit", "pair_records", "prepare_pairs", "resolve_block_pairs", "scatter_pairs", "split_shift_for"]
 
 PAIRS_KERNEL = KernelSpec("kv_copy.cu", "kv_copy_pairs")
 #: the same copy with its records passed in the kernel's parameters (small transfers)
@@ -86,6 +93,51 @@ INLINE_DTYPE = np.dtype(
 assert INLINE_DTYPE.itemsize == 4064
 _INLINE_W0 = INLINE_DTYPE.fields["w"][1]  # byte offset of the records in the block
 BUF_NONE, BUF_SRC, BUF_DST = 0, 1, 2  # KVX_BUF_* in csrc/kv_copy.cu: which side is a stream-ordered buffer
+
+#: pieces of a pipelined copy with the pair records and block ids in the launch's parameters
+IDS_KERNEL = KernelSpec("kv_copy.cu", "kv_copy_pairs_ids")
+IDS_WORDS = 4080  # KVX_IDS_WORDS in csrc/kv_copy.cu
+
+# Must match `struct KvIds` in csrc/kv_copy.cu (32,704 bytes: within the 32,764 bytes of
+# kernel parameters of CUDA 12.1 and later).
+IDS_DTYPE = np.dtype(
+    [
+        ("npairs", np.int64),
+        ("nblocks", np.int64),
+        ("nitems", np.int64),
+        ("item_base", np.int64),
+        ("sids_off", np.int64),
+        ("dids_off", np.int64),
+        ("split_shift", np.int32),
+        ("buf_side", np.int32),
+        ("rows_inner", np.int32),
+        ("uniform", np.int32),
+        ("w", np.int64, (IDS_WORDS,)),
+    ]
+)
+assert IDS_DTYPE.itemsize == 32704
+_IDS_W0 = IDS_DTYPE.fields["w"][1]
+_IDS_NITEMS, _IDS_ITEM_BASE = IDS_DTYPE.fields["nitems"][1] // 8, IDS_DTYPE.fields["item_base"][1] // 8
+_INT32_MAX = 2**31 - 1
+
+
+def ids_params_fit(bp: BlockPairs, buffer_side: int) -> bool:
+    """Whether a gather (``buffer_side`` :data:`BUF_DST`) or scatter (:data:`BUF_SRC`) of ``bp``
+    can run as ``kv_copy_pairs_ids``: its pair records and the ids of its tensor side, as int32,
+    fit the parameter block, and one block per run lays out the stream as the coalesced form
+    does. That holds when every run is one block (random ids, the usual case), or when no pair
+    whose blocks are back to back has several rows: a run of blocks through such a pair (K and
+    V rows of a ``[2, blocks, ...]`` tensor) streams row by row across its blocks."""
+    if buffer_side not in (BUF_SRC, BUF_DST):
+        return False
+    pairs, n = bp.pairs, int(bp.src_blocks.size)
+    if n == 0 or pairs.size == 0 or 12 * pairs.size + -(-n // 2) > IDS_WORDS:
+        return False
+    if bp.run_lengths.size != n and bool((pairs["coal"] & (pairs["src_count"] != 1)).any()):
+        return False
+    ids = bp.src_blocks if buffer_side == BUF_DST else bp.dst_blocks
+    lo, hi = block_id_range(ids)
+    return 0 <= lo and hi <= _INT32_MAX
 
 
 class _Template:
@@ -162,6 +214,16 @@ def _build_template(pairs: np.ndarray, sb: bytes, db: bytes, buffer_side: int, b
         mix |= rec[f].astype(np.uint64)
     rec["unit"] = _unit(mix)
     return _Template(pairs, rec)
+
+
+def _uniform_items(rec: np.ndarray, nitems: int) -> int:
+    """Items per pair when every pair of ``rec`` holds the same number (item0 is then exactly
+    i * items, and the kernel finds a warp's pair by division instead of searching item0), else 0."""
+    npairs = int(rec.size)
+    per = nitems // npairs if npairs else 0
+    if per and per < 2**31 and per * npairs == nitems and np.array_equal(rec["item0"], shared_arange(npairs) * per):
+        return per
+    return 0
 
 
 _EMPTY_RUNS = np.zeros(0, dtype=np.int64)
@@ -441,13 +503,7 @@ class _Payload:
         h["npairs"], h["ncoal"], h["nsingle"], h["nitems"] = self.npairs, self.ncoal, self.nsingle, self.nitems
         h["coal_off"], h["single_off"] = self.coal_off // 8, self.single_off // 8
         h["split_shift"], h["buf_side"], h["rows_inner"] = self.split, self.buffer_side, int(self.rows_inner)
-        # items per pair when all pairs hold the same number (the kernel then divides instead
-        # of searching item0): item0 is then exactly i * items
-        item0 = rec["item0"]
-        per = self.nitems // self.npairs if self.npairs else 0
-        if (per and per < 2**31 and per * self.npairs == self.nitems
-                and np.array_equal(item0, np.arange(self.npairs, dtype=np.int64) * per)):
-            h["uniform"] = per
+        h["uniform"] = _uniform_items(rec, self.nitems)
         raw = head.view(np.uint8)
         w0 = _INLINE_W0
         raw[w0 : w0 + rec.nbytes] = rec.view(np.uint8)
@@ -592,22 +648,92 @@ class PreparedPairs:
             pl.launch_global(int(self._mem.ptr), _cuda._cupy_stream(sptr, pl.device))
 
 
-class PairPieces:
-    """A block-pair copy uploaded once (stream-ordered) and launched piece by piece: piece ``i``
-    copies the consecutive pairs ``bounds[i]`` (see :meth:`kvxfer.plan.TransferPlan.chunk_bounds`),
-    so a pipelined transfer pays the host work of one launch per piece, not one plan.
+class _IdsPieces:
+    """The pieces of a gather or scatter as ``kv_copy_pairs_ids`` launches: one parameter block
+    (header, pair records, the tensor side's block ids as int32) built once, each piece
+    launched with its own item range written into the header."""
 
-    The records live in a device allocation of their own for as long as this object does.
+    __slots__ = ("params", "items", "ctas", "sptr", "device")
+
+    def __init__(self, bp: BlockPairs, src: Any, dst: Any, buffer_side: int, bounds: list[tuple[int, int]],
+                 stream: Any, device: int):
+        srcs, sobjs = _cuda._flatten_bases([src] if buffer_side == BUF_SRC else src, "src")
+        dsts, dobjs = _cuda._flatten_bases([dst] if buffer_side == BUF_DST else dst, "dst")
+        buffer = srcs[0] if buffer_side == BUF_SRC else dsts[0]
+        n = int(bp.src_blocks.size)
+        tmpl = _template(bp.pairs, srcs, dsts, buffer_side, buffer, n)
+        rec, nitems = tmpl.records(n, n)  # one block per run, on both kinds of pair
+        warps, self.ctas = _cuda._workers_for(IDS_KERNEL, device, bp.nbytes, None)
+        split = tmpl.splits.get((nitems, warps))
+        if split is None:
+            split = tmpl.splits[(nitems, warps)] = split_shift_for(rec, nitems, warps)
+        head = tmpl.heads.get(("ids", split))
+        if head is None:
+            head = tmpl.heads[("ids", split)] = _ids_head(rec, n, nitems, split, buffer_side)
+        self.params = head.copy()
+        ids_at = _IDS_W0 // 4 + 24 * int(rec.size)  # int32 index: after the records (12 words each)
+        self.params.view(np.int32)[ids_at : ids_at + n] = bp.src_blocks if buffer_side == BUF_DST else bp.dst_blocks
+        item0 = rec["item0"].tolist()
+        self.items = [(item0[p0], (item0[p1] if p1 < len(item0) else nitems) - item0[p0]) for p0, p1 in bounds]
+        self.sptr, self.device = _cuda._stream_ptr(stream, sobjs + dobjs, device), device
+
+    def launch(self, i: int) -> None:
+        base, count = self.items[i]
+        hdr = self.params[:_IDS_W0].view(np.int64)
+        hdr[_IDS_ITEM_BASE], hdr[_IDS_NITEMS] = base, count
+        try:
+            _cuda.launch_with_params(IDS_KERNEL, self.device, self.ctas, self.params, self.sptr)
+        except Exception as exc:
+            raise TransportError(f"kv_copy_pairs_ids launch failed on cuda:{self.device}: {exc}") from exc
+
+
+def _ids_head(rec: np.ndarray, nblocks: int, nitems: int, split: int, buffer_side: int) -> np.ndarray:
+    """The parameter block of kv_copy_pairs_ids without the ids and the item range (read-only)."""
+    head = np.zeros(1, dtype=IDS_DTYPE)
+    h = head[0]
+    h["npairs"], h["nblocks"], h["nitems"] = rec.size, nblocks, nitems
+    h["sids_off"] = h["dids_off"] = 24 * rec.size  # one id array; the buffer side's ids are never read
+    h["split_shift"], h["buf_side"], h["rows_inner"] = split, buffer_side, 1  # a buffer side: stream order
+    h["uniform"] = _uniform_items(rec, nitems)
+    raw = head.view(np.uint8)
+    raw[_IDS_W0 : _IDS_W0 + rec.nbytes] = rec.view(np.uint8)
+    raw.flags.writeable = False
+    return raw
+
+
+class PairPieces:
+    """A block-pair copy prepared once and launched piece by piece: piece ``i`` copies the
+    consecutive pairs ``bounds[i]`` (see :meth:`kvxfer.plan.TransferPlan.chunk_bounds`), so a
+    pipelined transfer pays the host work of one launch per piece, not one plan.
+
+    Where the GPU takes 32 KiB of kernel parameters and the ids fit (:func:`ids_params_fit`),
+    everything travels in each launch's parameters (``kv_copy_pairs_ids``): nothing is uploaded
+    or allocated. Otherwise the records are uploaded once (stream-ordered) into a device
+    allocation of their own, which lives as long as this object. ``in_params``: None picks;
+    True requires the parameters (ValueError where they cannot hold the copy); False uploads.
     """
 
     def __init__(self, bp: BlockPairs, src: Any, dst: Any, *, buffer_side: int, bounds: list[tuple[int, int]],
-                 stream: Any, device: int, spec: KernelSpec = PAIRS_KERNEL):
+                 stream: Any, device: int, spec: KernelSpec = PAIRS_KERNEL, in_params: bool | None = None):
+        self._bounds, self._dev = bounds, device
+        self._ids: _IdsPieces | None = None
+        self._mem = None
+        if (in_params is not False and spec == PAIRS_KERNEL and ids_params_fit(bp, buffer_side)
+                and _cuda.large_params(device)):
+            try:
+                self._ids = _IdsPieces(bp, src, dst, buffer_side, bounds, stream, device)
+                return
+            except KernelCompileError as exc:  # an NVRTC that took the check but not the kernel
+                _cuda.no_large_params(device, str(exc))
+                if in_params:
+                    raise
+        if in_params:
+            raise ValueError("in_params=True but this copy cannot travel in kernel parameters (see ids_params_fit; "
+                             f"the GPU must take 32 KiB of them: {_cuda.large_params(device)})")
         # pieces start at a pair's first item: the inline kernel numbers items from 0, so not inline
         resolved = _resolve(bp, src, dst, buffer_side, stream, device, spec, None, inline=False)
         self._pl, self._sptr = resolved._pl, resolved._sptr
-        self._bounds, self._dev = bounds, device
         cupy = _cuda._cupy()
-        self._mem = None
         if self._pl.nitems:
             st = _cuda._state(device, self._sptr)
             with st.lock, cupy.cuda.Device(device):
@@ -619,12 +745,20 @@ class PairPieces:
     def __len__(self) -> int:
         return len(self._bounds)
 
+    @property
+    def in_params(self) -> bool:
+        """Whether the pieces travel in kernel parameters (``kv_copy_pairs_ids``)."""
+        return self._ids is not None
+
     def launch(self, i: int) -> None:
         """Queue piece ``i`` on the stream given at construction.
 
         Raises:
             TransportError: the launch failed.
         """
+        if self._ids is not None:
+            self._ids.launch(i)
+            return
         if self._mem is None:
             return
         with _cuda._cupy().cuda.Device(self._dev):
