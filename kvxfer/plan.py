@@ -396,22 +396,20 @@ def _checked_layers(layers: np.ndarray | None, ntensors: int) -> tuple[int, ...]
     return tuple(layers.tolist())
 
 
-def _run_breaks(s: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Where a new run starts (indices >= 1): either side's next id is not the next block
-    (two temporaries, the rest in place: this is on every transfer's path)."""
+def _run_gaps(s: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Nonzero at i where block i + 1 does not extend block i's run: either side's next id is
+    not the next block (two temporaries, the rest in place: this is on every transfer's path)."""
     gap = s[1:] - s[:-1]
     gap -= 1
     dgap = d[1:] - d[:-1]
     dgap -= 1
     gap |= dgap
-    breaks = np.flatnonzero(gap)
-    breaks += 1
-    return breaks
+    return gap
 
 
 def _run_count(s: np.ndarray, d: np.ndarray) -> int:
     """How many runs of blocks consecutive on both sides the lists hold."""
-    return 1 + int(_run_breaks(s, d).size) if s.size else 0
+    return 1 + int(np.count_nonzero(_run_gaps(s, d))) if s.size else 0
 
 
 class _SharedPrefix:
@@ -445,12 +443,13 @@ def _runs(s: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     :data:`_FEW` blocks. Every block its own run (random ids, the usual case) gives shared
     read-only arrays: no arrays built on the path."""
     n = int(s.size)
-    breaks = _run_breaks(s, d)
-    if breaks.size == n - 1:
+    gaps = _run_gaps(s, d)
+    if np.count_nonzero(gaps) == n - 1:  # counting is cheaper than listing every break
         return shared_arange(n), shared_ones(n)
+    breaks = np.flatnonzero(gaps)
     starts = np.empty(breaks.size + 1, dtype=np.int64)
     starts[0] = 0
-    starts[1:] = breaks
+    np.add(breaks, 1, out=starts[1:])
     return starts, np.diff(starts, append=n)
 
 

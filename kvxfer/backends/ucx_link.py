@@ -46,6 +46,7 @@ link, since RMA may still land.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -84,11 +85,16 @@ log = logging.getLogger(__name__)
 _STAGING_RKEYS = 8  # unpacked staging keys kept per link
 
 
+@functools.lru_cache(maxsize=64)
+def _piece_sizes(config: Any, nbytes: int) -> tuple[int, int, int]:
+    """(target, edge, first) piece sizes of a packed transfer of ``nbytes`` (see ucx_config)."""
+    return piece_bytes(config, nbytes), piece_edge(config, nbytes), piece_first(config, nbytes)
+
+
 def _pieces_of(config: Any, plan: TransferPlan) -> list[tuple[int, int, int, int]]:
     """How a packed transfer is pipelined: both sides cut it the same way (ramped pieces of
     about ``piece_bytes``; see ucx_config)."""
-    n = plan.nbytes
-    return plan.chunk_bounds(piece_bytes(config, n), piece_edge(config, n), piece_first(config, n))
+    return plan.chunk_bounds(*_piece_sizes(config, plan.nbytes))
 
 
 class _Marks:
