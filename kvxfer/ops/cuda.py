@@ -262,9 +262,10 @@ def _write_payload(view: np.ndarray, djobs: np.ndarray, tasks: np.ndarray) -> No
 
 def _payload(djobs: np.ndarray, tasks: np.ndarray) -> tuple[np.ndarray, int]:
     """Tasks then jobs in one new byte array; returns it and the jobs' offset."""
-    buf = np.empty(_jobs_offset(tasks) + djobs.nbytes, dtype=np.uint8)
+    head = _jobs_offset(tasks)
+    buf = np.empty(head + djobs.nbytes, dtype=np.uint8)
     _write_payload(buf, djobs, tasks)
-    return buf, _jobs_offset(tasks)
+    return buf, head
 
 
 class _Resolved:

@@ -159,6 +159,14 @@ class _Template:
         #: everything but the run tables filled in (see _Payload)
         self.heads: dict[tuple[int, int, int, int], np.ndarray] = {}
 
+    def split(self, rec: np.ndarray, nitems: int, warps: int) -> int:
+        """:func:`split_shift_for` of records ``rec`` (this template's, any item0), memoized."""
+        key = (nitems, warps)
+        split = self.splits.get(key)
+        if split is None:
+            split = self.splits[key] = split_shift_for(rec, nitems, warps)
+        return split
+
     def records(self, n_coal: int, n_single: int) -> tuple[np.ndarray, int]:
         key = (n_coal, n_single)
         hit = self.filled.get(key)
@@ -455,13 +463,8 @@ class _Payload:
             if max_warps is not None:
                 warps = max(1, min(warps, int(max_warps)))
                 self.ctas = -(-warps // (_cuda._threads(spec) // 32))
-            key = (self.nitems, warps)
-            split = tmpl.splits.get(key) if tmpl is not None else None
-            if split is None:
-                split = split_shift_for(rec, self.nitems, warps)
-                if tmpl is not None:
-                    tmpl.splits[key] = split
-            self.split = split
+            self.split = (tmpl.split(rec, self.nitems, warps) if tmpl is not None
+                          else split_shift_for(rec, self.nitems, warps))
         #: the parameter block of kv_copy_pairs_inline (INLINE_DTYPE's bytes), or None
         self.inline: np.ndarray | None = None
         if spec == INLINE_KERNEL and tmpl is not None:
@@ -599,15 +602,21 @@ def resolve_block_pairs(bp: BlockPairs, src_bases: Any, dst_bases: Any, *, strea
     return _resolve(bp, src_bases, dst_bases, BUF_NONE, stream, device, spec, None)
 
 
+def _sides(src: Any, dst: Any, buffer_side: int) -> tuple[Sequence[int], Sequence[int], int, list[Any]]:
+    """(source bases, destination bases, buffer address or 0, the objects seen) of a copy whose
+    ``buffer_side`` (if any) is one contiguous buffer."""
+    srcs, sobjs = _cuda._flatten_bases([src] if buffer_side == BUF_SRC else src, "src")
+    dsts, dobjs = _cuda._flatten_bases([dst] if buffer_side == BUF_DST else dst, "dst")
+    buffer = srcs[0] if buffer_side == BUF_SRC else dsts[0] if buffer_side == BUF_DST else 0
+    return srcs, dsts, buffer, sobjs + dobjs
+
+
 def _resolve(bp: BlockPairs, src: Any, dst: Any, buffer_side: int, stream: Any, device: int | None, spec: KernelSpec,
              max_warps: int | None, rows_inner: bool | None = None, inline: bool | None = None) -> PairsLaunch:
     """Every entry point's host half: ``src``/``dst`` are tensors (a KVLayout, addresses, torch
     or cupy arrays), or, on the side ``buffer_side`` names, the one contiguous buffer.
     ``inline``: None passes the records in the launch's parameters when they fit."""
-    srcs, sobjs = _cuda._flatten_bases([src] if buffer_side == BUF_SRC else src, "src")
-    dsts, dobjs = _cuda._flatten_bases([dst] if buffer_side == BUF_DST else dst, "dst")
-    buffer = srcs[0] if buffer_side == BUF_SRC else dsts[0] if buffer_side == BUF_DST else 0
-    objs = sobjs + dobjs
+    srcs, dsts, buffer, objs = _sides(src, dst, buffer_side)
     dev = _cuda._device_of(objs, (src, dst), device)
     pl = _Payload(bp, srcs, dsts, buffer_side, buffer, dev, spec, max_warps, rows_inner, inline)
     return PairsLaunch(pl, _cuda._stream_ptr(stream, objs, dev), dev)
@@ -652,20 +661,16 @@ class _IdsPieces:
     (header, pair records, the tensor side's block ids as int32) built once, each piece
     launched with its own item range written into the header."""
 
-    __slots__ = ("params", "items", "ctas", "sptr", "device")
+    __slots__ = ("params", "header", "items", "ctas", "sptr", "device")
 
     def __init__(self, bp: BlockPairs, src: Any, dst: Any, buffer_side: int, bounds: list[tuple[int, int]],
                  stream: Any, device: int):
-        srcs, sobjs = _cuda._flatten_bases([src] if buffer_side == BUF_SRC else src, "src")
-        dsts, dobjs = _cuda._flatten_bases([dst] if buffer_side == BUF_DST else dst, "dst")
-        buffer = srcs[0] if buffer_side == BUF_SRC else dsts[0]
+        srcs, dsts, buffer, objs = _sides(src, dst, buffer_side)
         n = int(bp.src_blocks.size)
         tmpl = _template(bp.pairs, srcs, dsts, buffer_side, buffer, n)
         rec, nitems = tmpl.records(n, n)  # one block per run, on both kinds of pair
         warps, self.ctas = _cuda._workers_for(IDS_KERNEL, device, bp.nbytes, None)
-        split = tmpl.splits.get((nitems, warps))
-        if split is None:
-            split = tmpl.splits[(nitems, warps)] = split_shift_for(rec, nitems, warps)
+        split = tmpl.split(rec, nitems, warps)
         head = tmpl.heads.get(("ids", split))
         if head is None:
             head = tmpl.heads[("ids", split)] = _ids_head(rec, n, nitems, split, buffer_side)
@@ -674,12 +679,11 @@ class _IdsPieces:
         self.params.view(np.int32)[ids_at : ids_at + n] = bp.src_blocks if buffer_side == BUF_DST else bp.dst_blocks
         item0 = rec["item0"].tolist()
         self.items = [(item0[p0], (item0[p1] if p1 < len(item0) else nitems) - item0[p0]) for p0, p1 in bounds]
-        self.sptr, self.device = _cuda._stream_ptr(stream, sobjs + dobjs, device), device
+        self.header = self.params[:_IDS_W0].view(np.int64)  # where each launch writes its item range
+        self.sptr, self.device = _cuda._stream_ptr(stream, objs, device), device
 
     def launch(self, i: int) -> None:
-        base, count = self.items[i]
-        hdr = self.params[:_IDS_W0].view(np.int64)
-        hdr[_IDS_ITEM_BASE], hdr[_IDS_NITEMS] = base, count
+        self.header[_IDS_ITEM_BASE], self.header[_IDS_NITEMS] = self.items[i]
         try:
             _cuda.launch_with_params(IDS_KERNEL, self.device, self.ctas, self.params, self.sptr)
         except Exception as exc:
