@@ -31,12 +31,10 @@ if [ "$PART" = all ] || [ "$PART" = bench ]; then
   step bench-ipc "${T_IPC:-80}" python3 bench/bench_ipc.py --workloads "${IPC_WL:-llama8b,llama8b-tp8,small}" --out "$RES/ipc_bench.json" --commit "$COMMIT"
   step bench-tcp "${T_TCP:-80}" python3 bench/bench_tcp.py --memory both --local-device cuda:0 --peer-device cuda:1 --iters 4 --json "$RES/tcp_gpu_vs_host.json"
   step kvxfer-bench "${T_KB:-110}" python3 -m kvxfer.tools.bench --backend all --memory cuda --devices 0,1 --workload llama8b --op both --iters 5 --no-progress --json "$RES/kvxfer_bench_llama8b.json"
-  step ipc-latency 60 python3 bench/ipc_latency_probe.py "$RES/ipc_latency.json"
   step ucx-gpu-llama8b "${T_UCX:-60}" env UCX_TLS=tcp,sm,cuda_copy,cuda_ipc python3 bench/bench_ucx.py gpu --workload llama8b --depth 1 4
   [ -f "$OUT/bench_ucx_gpu.json" ] && mv "$OUT/bench_ucx_gpu.json" "$RES/ucx_gpu_llama8b.json"
   [ -n "${UCX_TP8:-}" ] && step ucx-gpu-tp8 50 env UCX_TLS=tcp,sm,cuda_copy,cuda_ipc python3 bench/bench_ucx.py gpu --workload llama8b-tp8 --depth 1 2
-  # the illegal address seen once with 4 packed reads in flight (bench/results/ucx_gpu_illegal_address_*.log):
-  # many rounds of 4 in flight, 256 MiB pieces, every byte of every destination checked at the end
+  # many rounds of 4 packed reads in flight, 256 MiB pieces, every byte of every destination checked at the end
   [ -n "${UCX_STRESS:-}" ] && step ucx-gpu-stress 120 env UCX_TLS=tcp,sm,cuda_copy,cuda_ipc python3 bench/bench_ucx.py gpu --workload llama8b --depth 4 --iters 40
   cp "$OUT"/*.json "$RES"/ 2>/dev/null
 fi
