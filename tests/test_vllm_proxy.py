@@ -1,4 +1,4 @@
-"""examples/vllm/proxy.py against fake vLLM OpenAI servers (CPU, stdlib only).
+"""examples/vllm/proxy.py and check.py against fake vLLM OpenAI servers (CPU, stdlib only).
 
 The fake upstreams are ``http.server`` servers on port 0 that record every request and answer
 as vLLM 0.33's OpenAI server does: JSON bodies with ``kv_transfer_params`` from a producer,
@@ -6,7 +6,8 @@ SSE over chunked transfer encoding when streaming, OpenAI error bodies. The clie
 ``http.client``: neither end shares code with the proxy. Checks: what each upstream received
 (prefill copy, kv_transfer_params handed from prefill to decode, round robin), what the client
 received (bodies, SSE events in order ending with ``[DONE]``, error statuses), that streaming
-is relayed as it arrives, and that the proxy process shuts down cleanly on SIGTERM.
+is relayed as it arrives, that the proxy process shuts down cleanly on SIGTERM, and that
+check.py passes on agreeing answers and fails on differing ones.
 """
 
 from __future__ import annotations
@@ -32,10 +33,19 @@ pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROXY_PY = ROOT / "examples" / "vllm" / "proxy.py"
-_spec = importlib.util.spec_from_file_location("kvxfer_vllm_proxy", PROXY_PY)
-proxy_mod = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = proxy_mod  # dataclasses look their module up
-_spec.loader.exec_module(proxy_mod)
+CHECK_PY = ROOT / "examples" / "vllm" / "check.py"
+
+
+def _load(name: str, path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+proxy_mod = _load("kvxfer_vllm_proxy", PROXY_PY)
+check_mod = _load("kvxfer_vllm_check", CHECK_PY)
 
 WAIT = 10.0  # no wait in these tests is unbounded
 MODEL = "fake/model"
@@ -93,7 +103,8 @@ def _completion(path: str, body: dict[str, Any], text: str) -> dict[str, Any]:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length", "stop_reason": None}
         obj = "text_completion"
     return {"id": "cmpl-1", "object": obj, "created": 1, "model": body.get("model"), "choices": [choice],
-            "usage": {"prompt_tokens": 5, "total_tokens": 5 + len(text.split()), "completion_tokens": len(text.split())},
+            "usage": {"prompt_tokens": 5, "total_tokens": 5 + len(text.split()),
+                      "completion_tokens": len(text.split())},
             "kv_transfer_params": None}
 
 
@@ -111,8 +122,8 @@ def _chunks(path: str, words: list[str]) -> list[dict[str, Any]]:
 
 
 def words_for(server: str, prompt: Any) -> list[str]:
-    """What a fake decode instance generates for ``prompt``: words naming it and the prompt."""
-    return ["", server, "says", str(prompt)[:20], "end"]
+    """What a fake decode instance generates for ``prompt``, piece by piece when streaming."""
+    return ["", f" {server}", " says", f" {str(prompt)[:20]}", " end"]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -166,7 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
         prompt = body.get("prompt", body.get("messages"))
         words = words_for(srv.name, prompt)
         if not body.get("stream"):
-            self._send_json(200, _completion(self.path, body, " ".join(words)))
+            self._send_json(200, _completion(self.path, body, "".join(words)))
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -270,7 +281,7 @@ def test_non_streaming_hands_kv_params_from_prefill_to_decode(upstreams, proxies
     status, raw, resp = post(px, path, body, headers={"Authorization": "Bearer k"})
     assert status == 200, raw
     answer = json.loads(raw)
-    expected = " ".join(words_for("decode0", body.get("prompt", body.get("messages"))))
+    expected = "".join(words_for("decode0", body.get("prompt", body.get("messages"))))
     got = answer["choices"][0]["text"] if prompt else answer["choices"][0]["message"]["content"]
     assert got == expected
     assert resp.getheader("Content-Type") == "application/json"
@@ -365,8 +376,8 @@ def test_concurrent_streams(upstreams, proxies):
     for i, events in results.items():
         assert events[-1] == "[DONE]"
         assert [json.loads(e)["choices"][0]["text"] for e in events[1:3]] in (
-            [f"decode{d}", "says"] for d in (0, 1))
-        assert json.loads(events[3])["choices"][0]["text"] == f"q{i}"
+            [f" decode{d}", " says"] for d in (0, 1))
+        assert json.loads(events[3])["choices"][0]["text"] == f" q{i}"
     assert sum(len(s.requests) for s in dec) == 8 and all(len(s.requests) == 4 for s in pre + dec)
 
 
@@ -563,3 +574,36 @@ def test_cli_rejects_bad_urls():
     out = subprocess.run([sys.executable, str(PROXY_PY), "--prefill", "https://a:1", "--decode", "http://b:2"],
                          capture_output=True, text=True, timeout=WAIT)
     assert out.returncode == 2 and "expected http://host" in out.stderr
+
+
+# -- examples/vllm/check.py against the same fakes --------------------------------------------
+
+def test_check_passes_when_answers_agree_and_fails_when_they_differ(upstreams, proxies, capsys):
+    pre, dec = upstreams(1, 2)
+    px = proxies(pre, [dec[0]])
+    url = f"http://127.0.0.1:{px.port}"
+    assert check_mod.main(["--proxy", url, "--reference", dec[0].url, "--model", MODEL]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok  ") == 2 * len(check_mod.PROMPTS) and "FAIL" not in out
+    # every proxied request went through prefill first; the reference was asked directly
+    assert len(pre[0].requests) == 4 * len(check_mod.PROMPTS)
+    assert all(b["kv_transfer_params"]["do_remote_decode"] for b in pre[0].bodies())
+    direct = [b for b in dec[0].bodies() if "kv_transfer_params" not in b]
+    assert len(direct) == 2 * len(check_mod.PROMPTS) and all(b["temperature"] == 0 for b in direct)
+
+    # a reference that generates something else: every comparison fails, exit 1
+    assert check_mod.main(["--proxy", url, "--reference", dec[1].url, "--model", MODEL]) == 1
+    out = capsys.readouterr().out
+    assert out.count("FAIL") == 2 * len(check_mod.PROMPTS) and "!= reference" in out
+    # the first 3 characters (" de") agree: --compare-chars 3 passes
+    assert check_mod.main(["--proxy", url, "--reference", dec[1].url, "--model", MODEL, "--compare-chars", "3"]) == 0
+    capsys.readouterr()
+
+
+def test_check_reports_an_upstream_error(upstreams, proxies, capsys):
+    (pre,), (dec,) = upstreams(1, 1)
+    pre.fail = (400, {"error": {"message": "too long", "type": "BadRequestError", "param": None, "code": 400}})
+    px = proxies([pre], [dec])
+    assert check_mod.main(["--proxy", f"http://127.0.0.1:{px.port}", "--reference", dec.url, "--model", MODEL]) == 1
+    out = capsys.readouterr().out
+    assert "answered 400" in out and "too long" in out
