@@ -73,6 +73,10 @@ class FakeVllm(ThreadingHTTPServer):
         self.arrived = threading.Event()
         self.hold: threading.Event | None = None  # a prefill answer waits on it
         self.hold_passed: bool | None = None
+        self.endless = False  # stream until a write fails (at most 400 events, 20 s)
+        self.stream_broken = threading.Event()
+        self.events_sent = 0
+        self.break_off = False  # close the connection after the first event
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
@@ -183,8 +187,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        if srv.endless:
+            try:
+                for i in range(400):
+                    self._chunk(f"data: {json.dumps(_chunks(self.path, [str(i)])[0])}\n\n".encode())
+                    srv.events_sent = i + 1
+                    time.sleep(0.05)
+            except ConnectionError:
+                srv.stream_broken.set()
+            self.close_connection = True
+            return
         for i, chunk in enumerate(_chunks(self.path, words)):
             self._chunk(f"data: {json.dumps(chunk)}\n\n".encode())
+            if i == 0 and srv.break_off:
+                self.close_connection = True
+                return
             if i == 0 and srv.gate is not None:
                 srv.gate_passed = srv.gate.wait(WAIT)
         self._chunk(b"data: [DONE]\n\n")
@@ -407,6 +424,35 @@ def test_keep_alive_serves_several_requests_on_one_connection(upstreams, proxies
             assert json.loads(raw)["choices"][0]["text"].split()[-2] == f"k{i}"
     c.close()
     assert len(dec.requests) == 3
+
+
+def test_a_client_that_leaves_mid_stream_cuts_the_decode_stream(upstreams, proxies):
+    (pre,), (dec,) = upstreams(1, 1)
+    dec.endless = True
+    px = proxies([pre], [dec])
+    c = px.conn()
+    c.request("POST", "/v1/completions", body=json.dumps({"model": MODEL, "prompt": "x", "stream": True}))
+    resp = c.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    c.close()  # the client goes away; vLLM aborts a request whose connection closes
+    assert dec.stream_broken.wait(WAIT)
+    assert dec.events_sent < 100
+    status, raw, _ = post(px, "/v1/completions", {"model": MODEL, "prompt": "after"})  # still serving
+    assert status == 200 and "after" in json.loads(raw)["choices"][0]["text"]
+
+
+def test_a_decode_stream_that_breaks_off_ends_the_client_stream_early(upstreams, proxies):
+    (pre,), (dec,) = upstreams(1, 1)
+    dec.break_off = True
+    px = proxies([pre], [dec])
+    c = px.conn()
+    c.request("POST", "/v1/completions", body=json.dumps({"model": MODEL, "prompt": "x", "stream": True}))
+    resp = c.getresponse()
+    assert resp.status == 200
+    with pytest.raises(http.client.IncompleteRead) as err:
+        resp.read()
+    assert err.value.partial.startswith(b"data: ") and b"[DONE]" not in err.value.partial
+    c.close()
 
 
 # -- errors -----------------------------------------------------------------------------------

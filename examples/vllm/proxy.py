@@ -254,7 +254,7 @@ async def send(upstream: Upstream, method: str, path: str, body: bytes | None,
     except (OSError, asyncio.TimeoutError) as exc:
         raise UpstreamDown(f"{upstream.url}: {exc or type(exc).__name__}") from None
     try:
-        lines = [f"{method} {path} HTTP/1.1", f"host: {upstream.host}:{upstream.port}", "connection: close"]
+        lines = [f"{method} {path} HTTP/1.1", f"host: {upstream.url.removeprefix('http://')}", "connection: close"]
         lines += [f"{k}: {v}" for k, v in headers]
         if body is not None:
             lines += ["content-type: application/json", f"content-length: {len(body)}"]
