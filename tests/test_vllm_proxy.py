@@ -653,3 +653,42 @@ def test_check_reports_an_upstream_error(upstreams, proxies, capsys):
     assert check_mod.main(["--proxy", f"http://127.0.0.1:{px.port}", "--reference", dec.url, "--model", MODEL]) == 1
     out = capsys.readouterr().out
     assert "answered 400" in out and "too long" in out
+
+
+# -- the bodies the proxy builds, under vLLM 0.33's own request models (vLLM's venv only) ------
+
+def test_bodies_are_valid_vllm_requests_carrying_kv_transfer_params():
+    completion = pytest.importorskip("vllm.entrypoints.openai.completion.protocol",
+                                     reason="vllm is not installed here; run this file with the python of vLLM's venv")
+    chat = pytest.importorskip("vllm.entrypoints.openai.chat_completion.protocol")
+    from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
+    from vllm.exceptions import VLLMValidationError
+
+    refused = (ValueError, VLLMValidationError)
+
+    def limit(req: Any) -> int:  # as vLLM's serving code computes it (chat: max_completion_tokens first)
+        asked = getattr(req, "max_completion_tokens", None)
+        return get_max_tokens(4096, asked if asked is not None else req.max_tokens, 5, {})
+
+    cases = [
+        (completion.CompletionRequest, {"model": MODEL, "prompt": "hi", "max_tokens": 16, "min_tokens": 4,
+                                        "stream": True, "stream_options": {"include_usage": True}}),
+        (chat.ChatCompletionRequest, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                      "max_completion_tokens": 16, "min_tokens": 4, "stream": True,
+                                      "stream_options": {"include_usage": True}}),
+    ]
+    for model_cls, body in cases:
+        pre = proxy_mod.prefill_body(body, "abc")
+        req = model_cls.model_validate(pre)
+        assert limit(req) == 1 and req.stream is False
+        sp = req.to_sampling_params(limit(req), {})
+        assert sp.extra_args["kv_transfer_params"] == {"do_remote_decode": True, "kvxfer_id": "abc"}
+        # what the proxy drops, vLLM would refuse in a one-token, unstreamed request
+        with pytest.raises(refused, match="stream"):
+            model_cls.model_validate(dict(pre, stream_options={"include_usage": True}))
+        with pytest.raises(refused, match="min_tokens"):
+            model_cls.model_validate(dict(pre, min_tokens=4)).to_sampling_params(1, {})
+        params = {"do_remote_prefill": True, "do_remote_decode": False, "kvxfer_id": "abc",
+                  "kvxfer_spec": {"model": MODEL}}
+        dec = model_cls.model_validate(dict(body, kv_transfer_params=params))
+        assert dec.to_sampling_params(4096, {}).extra_args["kv_transfer_params"] == params
