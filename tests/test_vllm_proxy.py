@@ -528,6 +528,10 @@ def test_bad_requests(upstreams, proxies):
     assert status == 404 and "/v1/embeddings" in json.loads(raw)["error"]["message"]
     status, raw, _ = post(px, "/v1/completions", {"prompt": "x" * 2000})
     assert status == 413
+    status, raw, _ = post(px, "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]})
+    assert status == 400 and "one prompt per request" in json.loads(raw)["error"]["message"]
+    status, raw, _ = post(px, "/v1/chat/completions", {"model": MODEL, "messages": [], "n": 2})
+    assert status == 400 and "n=2" in json.loads(raw)["error"]["message"]
     c = px.conn()
     c.request("GET", "/v1/completions")
     resp = c.getresponse()
@@ -561,6 +565,14 @@ def test_models_and_health(upstreams, proxies):
     health = json.loads(resp.read())
     assert health["status"] == "degraded" and str(health["decode"][dec[1].url]).startswith("unreachable")
     c.close()
+
+
+def test_a_prompt_of_token_ids_is_one_prompt(upstreams, proxies):
+    (pre,), (dec,) = upstreams(1, 1)
+    px = proxies([pre], [dec])
+    status, raw, _ = post(px, "/v1/completions", {"model": MODEL, "prompt": [1, 2, 3], "n": 1})
+    assert status == 200, raw
+    assert pre.bodies()[0]["prompt"] == dec.bodies()[0]["prompt"] == [1, 2, 3]
 
 
 def test_upstream_urls_are_checked():

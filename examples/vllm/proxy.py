@@ -293,6 +293,21 @@ class ProxyConfig:
             raise ValueError("at least one prefill and one decode upstream are needed")
 
 
+def check_single(body: dict[str, Any]) -> None:
+    """Refuse what one KV transfer per request cannot serve.
+
+    Raises:
+        HttpError: 400 for a batch of prompts or ``n`` > 1 (several sequences would each load,
+            or each produce, the same transfer).
+    """
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not all(type(t) is int for t in prompt):
+        raise HttpError(400, "a batch of prompts cannot go through the prefill/decode proxy; "
+                             "send one prompt per request")
+    if body.get("n") not in (None, 1):
+        raise HttpError(400, f"n={body['n']!r}: the prefill/decode proxy serves one sequence per request (n=1)")
+
+
 def prefill_body(body: dict[str, Any], xid: str) -> dict[str, Any]:
     """The prefill instance's copy of a client request: one token, no stream, the handoff asked."""
     pre = dict(body)
@@ -521,6 +536,7 @@ class Proxy:
             raise HttpError(400, f"request body is not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise HttpError(400, "request body must be a JSON object")
+        check_single(body)
         xid = uuid.uuid4().hex
         if self.config.mode is Mode.PULL:
             params = await self._prefill_params(path, body, head, xid)
