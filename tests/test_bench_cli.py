@@ -41,7 +41,7 @@ def bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 def _ucx_skip_reason() -> str | None:
     if importlib.util.find_spec("ucxx") is None:
-        return "ucxx is not importable here (pip install kvxfer[ucx])"
+        return "ucxx is not importable here (pip install 'kvxfer[cuda12]' or 'kvxfer[cuda13]')"
     if importlib.util.find_spec("kvxfer.backends.ucx") is None:
         return "kvxfer.backends.ucx is not in this tree yet"
     return None
