@@ -29,7 +29,7 @@ from ..config import from_env
 from ..errors import BackendUnavailableError, KernelCompileError
 
 __all__ = ["KernelSpec", "KernelCacheConfig", "cupy", "source_dir", "source_path", "read_source", "sources",
-           "load_kernel", "compile_cubin"]
+           "load_kernel", "compile_cubin", "arch_of"]
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,12 @@ def _nvrtc_version() -> str:
     return ".".join(map(str, nvrtc.getVersion()))
 
 
-def _arch_of(device: int) -> str:
-    """``sm_XX`` for the device, or PTX for the newest arch NVRTC knows when it is older than the GPU."""
+def arch_of(device: int) -> str:
+    """``sm_XX`` for the device, or PTX for the newest arch NVRTC knows when it is older than the GPU.
+
+    Raises:
+        BackendUnavailableError: CuPy is not installed.
+    """
     from cupy_backends.cuda.libs import nvrtc
 
     cc = int(cupy().cuda.Device(device).compute_capability)  # e.g. 90
@@ -195,7 +199,7 @@ def load_kernel(spec: KernelSpec, device: int, config: KernelCacheConfig | None 
     cp = cupy()
     cfg = config or from_env(KernelCacheConfig, "KVXFER_")
     with cp.cuda.Device(device):
-        path = _cached_cubin(spec, _arch_of(device), cfg.path())
+        path = _cached_cubin(spec, arch_of(device), cfg.path())
         try:
             fn = cp.RawModule(path=str(path)).get_function(spec.kernel)
             fn.attributes  # forces the load on this device, so a bad cubin fails here
