@@ -135,11 +135,12 @@ def copy_kernel():
         arch = arch_of(dev)
         cubin = compile_cubin(_COPY_SRC, "bench_copy.cu", ("--std=c++17", f"--gpu-architecture={arch}"))
         suffix = ".ptx" if arch.startswith("compute_") else ".cubin"
-        with tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as f:
+        # kept until exit: CuPy may load a module from its file lazily, per device
+        with tempfile.NamedTemporaryFile(prefix="kvxfer_bench_copy", suffix=suffix, delete=False) as f:
             f.write(cubin)
         with cupy.cuda.Device(dev):
             _copy_kernel = cupy.RawModule(path=f.name).get_function("bench_copy")
-        os.unlink(f.name)
+            _copy_kernel.attributes  # loads it now, so a bad build fails here
     return _copy_kernel
 
 
@@ -168,14 +169,12 @@ def ceiling(n: int, reps: int) -> dict:
         grid = max(1, min(sms * per_sm, -(-n16 // 256)))
         if grid not in grids.values():
             grids[per_sm] = grid
-    by_grid = {}
-    for per_sm, grid in grids.items():
-        by_grid[per_sm] = gbps(n, cuda_ms(kernel(grid), reps))
+    by_grid = {per_sm: gbps(n, cuda_ms(kernel(grid), reps)) for per_sm, grid in grids.items()}
+    best_grid = max(by_grid, key=by_grid.get)
     b.zero_()
-    kernel(grids[max(by_grid, key=by_grid.get)])()
+    kernel(grids[best_grid])()
     torch.cuda.synchronize()
     assert torch.equal(a, b), "the plain copy kernel copied the wrong bytes"
-    best_grid = max(by_grid, key=by_grid.get)
     ways["copy_kernel"] = by_grid[best_grid]
     best = max(ways, key=ways.get)
     del a, b
