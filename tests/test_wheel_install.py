@@ -6,10 +6,13 @@ repository check that the installed package holds ``csrc/kv_copy.cu`` and that t
 :func:`~kvxfer.ops.loader.source_path` / :func:`~kvxfer.ops.loader.read_source` return the
 installed file with every kernel of :mod:`kvxfer.ops.kernels` in it.
 
-GPU (``-m gpu``): the same wheel installed into a virtual environment that sees the machine's
-cupy (``--system-site-packages``, no network needed), then one gather compiled by NVRTC from the
-installed source into an empty kernel cache, checked against the numpy reference.
-``KVXFER_TEST_WHEEL`` names a wheel built elsewhere to use instead of building one.
+GPU (``-m gpu``): the same wheel installed with ``pip install --target`` (no index, no deps) and
+put first on the path of this interpreter, which brings the machine's cupy wherever it lives
+(a virtual environment made here would not see a parent environment's packages); then gathers
+by the block-pair and the job-record kernels, compiled by NVRTC from the installed source into
+an empty kernel cache, checked against the numpy reference. ``KVXFER_TEST_WHEEL`` names a wheel
+built elsewhere to use instead of building one (a GPU machine without setuptools>=77 and no
+index cannot build it).
 """
 
 from __future__ import annotations
@@ -69,19 +72,27 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def _venv(tmp: Path, wheel: Path, *, system_site: bool) -> Path:
-    """A virtual environment under ``tmp`` with the wheel installed; its python."""
+def _venv(tmp: Path, wheel: Path) -> Path:
+    """A fresh virtual environment under ``tmp`` (no system site-packages) with the wheel and
+    the deps needed to import kvxfer.ops, at this interpreter's versions; its python."""
     root = tmp / "venv"
-    venv.EnvBuilder(system_site_packages=system_site, with_pip=False, symlinks=True).create(root)
+    venv.EnvBuilder(system_site_packages=False, with_pip=False, symlinks=True).create(root)
     py = root / "bin" / "python"
-    pip = [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-compile"]
-    if system_site:  # the machine's numpy, msgpack and cupy; no index needed
-        cmd = [*pip, "--no-index", str(wheel)]
-    else:  # the deps needed to import kvxfer.ops, at this interpreter's versions (from the pip cache)
-        cmd = [*pip, str(wheel), f"numpy=={metadata.version('numpy')}", f"msgpack=={metadata.version('msgpack')}"]
+    cmd = [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-compile", str(wheel),
+           f"numpy=={metadata.version('numpy')}", f"msgpack=={metadata.version('msgpack')}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_clean_env(), cwd=tmp)
     assert proc.returncode == 0, f"installing the wheel failed:\n{proc.stdout}\n{proc.stderr}"
     return py
+
+
+def _target(tmp: Path, wheel: Path) -> Path:
+    """The wheel alone installed into the directory ``tmp/site`` (no index, no deps)."""
+    site = tmp / "site"
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--target",
+           str(site), str(wheel)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_clean_env(), cwd=tmp)
+    assert proc.returncode == 0, f"installing the wheel failed:\n{proc.stdout}\n{proc.stderr}"
+    return site
 
 
 def _run(py: Path, code: str, cwd: Path, env: dict[str, str] | None = None) -> dict:
@@ -105,18 +116,19 @@ print(json.dumps({"package": kvxfer.__file__, "source": str(path), "exists": pat
 
 
 def _assert_installed(info: dict, root: Path) -> None:
-    assert Path(info["package"]).resolve().is_relative_to(root.resolve()), f"imported {info['package']}, not the wheel's"
-    assert not Path(info["package"]).resolve().is_relative_to(REPO)
+    package = Path(info["package"]).resolve()
+    assert package.is_relative_to(root.resolve()), f"imported {package}, not the wheel's under {root}"
+    assert not package.is_relative_to(REPO)
     source = Path(info["source"]).resolve()
     assert source.is_relative_to(root.resolve()) and info["exists"], info
-    assert source.parent.name == "csrc" and source.parent.parent == Path(info["package"]).resolve().parent
+    assert source.parent.name == "csrc" and source.parent.parent == package.parent
     assert info["sources"] == [info["source"]] and info["source_names"] == ["kv_copy.cu"]
     assert info["kernels"] == list(KERNELS), f"kernels found in {source}: {info['kernels']}"
 
 
 def test_installed_wheel_holds_and_finds_the_kernel_sources(tmp_path: Path) -> None:
     wheel = _wheel(tmp_path)
-    py = _venv(tmp_path, wheel, system_site=False)
+    py = _venv(tmp_path, wheel)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     info = _run(py, _CHECK, elsewhere)
@@ -155,11 +167,13 @@ def test_installed_wheel_compiles_and_runs_a_kernel(tmp_path: Path) -> None:
     if probe.returncode != 0 or not probe.stdout.strip().isdigit() or int(probe.stdout.strip()) < 1:
         pytest.skip("needs cupy and a CUDA GPU")
     wheel = _wheel(tmp_path)
-    py = _venv(tmp_path, wheel, system_site=True)
+    site = _target(tmp_path, wheel)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    _assert_installed(_run(py, _CHECK, elsewhere), tmp_path / "venv")
     env = _clean_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
+    py = Path(sys.executable)
+    _assert_installed(_run(py, _CHECK, elsewhere, env), site)
     env["KVXFER_CACHE_DIR"] = str(tmp_path / "kernel-cache")  # empty: NVRTC compiles the installed source
     assert _run(py, _GATHER, elsewhere, env)["ok"]
     built = sorted(p.name for p in (tmp_path / "kernel-cache").glob("kv_copy-*"))
