@@ -1,12 +1,15 @@
 """Gather / scatter bandwidth of kvxfer's one-launch kernel on the standard workloads.
 
-For every workload of BENCHMARKS.md, in the same run on the same card: a device-to-device copy of
-the same number of bytes (the ceiling), ``torch.index_select`` per layer (the baseline), and
-kvxfer's gather and scatter (jobs prepared on the GPU, then launched). Times are CUDA-event
-medians over >= 10 samples after warm-up; each sample replays a CUDA graph of ``reps`` calls,
-so small transfers are not measured as Python launch overhead (for ``small`` the repeated
-2 MiB stays in L2 for every contender alike). Also reported: host time to prepare jobs, and the
-wall time of a one-shot ``gather()`` (resolve + upload + launch + sync).
+For every workload of BENCHMARKS.md, in the same run on the same card: the ceiling, the fastest
+of three ways to copy the same number of bytes on the device (``copy_`` inside a CUDA graph,
+``copy_`` outside one, and a plain vectorized copy kernel built by kvxfer's NVRTC loader; the
+winner is named), ``torch.index_select`` per layer (the baseline), and kvxfer's gather and
+scatter (jobs prepared on the GPU, then launched). Times are CUDA-event medians over >= 10
+samples after warm-up; each sample replays a CUDA graph of ``reps`` calls (the eager ``copy_``:
+``reps`` calls between two events), so small transfers are not measured as Python launch
+overhead (for ``small`` the repeated 2 MiB stays in L2 for every contender alike). Ratios to
+"device copy" divide by the ceiling. Also reported: host time to prepare jobs, and the wall
+time of a one-shot ``gather()`` (resolve + upload + launch + sync).
 
 Usage: python bench/bench_pack.py [OUT_JSON] [--commit SHA] [--workloads a,b] [--variants]
 Writes JSON to OUT_JSON, else $OUT/pack_<card>_<date>.json, else the current directory.
@@ -32,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvxfer.layout import KVLayout  # noqa: E402
 from kvxfer.ops import cuda as ops  # noqa: E402
-from kvxfer.ops._loader import KernelSpec  # noqa: E402
+from kvxfer.ops.loader import KernelSpec, arch_of, compile_cubin  # noqa: E402
+from kvxfer.ops.runtime import device_runtime  # noqa: E402
 from kvxfer.ops.workloads import STANDARD  # noqa: E402
 from kvxfer.plan import plan_transfer  # noqa: E402
 
@@ -80,6 +84,104 @@ def cuda_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def cuda_ms_eager(fn, reps: int) -> float:
+    """Median milliseconds per call of ``fn``, ``reps`` calls queued between two CUDA events."""
+    for _ in range(WARMUP):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(SAMPLES):
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+# A plain copy: 16-byte vectors, four loads in flight per thread before their stores, a
+# grid-stride loop; the bytes past the last whole vector are copied one per thread.
+_COPY_SRC = r"""
+extern "C" __global__ void __launch_bounds__(256)
+bench_copy(const uint4* __restrict__ src, uint4* __restrict__ dst, long long n16,
+           const unsigned char* __restrict__ s8, unsigned char* __restrict__ d8, long long n) {
+    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long nth = (long long)gridDim.x * blockDim.x;
+    long long i = tid;
+    for (; i + 3 * nth < n16; i += 4 * nth) {
+        const uint4 a = __ldg(src + i), b = __ldg(src + i + nth);
+        const uint4 c = __ldg(src + i + 2 * nth), d = __ldg(src + i + 3 * nth);
+        dst[i] = a; dst[i + nth] = b; dst[i + 2 * nth] = c; dst[i + 3 * nth] = d;
+    }
+    for (; i < n16; i += nth) dst[i] = __ldg(src + i);
+    const long long tail = n16 * 16 + tid;
+    if (tail < n) d8[tail] = s8[tail];
+}
+"""
+_copy_kernel = None
+
+
+def copy_kernel():
+    """The plain copy kernel (a ``cupy.RawFunction``) on the current device, built once."""
+    global _copy_kernel
+    if _copy_kernel is None:
+        import tempfile
+
+        import cupy
+
+        dev = torch.cuda.current_device()
+        arch = arch_of(dev)
+        cubin = compile_cubin(_COPY_SRC, "bench_copy.cu", ("--std=c++17", f"--gpu-architecture={arch}"))
+        suffix = ".ptx" if arch.startswith("compute_") else ".cubin"
+        # kept until exit: CuPy may load a module from its file lazily, per device
+        with tempfile.NamedTemporaryFile(prefix="kvxfer_bench_copy", suffix=suffix, delete=False) as f:
+            f.write(cubin)
+        with cupy.cuda.Device(dev):
+            _copy_kernel = cupy.RawModule(path=f.name).get_function("bench_copy")
+            _copy_kernel.attributes  # loads it now, so a bad build fails here
+    return _copy_kernel
+
+
+def ceiling(n: int, reps: int) -> dict:
+    """The fastest device copy of ``n`` bytes, GB/s: ``copy_`` in a graph, ``copy_`` eager and
+    the plain copy kernel at a few grid sizes (one to 16 CTAs of 256 threads per SM)."""
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 256)
+    b = torch.empty_like(a)
+    dev = torch.cuda.current_device()
+    rt = device_runtime(dev)
+    fn = copy_kernel()
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    n16 = n // 16
+    args = (np.uint64(a.data_ptr()), np.uint64(b.data_ptr()), np.int64(n16), np.uint64(a.data_ptr()),
+            np.uint64(b.data_ptr()), np.int64(n))
+
+    def kernel(grid):
+        def launch():
+            fn((grid,), (256,), args, stream=rt.stream(torch.cuda.current_stream().cuda_stream))
+        return launch
+
+    ways = {"copy_graph": gbps(n, cuda_ms(lambda: b.copy_(a), reps)),
+            "copy_eager": gbps(n, cuda_ms_eager(lambda: b.copy_(a), reps))}
+    grids = {}
+    for per_sm in (1, 2, 4, 8, 16):
+        grid = max(1, min(sms * per_sm, -(-n16 // 256)))
+        if grid not in grids.values():
+            grids[per_sm] = grid
+    by_grid = {per_sm: gbps(n, cuda_ms(kernel(grid), reps)) for per_sm, grid in grids.items()}
+    best_grid = max(by_grid, key=by_grid.get)
+    b.zero_()
+    kernel(grids[best_grid])()
+    torch.cuda.synchronize()
+    assert torch.equal(a, b), "the plain copy kernel copied the wrong bytes"
+    ways["copy_kernel"] = by_grid[best_grid]
+    best = max(ways, key=ways.get)
+    del a, b
+    return {**{f"{k}_GBps": v for k, v in ways.items()}, "copy_kernel_ctas_per_sm": best_grid,
+            "copy_kernel_by_ctas_per_sm": by_grid, "best": best, "GBps": ways[best]}
+
+
 def wall_ms(fn, n: int = 7) -> float:
     fn()
     torch.cuda.synchronize()
@@ -117,10 +219,8 @@ def run_workload(wl, variants: dict[str, KernelSpec]) -> dict:
     buf.random_(0, 256)
     res: dict = {"bytes": n, "jobs": int(plan.jobs.size), "reps_per_sample": reps, "plan_ms": round(plan_ms, 2)}
 
-    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 256)
-    b = torch.empty_like(a)
-    res["device_copy_GBps"] = gbps(n, cuda_ms(lambda: b.copy_(a), reps))
-    del a, b
+    res["ceiling"] = ceiling(n, reps)
+    res["device_copy_GBps"] = res["ceiling"]["GBps"]  # the fastest device copy of the same bytes
 
     sel = torch.as_tensor(sb, device="cuda")
     isel = torch.empty((wl.layers,) + tuple(len(sb) if i == wl.block_dim else s for i, s in enumerate(wl.shape)),
@@ -238,7 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     slug = card.replace("NVIDIA ", "").replace(" ", "-").lower()
     path = Path(args.out) if args.out else Path(os.environ.get("OUT", ".")) / f"pack_{slug}_{date}.json"
     path.write_text(json.dumps(results, indent=1))
-    print(f"\n{card}, {date}, GB/s of payload (gather/scatter: default kernel)")
+    print(f"\n{card}, {date}, GB/s of payload; dcopy = the fastest device copy of the same bytes")
+    print("ceiling: copy_ in a graph / copy_ eager / plain copy kernel -> the best (its CTAs per SM)")
+    for name, r in results["workloads"].items():
+        c = r["ceiling"]
+        print(f"{name:14} {c['copy_graph_GBps']:7.0f} {c['copy_eager_GBps']:7.0f} {c['copy_kernel_GBps']:7.0f}"
+              f"  -> {c['best']} ({c['copy_kernel_ctas_per_sm']})")
+    print("job-record kernel (default): gather / scatter, ratios to dcopy and index_select")
     print(f"{'workload':14} {'dcopy':>7} {'isel':>7} {'gather':>7} {'scatter':>7} {'g/dc':>6} {'s/dc':>6} {'g/isel':>6}")
     for name, r in results["workloads"].items():
         d = r["default"]

@@ -1,4 +1,4 @@
-"""Every CUDA source in csrc/ must build for sm_80 and sm_90 (CI has nvcc but no GPU)."""
+"""Every CUDA source in kvxfer/csrc/ must build for sm_80 and sm_90 (CI has nvcc but no GPU)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from kvxfer.ops._loader import CSRC_DIR
+from kvxfer.ops.loader import source_dir, sources
 
-SOURCES = sorted(CSRC_DIR.glob("*.cu"))
+SOURCES = sources()
 ARCHS = ["sm_80", "sm_90"]
 
 
@@ -26,7 +26,7 @@ NVCC = _nvcc()
 
 
 def test_csrc_has_sources():
-    assert SOURCES, f"no CUDA sources found under {CSRC_DIR}"
+    assert SOURCES, f"no CUDA sources found under {source_dir()}"
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (looked on PATH, /usr/local/bin, /usr/local/cuda/bin)")

@@ -35,8 +35,9 @@ except ImportError:
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _CUDA, reason=f"GPU tests skipped: {_WHY}")]
 
 if _CUDA:
-    from kvxfer.ops import _loader
     from kvxfer.ops import cuda as ops
+    from kvxfer.ops import loader
+    from kvxfer.ops.runtime import device_runtime
 
 POISON = 0xA5
 
@@ -227,24 +228,25 @@ def test_cuda_graph_capture_and_replay():
 
 def test_loader_caches_cubins_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("KVXFER_CACHE_DIR", str(tmp_path))
-    _loader.clear_memo()
+    rt = device_runtime(0)
+    rt.clear_kernels()
     try:
-        fn = _loader.get_kernel(ops.KERNEL, 0)
-        assert fn is _loader.get_kernel(ops.KERNEL, 0)  # memoized
+        fn = rt.kernel(ops.KERNEL)
+        assert fn is rt.kernel(ops.KERNEL)  # memoized per device
         cached = list(tmp_path.glob("kv_copy-*"))
         assert any(p.suffix in (".cubin", ".ptx") for p in cached), cached
-        _loader.clear_memo()
+        rt.clear_kernels()
 
         def no_compile(*a, **k):
             raise AssertionError("recompiled although the cubin was cached")
 
-        monkeypatch.setattr(_loader, "compile_cubin", no_compile)
-        assert _loader.get_kernel(ops.KERNEL, 0) is not None
+        monkeypatch.setattr(loader, "compile_cubin", no_compile)
+        assert rt.kernel(ops.KERNEL) is not fn  # loaded again, from the disk cache
     finally:
-        _loader.clear_memo()
+        rt.clear_kernels()
 
 
 def test_compile_errors_carry_the_log():
     with pytest.raises(KernelCompileError, match="undefined_thing"):
-        _loader.compile_cubin('extern "C" __global__ void k() { undefined_thing(); }', "bad.cu",
+        loader.compile_cubin('extern "C" __global__ void k() { undefined_thing(); }', "bad.cu",
                               ops.KERNEL.options("sm_80"))

@@ -223,11 +223,12 @@ def _decode_ids(params):
 def _stub_params_launch(monkeypatch):
     """Pretend the GPU takes 32 KiB of parameters; return the list that collects each
     kv_copy_pairs_ids launch's (ctas, parameter bytes) instead of launching."""
-    from kvxfer.ops import cuda as ops_cuda
+    from kvxfer.ops import kernels
+    from kvxfer.ops.runtime import DeviceRuntime
 
     launched = []
-    monkeypatch.setattr(ops_cuda, "large_params", lambda dev: True)
-    monkeypatch.setattr(ops_cuda, "launch_with_params",
+    monkeypatch.setattr(DeviceRuntime, "large_params", lambda self: True)
+    monkeypatch.setattr(kernels, "launch_with_params",
                         lambda spec, dev, ctas, params, sptr: launched.append((spec, ctas, params.copy())))
     return launched
 
@@ -284,8 +285,8 @@ def test_pieces_in_kernel_parameters_walk_like_the_reference(side, kind, warps, 
 
 
 def test_what_cannot_travel_in_kernel_parameters_is_uploaded_and_forcing_it_says_why(monkeypatch):
-    from kvxfer.ops import cuda as ops_cuda
     from kvxfer.ops.pairs import IDS_WORDS, PairPieces, ids_params_fit
+    from kvxfer.ops.runtime import DeviceRuntime
 
     st, bd = LayoutSpec("kv_first", 8192, layers=2, block_size=1, heads=1, head_dim=8).build(1)
     ls = KVLayout.from_tensors(st, block_dim=bd)
@@ -309,7 +310,7 @@ def test_what_cannot_travel_in_kernel_parameters_is_uploaded_and_forcing_it_says
     assert (big.pairs["coal"] & (big.pairs["src_count"] == 2)).all()
     run = plan_transfer(ls.geometry, ls.geometry, [0, 1, 2, 3, 9], [10, 11, 12, 13, 5]).block_pairs
     assert run.run_lengths.tolist() == [4, 1] and not ids_params_fit(run, BUF_DST)
-    monkeypatch.setattr(ops_cuda, "large_params", lambda dev: False)  # a GPU with 4 KiB of parameters
+    monkeypatch.setattr(DeviceRuntime, "large_params", lambda self: False)  # a GPU with 4 KiB of parameters
     with pytest.raises(ValueError, match="cannot travel in kernel parameters"):
         PairPieces(bp(16), ls.addrs, 0, buffer_side=BUF_DST, bounds=[(0, npairs)], stream=None, device=0,
                    in_params=True)
@@ -461,10 +462,10 @@ def test_pieces_on_gpu_gather_then_scatter_round_trip(ids, in_params):
 
 def _stub_launch_shape(monkeypatch, warps: int, ctas: int) -> None:
     """The host half of a pair launch without a GPU: a fixed launch shape, stream 0."""
-    from kvxfer.ops import cuda as ops_cuda
+    from kvxfer.ops import kernels, operands
 
-    monkeypatch.setattr(ops_cuda, "_workers_for", lambda spec, device, total, cps: (warps, ctas))
-    monkeypatch.setattr(ops_cuda, "_stream_ptr", lambda stream, objs, dev: 0)
+    monkeypatch.setattr(kernels, "workers_for", lambda spec, device, total, cps: (warps, ctas))
+    monkeypatch.setattr(operands, "stream_ptr", lambda stream, objs, dev: 0)
 
 
 def _decode_inline(blob):

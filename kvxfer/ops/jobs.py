@@ -1,6 +1,6 @@
 """Copy jobs as the CUDA kernel reads them: absolute addresses, access widths, per-CTA shares.
 
-Layer: ops, pure numpy (no CUDA). :mod:`kvxfer.ops.cuda` uploads what this module builds;
+Layer: ops, pure numpy (no CUDA). :mod:`kvxfer.ops.jobcopy` uploads what this module builds;
 keeping it here lets CPU tests check every rule the kernel relies on.
 
 - :func:`gather_jobs` / :func:`scatter_jobs` turn a :class:`~kvxfer.plan.TransferPlan` into jobs
@@ -34,7 +34,7 @@ __all__ = [
     "tasks",
 ]
 
-# Must match `struct KvJob` in csrc/kv_copy.cu.
+# Must match `struct KvJob` in kvxfer/csrc/kv_copy.cu.
 DEVICE_JOB_DTYPE = np.dtype(
     [
         ("src", np.uint64),
@@ -52,7 +52,7 @@ assert DEVICE_JOB_DTYPE.itemsize == 64
 # What partition() returns: where each worker's share starts (job index, byte offset).
 SPAN_DTYPE = np.dtype([("job", np.int64), ("off", np.int64)])
 
-# Must match `struct KvTask` in csrc/kv_copy.cu: one per warp, carrying its first job.
+# Must match `struct KvTask` in kvxfer/csrc/kv_copy.cu: one per warp, carrying its first job.
 TASK_DTYPE = np.dtype(
     [("job", np.int64), ("off", np.int64), ("end_job", np.int64), ("end_off", np.int64), ("first", DEVICE_JOB_DTYPE)]
 )

@@ -1,10 +1,12 @@
 """Block-pair copies: one launch that computes every address on the GPU from block ids.
 
-Layer: ops. For a plan between layouts of the same segment structure (the usual case:
-:class:`~kvxfer.plan.BlockPairs`), the host uploads only the (tensor, segment) pairs and the
-block-id runs, a few KiB, instead of one record per layer and block; the ``kv_copy_pairs``
-kernel in ``csrc/kv_copy.cu`` expands them. This keeps the host cost of a CUDA IPC transfer
-flat in the number of layers and blocks (``kv_copy_jobs`` remains the path for layout changes).
+Layer: ops, above :mod:`kvxfer.ops.kernels` (the launches and the structs they read) and
+:mod:`kvxfer.ops.runtime`; beside :mod:`kvxfer.ops.jobcopy`. For a plan between layouts of the
+same segment structure (the usual case: :class:`~kvxfer.plan.BlockPairs`), the host uploads
+only the (tensor, segment) pairs and the block-id runs, a few KiB, instead of one record per
+layer and block; the ``kv_copy_pairs`` kernel in ``kvxfer/csrc/kv_copy.cu`` expands them. This
+keeps the host cost of a CUDA IPC transfer flat in the number of layers and blocks
+(``kv_copy_jobs`` remains the path for layout changes).
 
 When those records fit in 4,000 bytes (a small transfer: a few blocks), they are not uploaded at
 all: ``kv_copy_pairs_inline`` takes them as its one by-value parameter, launched straight through
@@ -28,39 +30,23 @@ from typing import Any
 import numpy as np
 
 from .._memo import IdentityMemo
-from ..errors import KernelCompileError, TransportError
+from ..errors import KernelCompileError
 from ..plan import BlockPairs, shared_arange
-from . import cuda as _cuda
-from ._loader import KernelSpec, get_kernel
+from . import kernels, operands
+from .kernels import (BUF_DST, BUF_NONE, BUF_SRC, IDS_DTYPE, IDS_KERNEL, IDS_WORDS, INLINE_DTYPE, INLINE_KERNEL,
+                      INLINE_WORDS, PAIR_DTYPE, PAIRS_KERNEL, RUN_FIELDS)
+from .loader import KernelSpec, cupy
+from .runtime import H2D, alloc_on, check_not_capturing, device_runtime
 
-__all__ = ["BUF_DST", "BUF_NONE", "BUF_SRC", "IDS_DTYPE", "IDS_KERNEL", "INLINE_DTYPE", "INLINE_KERNEL", "PAIRS_KERNEL",
-           "PAIR_DTYPE", "RUN_FIELDS", "PairPieces", "PairsLaunch", "PreparedPairs", "copy_block_pairs", "gather_pairs",
-           "ids_params_fit", "pair_records", "prepare_pairs", "resolve_block_pairs", "scatter_pairs", "split_shift_for"]
+__all__ = [
+    "BUF_DST", "BUF_NONE", "BUF_SRC", "IDS_DTYPE", "IDS_KERNEL", "IDS_WORDS", "INLINE_DTYPE", "INLINE_KERNEL",
+    "INLINE_WORDS", "PAIRS_KERNEL", "PAIR_DTYPE", "RUN_FIELDS", "PairPieces", "PairsLaunch", "PreparedPairs",
+    "copy_block_pairs", "gather_pairs", "ids_params_fit", "pair_records", "prepare_pairs", "resolve_block_pairs",
+    "scatter_pairs", "split_shift_for",
+]
 
-PAIRS_KERNEL = KernelSpec("kv_copy.cu", "kv_copy_pairs")
-#: the same copy with its records passed in the kernel's parameters (small transfers)
-INLINE_KERNEL = KernelSpec("kv_copy.cu", "kv_copy_pairs_inline")
 MAX_ITEM_BYTES = 64 << 10  # one warp copies at most this much per item: long runs are split
 MIN_PART_BYTES = 1 << 10  # items are cut into parts for idle warps, never below this size
-
-# Must match `struct KvPair` in csrc/kv_copy.cu.
-PAIR_DTYPE = np.dtype(
-    [
-        ("src", np.uint64),
-        ("dst", np.uint64),
-        ("src_bstride", np.int64),
-        ("dst_bstride", np.int64),
-        ("run", np.int64),
-        ("count", np.int64),
-        ("src_stride", np.int64),
-        ("dst_stride", np.int64),
-        ("coal", np.int64),
-        ("item0", np.int64),
-        ("unit", np.int64),
-        ("pad", np.int64),
-    ]
-)
-assert PAIR_DTYPE.itemsize == 96
 
 
 def _unit(mix: np.ndarray) -> np.ndarray:
@@ -70,52 +56,7 @@ def _unit(mix: np.ndarray) -> np.ndarray:
     return out
 
 
-RUN_FIELDS = 6  # KVX_RUN_FIELDS in csrc/kv_copy.cu
-INLINE_WORDS = 500  # KVX_INLINE_WORDS in csrc/kv_copy.cu
-
-# Must match `struct KvInline` in csrc/kv_copy.cu (4,064 bytes: within the 4 KiB of kernel
-# parameters that every CUDA version accepts).
-INLINE_DTYPE = np.dtype(
-    [
-        ("npairs", np.int64),
-        ("ncoal", np.int64),
-        ("nsingle", np.int64),
-        ("nitems", np.int64),
-        ("coal_off", np.int64),
-        ("single_off", np.int64),
-        ("split_shift", np.int32),
-        ("buf_side", np.int32),
-        ("rows_inner", np.int32),
-        ("uniform", np.int32),
-        ("w", np.int64, (INLINE_WORDS,)),
-    ]
-)
-assert INLINE_DTYPE.itemsize == 4064
 _INLINE_W0 = INLINE_DTYPE.fields["w"][1]  # byte offset of the records in the block
-BUF_NONE, BUF_SRC, BUF_DST = 0, 1, 2  # KVX_BUF_* in csrc/kv_copy.cu: which side is a stream-ordered buffer
-
-#: pieces of a pipelined copy with the pair records and block ids in the launch's parameters
-IDS_KERNEL = KernelSpec("kv_copy.cu", "kv_copy_pairs_ids")
-IDS_WORDS = 4080  # KVX_IDS_WORDS in csrc/kv_copy.cu
-
-# Must match `struct KvIds` in csrc/kv_copy.cu (32,704 bytes: within the 32,764 bytes of
-# kernel parameters of CUDA 12.1 and later).
-IDS_DTYPE = np.dtype(
-    [
-        ("npairs", np.int64),
-        ("nblocks", np.int64),
-        ("nitems", np.int64),
-        ("item_base", np.int64),
-        ("sids_off", np.int64),
-        ("dids_off", np.int64),
-        ("split_shift", np.int32),
-        ("buf_side", np.int32),
-        ("rows_inner", np.int32),
-        ("uniform", np.int32),
-        ("w", np.int64, (IDS_WORDS,)),
-    ]
-)
-assert IDS_DTYPE.itemsize == 32704
 _IDS_W0 = IDS_DTYPE.fields["w"][1]
 _IDS_NITEMS, _IDS_ITEM_BASE = IDS_DTYPE.fields["nitems"][1] // 8, IDS_DTYPE.fields["item_base"][1] // 8
 _INT32_MAX = 2**31 - 1
@@ -359,7 +300,7 @@ def pair_records(bp: BlockPairs, src_bases: np.ndarray, dst_bases: np.ndarray, *
 
     Each runs array holds :data:`RUN_FIELDS` arrays back to back: ``[src ids | dst ids |
     blocks per run | blocks of the stream before the parent run | blocks of the parent run |
-    blocks of the parent run before this one]`` (see ``KvRun`` in ``csrc/kv_copy.cu``); a kind
+    blocks of the parent run before this one]`` (see ``KvRun`` in ``kvxfer/csrc/kv_copy.cu``); a kind
     of run no pair uses is left empty. Coalesced runs are split so that no item exceeds
     :data:`MAX_ITEM_BYTES` (a long contiguous run would leave one warp copying it alone).
 
@@ -459,10 +400,10 @@ class _Payload:
         self.spec = spec
         self.split, self.ctas = 0, 0
         if self.nitems:
-            warps, self.ctas = _cuda._workers_for(spec, device, bp.nbytes, None)
+            warps, self.ctas = kernels.workers_for(spec, device, bp.nbytes, None)
             if max_warps is not None:
                 warps = max(1, min(warps, int(max_warps)))
-                self.ctas = -(-warps // (_cuda._threads(spec) // 32))
+                self.ctas = -(-warps // (spec.threads // 32))
             self.split = (tmpl.split(rec, self.nitems, warps) if tmpl is not None
                           else split_shift_for(rec, self.nitems, warps))
         #: the parameter block of kv_copy_pairs_inline (INLINE_DTYPE's bytes), or None
@@ -519,11 +460,7 @@ class _Payload:
         Raises:
             TransportError: the launch failed.
         """
-        try:
-            get_kernel(self.spec, self.device)((self.ctas,), (_cuda._threads(self.spec),), self.args(base, pairs),
-                                               stream=cstream)
-        except Exception as exc:
-            raise TransportError(f"kv_copy_pairs launch failed on cuda:{self.device}: {exc}") from exc
+        kernels.launch_pairs(self.spec, self.device, self.ctas, self.args(base, pairs), cstream)
 
     def launch_inline(self, stream_ptr: int) -> None:
         """Launch ``kv_copy_pairs_inline`` with the records in its parameters (nothing uploaded).
@@ -531,10 +468,7 @@ class _Payload:
         Raises:
             TransportError: the launch failed.
         """
-        try:
-            _cuda.launch_with_params(self.spec, self.device, self.ctas, self.inline, stream_ptr)
-        except Exception as exc:
-            raise TransportError(f"kv_copy_pairs_inline launch failed on cuda:{self.device}: {exc}") from exc
+        kernels.launch_pairs_inline(self.spec, self.device, self.ctas, self.inline, stream_ptr)
 
     def args(self, base: int, pairs: tuple[int, int] | None = None) -> tuple:
         """Kernel arguments with the records at device address ``base``; ``pairs`` (first,
@@ -545,9 +479,9 @@ class _Payload:
             item0 = self.item0
             item_base = int(item0[p0])
             nitems = (int(item0[p1]) if p1 < self.npairs else self.nitems) - item_base
-        return (np.uint64(base + p0 * PAIR_DTYPE.itemsize), np.int64(p1 - p0), np.uint64(base + self.coal_off),
-                np.int64(self.ncoal), np.uint64(base + self.single_off), np.int64(self.nsingle), np.int64(nitems),
-                np.int32(self.split), np.int32(self.buffer_side), np.int64(item_base), np.int32(self.rows_inner))
+        return kernels.pairs_args(base + p0 * PAIR_DTYPE.itemsize, p1 - p0, base + self.coal_off, self.ncoal,
+                                  base + self.single_off, self.nsingle, nitems, self.split, self.buffer_side,
+                                  item_base, self.rows_inner)
 
 
 class PairsLaunch:
@@ -582,13 +516,14 @@ class PairsLaunch:
             if pl.nitems:  # records inline: nothing to upload, capturable, no staging, no device buffer
                 pl.launch_inline(sptr)
             return
-        cupy = _cuda._cupy()
-        st = _cuda._state(dev, sptr)
-        with st.lock, cupy.cuda.Device(dev):
-            cstream = _cuda._cupy_stream(sptr, dev)
-            _cuda._check_not_capturing(sptr, "kv_copy_pairs")
-            base = int(_cuda._device_buffer(st, pl.nbytes, cstream).ptr)
-            _cuda._upload(st, pl.nbytes, pl.write, base, sptr, cstream, f"kv_copy_pairs records to cuda:{dev}", started)
+        cp = cupy()
+        rt = device_runtime(dev)
+        st = rt.uploads(sptr)
+        with st.lock, cp.cuda.Device(dev):
+            cstream = rt.stream(sptr)
+            check_not_capturing(sptr, "kv_copy_pairs")
+            base = int(st.device_buffer(pl.nbytes, cstream).ptr)
+            st.upload(pl.nbytes, pl.write, base, sptr, cstream, f"kv_copy_pairs records to cuda:{dev}", started)
             pl.launch_global(base, cstream)
 
 
@@ -605,8 +540,8 @@ def resolve_block_pairs(bp: BlockPairs, src_bases: Any, dst_bases: Any, *, strea
 def _sides(src: Any, dst: Any, buffer_side: int) -> tuple[Sequence[int], Sequence[int], int, list[Any]]:
     """(source bases, destination bases, buffer address or 0, the objects seen) of a copy whose
     ``buffer_side`` (if any) is one contiguous buffer."""
-    srcs, sobjs = _cuda._flatten_bases([src] if buffer_side == BUF_SRC else src, "src")
-    dsts, dobjs = _cuda._flatten_bases([dst] if buffer_side == BUF_DST else dst, "dst")
+    srcs, sobjs = operands.flatten_bases([src] if buffer_side == BUF_SRC else src, "src")
+    dsts, dobjs = operands.flatten_bases([dst] if buffer_side == BUF_DST else dst, "dst")
     buffer = srcs[0] if buffer_side == BUF_SRC else dsts[0] if buffer_side == BUF_DST else 0
     return srcs, dsts, buffer, sobjs + dobjs
 
@@ -617,9 +552,9 @@ def _resolve(bp: BlockPairs, src: Any, dst: Any, buffer_side: int, stream: Any, 
     or cupy arrays), or, on the side ``buffer_side`` names, the one contiguous buffer.
     ``inline``: None passes the records in the launch's parameters when they fit."""
     srcs, dsts, buffer, objs = _sides(src, dst, buffer_side)
-    dev = _cuda._device_of(objs, (src, dst), device)
+    dev = operands.device_of(objs, (src, dst), device)
     pl = _Payload(bp, srcs, dsts, buffer_side, buffer, dev, spec, max_warps, rows_inner, inline)
-    return PairsLaunch(pl, _cuda._stream_ptr(stream, objs, dev), dev)
+    return PairsLaunch(pl, operands.stream_ptr(stream, objs, dev), dev)
 
 
 class PreparedPairs:
@@ -634,10 +569,10 @@ class PreparedPairs:
         self.inline = payload.inline is not None
         self._mem = None
         if payload.nitems and not self.inline:
-            cupy = _cuda._cupy()
-            with cupy.cuda.Device(payload.device):
-                self._mem = cupy.cuda.alloc(payload.bytes.nbytes)
-                cupy.cuda.runtime.memcpy(int(self._mem.ptr), payload.bytes.ctypes.data, payload.bytes.nbytes, _cuda._H2D)
+            cp = cupy()
+            with cp.cuda.Device(payload.device):
+                self._mem = cp.cuda.alloc(payload.bytes.nbytes)
+                cp.cuda.runtime.memcpy(int(self._mem.ptr), payload.bytes.ctypes.data, payload.bytes.nbytes, H2D)
 
     def launch(self, stream: Any = None) -> None:
         """Run the copy on ``stream`` (int handle, torch or cupy stream; default cupy's current).
@@ -648,12 +583,12 @@ class PreparedPairs:
         pl = self._pl
         if not pl.nitems:
             return
-        sptr = _cuda._stream_ptr(stream, (), pl.device)
+        sptr = operands.stream_ptr(stream, (), pl.device)
         if self.inline:
             pl.launch_inline(sptr)
             return
-        with _cuda._cupy().cuda.Device(pl.device):
-            pl.launch_global(int(self._mem.ptr), _cuda._cupy_stream(sptr, pl.device))
+        with cupy().cuda.Device(pl.device):
+            pl.launch_global(int(self._mem.ptr), device_runtime(pl.device).stream(sptr))
 
 
 class _IdsPieces:
@@ -669,7 +604,7 @@ class _IdsPieces:
         n = int(bp.src_blocks.size)
         tmpl = _template(bp.pairs, srcs, dsts, buffer_side, buffer, n)
         rec, nitems = tmpl.records(n, n)  # one block per run, on both kinds of pair
-        warps, self.ctas = _cuda._workers_for(IDS_KERNEL, device, bp.nbytes, None)
+        warps, self.ctas = kernels.workers_for(IDS_KERNEL, device, bp.nbytes, None)
         split = tmpl.split(rec, nitems, warps)
         head = tmpl.heads.get(("ids", split))
         if head is None:
@@ -680,14 +615,11 @@ class _IdsPieces:
         item0 = rec["item0"].tolist()
         self.items = [(item0[p0], (item0[p1] if p1 < len(item0) else nitems) - item0[p0]) for p0, p1 in bounds]
         self.header = self.params[:_IDS_W0].view(np.int64)  # where each launch writes its item range
-        self.sptr, self.device = _cuda._stream_ptr(stream, objs, device), device
+        self.sptr, self.device = operands.stream_ptr(stream, objs, device), device
 
     def launch(self, i: int) -> None:
         self.header[_IDS_ITEM_BASE], self.header[_IDS_NITEMS] = self.items[i]
-        try:
-            _cuda.launch_with_params(IDS_KERNEL, self.device, self.ctas, self.params, self.sptr)
-        except Exception as exc:
-            raise TransportError(f"kv_copy_pairs_ids launch failed on cuda:{self.device}: {exc}") from exc
+        kernels.launch_pairs_ids(self.device, self.ctas, self.params, self.sptr)
 
 
 def _ids_head(rec: np.ndarray, nblocks: int, nitems: int, split: int, buffer_side: int) -> np.ndarray:
@@ -722,28 +654,29 @@ class PairPieces:
         self._ids: _IdsPieces | None = None
         self._mem = None
         if (in_params is not False and spec == PAIRS_KERNEL and ids_params_fit(bp, buffer_side)
-                and _cuda.large_params(device)):
+                and device_runtime(device).large_params()):
             try:
                 self._ids = _IdsPieces(bp, src, dst, buffer_side, bounds, stream, device)
                 return
             except KernelCompileError as exc:  # an NVRTC that took the check but not the kernel
-                _cuda.no_large_params(device, str(exc))
+                device_runtime(device).no_large_params(str(exc))
                 if in_params:
                     raise
         if in_params:
             raise ValueError("in_params=True but this copy cannot travel in kernel parameters (see ids_params_fit; "
-                             f"the GPU must take 32 KiB of them: {_cuda.large_params(device)})")
+                             f"the GPU must take 32 KiB of them: {device_runtime(device).large_params()})")
         # pieces start at a pair's first item: the inline kernel numbers items from 0, so not inline
         resolved = _resolve(bp, src, dst, buffer_side, stream, device, spec, None, inline=False)
         self._pl, self._sptr = resolved._pl, resolved._sptr
-        cupy = _cuda._cupy()
+        cp = cupy()
         if self._pl.nitems:
-            st = _cuda._state(device, self._sptr)
-            with st.lock, cupy.cuda.Device(device):
-                self._cstream = _cuda._cupy_stream(self._sptr, device)
-                self._mem = _cuda.alloc_on(self._cstream, self._pl.nbytes)
-                _cuda._upload(st, self._pl.nbytes, self._pl.write, int(self._mem.ptr), self._sptr, self._cstream,
-                              f"kv_copy_pairs records to cuda:{device}")
+            rt = device_runtime(device)
+            st = rt.uploads(self._sptr)
+            with st.lock, cp.cuda.Device(device):
+                self._cstream = rt.stream(self._sptr)
+                self._mem = alloc_on(self._cstream, self._pl.nbytes)
+                st.upload(self._pl.nbytes, self._pl.write, int(self._mem.ptr), self._sptr, self._cstream,
+                          f"kv_copy_pairs records to cuda:{device}")
 
     def __len__(self) -> int:
         return len(self._bounds)
@@ -764,7 +697,7 @@ class PairPieces:
             return
         if self._mem is None:
             return
-        with _cuda._cupy().cuda.Device(self._dev):
+        with cupy().cuda.Device(self._dev):
             self._pl.launch_global(int(self._mem.ptr), self._cstream, self._bounds[i])
 
 

@@ -1,10 +1,13 @@
-"""Run-time build of the CUDA sources in csrc/: NVRTC compile, on-disk cubin cache, in-process memo.
+"""Run-time build of the CUDA sources shipped in ``kvxfer/csrc/``: NVRTC compile, on-disk cubin cache.
 
-Layer: ops, below :mod:`kvxfer.ops.cuda`. Nothing happens at import; the first
-:func:`get_kernel` for a (spec, device) compiles (or finds the cached cubin) and loads it.
-The cache key is the source text, the GPU architecture, the NVRTC version and the options, so
-an edited kernel or another GPU never picks up a stale binary. Concurrent builders (processes or
-threads) are serialised by a file lock per cubin, with a second look after taking the lock.
+Layer: ops, the bottom (with :mod:`kvxfer.ops.runtime`, which keeps the loaded kernels per
+device). Nothing happens at import; :func:`load_kernel` for a (spec, device) compiles (or finds
+the cached cubin) and loads it. The sources are package data, found through
+:mod:`importlib.resources` (:func:`source_path`), so a wheel install compiles them at first use
+as an editable one does. The cache key is the source text, the GPU architecture, the NVRTC
+version and the options, so an edited kernel or another GPU never picks up a stale binary.
+Concurrent builders (processes or threads) are serialised by a file lock per cubin, with a
+second look after taking the lock.
 
 The cache directory is ``KernelCacheConfig.cache_dir``: argument, then ``KVXFER_CACHE_DIR``
 (read in :mod:`kvxfer.config`), then ``~/.cache/kvxfer``.
@@ -17,7 +20,7 @@ import hashlib
 import logging
 import os
 import tempfile
-import threading
+from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,25 @@ from typing import Any
 from ..config import from_env
 from ..errors import BackendUnavailableError, KernelCompileError
 
-__all__ = ["KernelSpec", "KernelCacheConfig", "CSRC_DIR", "get_kernel", "compile_cubin", "clear_memo"]
+__all__ = ["KernelSpec", "KernelCacheConfig", "cupy", "source_dir", "source_path", "read_source", "sources",
+           "load_kernel", "compile_cubin", "arch_of"]
 
 log = logging.getLogger(__name__)
 
-# The package is installed editable from the repository; the sources sit beside it.
-CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
+
+def source_dir() -> Path:
+    """The directory of the CUDA sources: ``csrc/`` inside the installed ``kvxfer`` package."""
+    return Path(str(resources.files("kvxfer") / "csrc"))
+
+
+def source_path(name: str) -> Path:
+    """Where the CUDA source ``name`` (a file name such as ``kv_copy.cu``) is installed."""
+    return source_dir() / name
+
+
+def sources() -> list[Path]:
+    """Every CUDA source the package ships (``*.cu``), sorted."""
+    return sorted(source_dir().glob("*.cu"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +63,14 @@ class KernelCacheConfig:
 class KernelSpec:
     """One build of one source file: which file, which kernel, which preprocessor defines."""
 
-    source: str  # file name under csrc/
+    source: str  # file name under kvxfer/csrc/
     kernel: str  # extern "C" function name
     defines: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def threads(self) -> int:
+        """Threads per CTA of this build (its ``KVX_THREADS``, 256 by default)."""
+        return dict(self.defines).get("KVX_THREADS", 256)
 
     def options(self, arch: str) -> tuple[str, ...]:
         return (
@@ -59,20 +80,27 @@ class KernelSpec:
         )
 
 
-_memo: dict[tuple[KernelSpec, int], Any] = {}
-_memo_lock = threading.Lock()
+def cupy() -> Any:
+    """The ``cupy`` module, imported on first use.
 
-
-def _cupy() -> Any:
+    Raises:
+        BackendUnavailableError: CuPy is not installed.
+    """
     try:
-        import cupy
+        import cupy as cp
     except ImportError as exc:
-        raise BackendUnavailableError(f"CUDA kernels need CuPy (pip install cupy-cuda13x): {exc}") from None
-    return cupy
+        raise BackendUnavailableError(
+            f"CUDA kernels need CuPy (pip install 'kvxfer[cuda12]' or 'kvxfer[cuda13]'): {exc}") from None
+    return cp
 
 
-def _read_source(spec: KernelSpec) -> str:
-    path = CSRC_DIR / spec.source
+def read_source(name: str) -> str:
+    """The text of the CUDA source ``name`` as installed (see :func:`source_path`).
+
+    Raises:
+        KernelCompileError: the file is missing or unreadable.
+    """
+    path = source_path(name)
     try:
         return path.read_text()
     except OSError as exc:
@@ -86,7 +114,7 @@ def compile_cubin(source: str, name: str, options: tuple[str, ...]) -> bytes:
         KernelCompileError: NVRTC rejected the source or options; the message holds its log.
         BackendUnavailableError: CuPy (and with it NVRTC) is not installed.
     """
-    _cupy()
+    cupy()
     from cupy_backends.cuda.libs import nvrtc
 
     prog = nvrtc.createProgram(source, name, [], [])
@@ -114,11 +142,15 @@ def _nvrtc_version() -> str:
     return ".".join(map(str, nvrtc.getVersion()))
 
 
-def _arch_of(device: int) -> str:
-    """``sm_XX`` for the device, or PTX for the newest arch NVRTC knows when it is older than the GPU."""
+def arch_of(device: int) -> str:
+    """``sm_XX`` for the device, or PTX for the newest arch NVRTC knows when it is older than the GPU.
+
+    Raises:
+        BackendUnavailableError: CuPy is not installed.
+    """
     from cupy_backends.cuda.libs import nvrtc
 
-    cc = int(_cupy().cuda.Device(device).compute_capability)  # e.g. 90
+    cc = int(cupy().cuda.Device(device).compute_capability)  # e.g. 90
     supported = [int(a) for a in nvrtc.getSupportedArchs()]
     if not supported or cc in supported:
         return f"sm_{cc}"
@@ -126,7 +158,7 @@ def _arch_of(device: int) -> str:
 
 
 def _cached_cubin(spec: KernelSpec, arch: str, cache: Path) -> Path:
-    source = _read_source(spec)
+    source = read_source(spec.source)
     options = spec.options(arch)
     digest = hashlib.sha256(
         "\0".join([source, arch, _nvrtc_version(), *options]).encode()
@@ -156,35 +188,21 @@ def _cached_cubin(spec: KernelSpec, arch: str, cache: Path) -> Path:
     return target
 
 
-def get_kernel(spec: KernelSpec, device: int, config: KernelCacheConfig | None = None) -> Any:
-    """The loaded kernel (a ``cupy.RawKernel``) for ``spec`` on CUDA ``device``; built at first use.
+def load_kernel(spec: KernelSpec, device: int, config: KernelCacheConfig | None = None) -> Any:
+    """``spec``'s kernel loaded on CUDA ``device`` (a ``cupy.RawKernel``), built or found in the
+    disk cache; not memoized here (:meth:`kvxfer.ops.runtime.DeviceRuntime.kernel` is).
 
     Raises:
         KernelCompileError: the source is missing, does not compile, or the cubin does not load.
         BackendUnavailableError: CuPy is not installed.
     """
-    key = (spec, device)
-    fn = _memo.get(key)
-    if fn is not None:
-        return fn
-    with _memo_lock:
-        fn = _memo.get(key)
-        if fn is not None:
-            return fn
-        cupy = _cupy()
-        cfg = config or from_env(KernelCacheConfig, "KVXFER_")
-        with cupy.cuda.Device(device):
-            path = _cached_cubin(spec, _arch_of(device), cfg.path())
-            try:
-                fn = cupy.RawModule(path=str(path)).get_function(spec.kernel)
-                fn.attributes  # forces the load on this device, so a bad cubin fails here
-            except Exception as exc:
-                raise KernelCompileError(f"cannot load kernel {spec.kernel} from {path}: {exc}") from None
-        _memo[key] = fn
-        return fn
-
-
-def clear_memo() -> None:
-    """Forget loaded kernels (tests use this to exercise the disk cache)."""
-    with _memo_lock:
-        _memo.clear()
+    cp = cupy()
+    cfg = config or from_env(KernelCacheConfig, "KVXFER_")
+    with cp.cuda.Device(device):
+        path = _cached_cubin(spec, arch_of(device), cfg.path())
+        try:
+            fn = cp.RawModule(path=str(path)).get_function(spec.kernel)
+            fn.attributes  # forces the load on this device, so a bad cubin fails here
+        except Exception as exc:
+            raise KernelCompileError(f"cannot load kernel {spec.kernel} from {path}: {exc}") from None
+    return fn

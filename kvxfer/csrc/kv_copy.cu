@@ -1,6 +1,6 @@
 // kv_copy.cu: one-launch copy of a list of two-level strided jobs (gather, scatter, block copy).
 //
-// Built at run time by kvxfer/ops/_loader.py (NVRTC) and compile-checked by CI with nvcc.
+// Built at run time by kvxfer/ops/loader.py (NVRTC) and compile-checked by CI with nvcc.
 // The host side (kvxfer/ops/jobs.py) turns a plan's jobs into KvJob records with absolute
 // addresses and splits the byte stream into one contiguous share per warp (KvTask). A job moves
 // `nbytes`: the source is runs of `src_run` bytes, `src_stride` apart; the destination is runs of
@@ -436,7 +436,7 @@ kv_copy_pairs(const KvPair* __restrict__ pairs, i64 npairs, const i64* __restric
 // transfer: a few pairs and runs). Nothing is uploaded before the launch (no staging copy, no
 // device buffer), the launch is capturable in a CUDA graph as is, and the warps' first record
 // reads hit the constant bank instead of waiting on global memory.
-// Layout must match INLINE_DTYPE in kvxfer/ops/pairs.py; the whole struct stays within the
+// Layout must match INLINE_DTYPE in kvxfer/ops/kernels.py; the whole struct stays within the
 // 4 KiB of parameters every CUDA version accepts.
 // ---------------------------------------------------------------------------------------------
 #define KVX_INLINE_WORDS 500
@@ -467,7 +467,7 @@ kv_copy_pairs_inline(const __grid_constant__ KvInline in) {
 // K/V cache's 64 pairs take 6 KiB, leaving room for ~6,400 block ids. Nothing is uploaded
 // and nothing is allocated per transfer; piece i is the same struct with its own
 // `item_base` and `nitems`, the pairs array staying whole (item0 numbers the plan's items).
-// Layout must match IDS_DTYPE in kvxfer/ops/pairs.py.
+// Layout must match IDS_DTYPE in kvxfer/ops/kernels.py.
 // ---------------------------------------------------------------------------------------------
 #ifndef KVX_IDS_WORDS
 #define KVX_IDS_WORDS 4080
