@@ -196,3 +196,90 @@ def test_read_errors_name_the_problem():
         plan_group_reads(spec(), spec(), 0, [1], [1], 5, 6)
     with pytest.raises(BlockIdError, match="one block list per KV-cache group"):
         plan_reads(spec(), spec(), [[1]], [[1], [2]], 5)
+
+
+# --- byte-exact against the token oracle, in vLLM's layouts ----------------------------------
+
+import vllm_layouts as vl  # noqa: E402  (tests/ helper)
+
+
+def _request_blocks(rng, num_blocks, tokens, block_size, *, nulls=0):
+    """Distinct ids (never 0, vLLM's null block) for ``tokens``; the first ``nulls`` are null."""
+    n = -(-tokens // block_size)
+    ids = (rng.permutation(num_blocks - 1)[:n] + 1).tolist()
+    return [0] * nulls + ids[nulls:]
+
+
+def _check_system(layout, heads, src_tp, dst_tp, bs_src, bs_dst, tokens, cached, *, dim=8, itemsize=2,
+                  src_nulls=0, dst_nulls=0, kind=GroupKind.FULL, seed=0):
+    """Every destination rank plans its reads and executes them from the source ranks' caches;
+    each rank's cache then equals the oracle byte for byte (poison everywhere else)."""
+    rng = np.random.default_rng(seed)
+    dtype = np.uint16 if itemsize == 2 else np.uint8
+    groups = (KVGroupSpec(kind, ("l0", "l1"), sliding_window=64 if kind is GroupKind.SLIDING_WINDOW else None),)
+    G = vl.global_kv(layout, 2, tokens, heads, dim, seed, dtype)
+    nb_s, nb_d = -(-tokens // bs_src) + 5, -(-tokens // bs_dst) + 4
+    sb = _request_blocks(rng, nb_s, tokens, bs_src, nulls=src_nulls)
+    db = _request_blocks(rng, nb_d, tokens, bs_dst, nulls=dst_nulls)
+    sspecs = [vl.spec(layout, src_tp, r, bs_src, heads, dim, itemsize=itemsize, groups=groups) for r in range(src_tp)]
+    sources = [vl.rank_cache(layout, G, s, nb_s, sb, seed=seed + 1 + r) for r, s in enumerate(sspecs)]
+    total = 0
+    for r in range(dst_tp):
+        local = vl.spec(layout, dst_tp, r, bs_dst, heads, dim, itemsize=itemsize, groups=groups)
+        dst = vl.rank_cache(layout, G, local, nb_d, db, fill_tokens=cached, poison=True)
+        before = [a.copy() for a in dst]
+        reads = plan_reads(sspecs[0], local, [sb], [db], tokens, cached)
+        assert len({rd.src_rank for rd in reads}) == len(reads) or kind is GroupKind.SLIDING_WINDOW
+        total += vl.run_reads(reads, sources, vl.block_dim(layout), dst, vl.block_dim(layout))
+        want = vl.expected(layout, G, local, before, db, sb, bs_src, cached, tokens)
+        for rd in reads:
+            if rd.reshard is None:  # a plain read moves whole blocks: the last one's tail too
+                for w, src in zip(want, sources[rd.src_rank]):
+                    for t in range(tokens, -(-tokens // bs_dst) * bs_dst):
+                        vl.token_view(w, layout)[:, db[t // bs_dst], t % bs_dst] = \
+                            vl.token_view(src, layout)[:, sb[t // bs_src], t % bs_src]
+        for a, w in zip(dst, want):
+            np.testing.assert_array_equal(a, w)
+    return total
+
+
+TP = [(1, 1), (2, 1), (1, 2), (4, 2), (2, 4)]
+BLOCKS = [(16, 16), (16, 64), (64, 16), (16, 48), (48, 16)]
+
+
+@pytest.mark.parametrize("layout", vl.LAYOUTS)
+@pytest.mark.parametrize("src_tp,dst_tp", TP)
+@pytest.mark.parametrize("bs_src,bs_dst", BLOCKS)
+def test_reads_fill_every_rank_byte_exact(layout, src_tp, dst_tp, bs_src, bs_dst):
+    _check_system(layout, 4, src_tp, dst_tp, bs_src, bs_dst, 150, 0)
+
+
+@pytest.mark.parametrize("layout", vl.LAYOUTS)
+@pytest.mark.parametrize("bs_src,bs_dst,cached", [(16, 16, 32), (64, 16, 32), (16, 64, 64), (48, 16, 80)])
+def test_cached_prefix_is_skipped_mid_block_on_the_source(layout, bs_src, bs_dst, cached):
+    _check_system(layout, 4, 2, 1, bs_src, bs_dst, 150, cached)
+    _check_system(layout, 4, 1, 2, bs_src, bs_dst, 150, cached)
+
+
+@pytest.mark.parametrize("src_tp,dst_tp", [(1, 4), (4, 1), (4, 2), (2, 4), (4, 4)])
+def test_gqa_with_fewer_kv_heads_than_ranks(src_tp, dst_tp):
+    for layout in ("fa", "fi"):
+        _check_system(layout, 2, src_tp, dst_tp, 16, 32, 70, 0)
+
+
+@pytest.mark.parametrize("layout", vl.LAYOUTS)
+@pytest.mark.parametrize("bs_src,bs_dst,src_nulls,dst_nulls", [(16, 16, 3, 3), (16, 8, 3, 5), (8, 16, 5, 2),
+                                                              (16, 64, 5, 1), (64, 16, 1, 2)])
+def test_sliding_window_moves_only_what_both_windows_hold(layout, bs_src, bs_dst, src_nulls, dst_nulls):
+    _check_system(layout, 4, 1, 2, bs_src, bs_dst, 150, 0, src_nulls=src_nulls, dst_nulls=dst_nulls,
+                  kind=GroupKind.SLIDING_WINDOW)
+
+
+def test_mla_full_latent_and_fp8_items():
+    n = _check_system("mla", 1, 2, 4, 16, 64, 100, 0, dim=576, itemsize=1)
+    assert n == 4 * 2 * 100 * 576  # each destination rank reads the latent once: 4 ranks, 2 layers
+
+
+def test_bytes_moved_equal_the_tokens_and_heads_needed():
+    # TP 2 -> 1, 16 -> 64: each token's 4 heads of K and V once per layer, no more
+    assert _check_system("fa", 4, 2, 1, 16, 64, 150, 0) == 2 * 2 * 150 * 4 * 8 * 2

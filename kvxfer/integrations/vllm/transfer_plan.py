@@ -206,7 +206,8 @@ class KVSpec:
 class RemoteRead:
     """One read of group ``group`` from remote rank ``src_rank``: its ``src_blocks`` into our
     ``dst_blocks`` with ``reshard`` (pass to ``Connector.read(..., reshard=)``), or a plain block
-    read of equal-length lists when ``reshard`` is None (the blocks are byte-identical)."""
+    read of equal-length lists when ``reshard`` is None (the blocks are byte-identical; a plain
+    read moves whole blocks, the slots past the last token of a partial last block too)."""
 
     group: int
     src_rank: int
