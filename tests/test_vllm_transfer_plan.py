@@ -203,42 +203,20 @@ def test_read_errors_name_the_problem():
 import vllm_layouts as vl  # noqa: E402  (tests/ helper)
 
 
-def _request_blocks(rng, num_blocks, tokens, block_size, *, nulls=0):
-    """Distinct ids (never 0, vLLM's null block) for ``tokens``; the first ``nulls`` are null."""
-    n = -(-tokens // block_size)
-    ids = (rng.permutation(num_blocks - 1)[:n] + 1).tolist()
-    return [0] * nulls + ids[nulls:]
-
-
-def _check_system(layout, heads, src_tp, dst_tp, bs_src, bs_dst, tokens, cached, *, dim=8, itemsize=2,
-                  src_nulls=0, dst_nulls=0, kind=GroupKind.FULL, seed=0):
+def _check_system(layout, heads, src_tp, dst_tp, bs_src, bs_dst, tokens, cached, **kw):
     """Every destination rank plans its reads and executes them from the source ranks' caches;
     each rank's cache then equals the oracle byte for byte (poison everywhere else)."""
-    rng = np.random.default_rng(seed)
-    dtype = np.uint16 if itemsize == 2 else np.uint8
-    groups = (KVGroupSpec(kind, ("l0", "l1"), sliding_window=64 if kind is GroupKind.SLIDING_WINDOW else None),)
-    G = vl.global_kv(layout, 2, tokens, heads, dim, seed, dtype)
-    nb_s, nb_d = -(-tokens // bs_src) + 5, -(-tokens // bs_dst) + 4
-    sb = _request_blocks(rng, nb_s, tokens, bs_src, nulls=src_nulls)
-    db = _request_blocks(rng, nb_d, tokens, bs_dst, nulls=dst_nulls)
-    sspecs = [vl.spec(layout, src_tp, r, bs_src, heads, dim, itemsize=itemsize, groups=groups) for r in range(src_tp)]
-    sources = [vl.rank_cache(layout, G, s, nb_s, sb, seed=seed + 1 + r) for r, s in enumerate(sspecs)]
+    case = vl.Case(layout, heads, src_tp, dst_tp, bs_src, bs_dst, tokens, cached, **kw)
+    G = case.G()
+    sources = [case.source(r, G) for r in range(src_tp)]
     total = 0
     for r in range(dst_tp):
-        local = vl.spec(layout, dst_tp, r, bs_dst, heads, dim, itemsize=itemsize, groups=groups)
-        dst = vl.rank_cache(layout, G, local, nb_d, db, fill_tokens=cached, poison=True)
-        before = [a.copy() for a in dst]
-        reads = plan_reads(sspecs[0], local, [sb], [db], tokens, cached)
-        assert len({rd.src_rank for rd in reads}) == len(reads) or kind is GroupKind.SLIDING_WINDOW
+        dst = case.before(r, G)
+        reads = case.reads(r)
+        if case.kind is GroupKind.FULL:  # one read (one kernel launch) per source rank
+            assert len({rd.src_rank for rd in reads}) == len(reads)
         total += vl.run_reads(reads, sources, vl.block_dim(layout), dst, vl.block_dim(layout))
-        want = vl.expected(layout, G, local, before, db, sb, bs_src, cached, tokens)
-        for rd in reads:
-            if rd.reshard is None:  # a plain read moves whole blocks: the last one's tail too
-                for w, src in zip(want, sources[rd.src_rank]):
-                    for t in range(tokens, -(-tokens // bs_dst) * bs_dst):
-                        vl.token_view(w, layout)[:, db[t // bs_dst], t % bs_dst] = \
-                            vl.token_view(src, layout)[:, sb[t // bs_src], t % bs_src]
-        for a, w in zip(dst, want):
+        for a, w in zip(dst, case.expected(r, reads, G)):
             np.testing.assert_array_equal(a, w)
     return total
 
