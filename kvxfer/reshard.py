@@ -305,27 +305,32 @@ def plan_token_reshard(
     dblk, dtok = d[dslot // dst_format.block_size], dslot % dst_format.block_size
     same = src_format.order is dst_format.order
     groups = [(h0, dst_head_start, n)] if same else [(h0 + k, dst_head_start + k, 1) for k in range(n)]
-    sides = [(_token_side(src_format, sh, nh, stok, ntok), _token_side(dst_format, dh, nh, dtok, ntok))
-             for sh, dh, nh in groups]
-    parts: list[np.ndarray] = []
+    # per head group and chunk: (offset in piece, run, count, stride) of each side, [groups, chunks]
+    sg = [np.stack(_token_side(src_format, sh, nh, stok, ntok)) for sh, _, nh in groups]
+    dg = [np.stack(_token_side(dst_format, dh, nh, dtok, ntok)) for _, dh, nh in groups]
+    sside, dside = np.stack(sg, axis=1), np.stack(dg, axis=1)  # [4, groups, chunks]
+    # per (tensor, piece): tensor index, block strides, piece offsets, [pieces]
+    rows: list[tuple[int, int, int, int, int]] = []
     for t in tensor_ids:
         st, dt = src.tensors[t], dst.tensors[t]
         sp = _piece_offsets(st, src_format, f"source tensor {t}")
         dp = _piece_offsets(dt, dst_format, f"destination tensor {t}")
         if sp.size != dp.size:
             raise LayoutError(f"tensor {t}: {sp.size} pieces per source block but {dp.size} per destination block")
-        sbase, dbase = sblk * st.block_stride, dblk * dt.block_stride
-        for soff_p, doff_p in zip(sp.tolist(), dp.tolist()):
-            for (so, sr, sc, ss), (do, dr, dc, ds) in sides:
-                job = np.empty(first.size, dtype=JOB_DTYPE)
-                job["src_t"] = t
-                job["dst_t"] = t
-                job["src_off"] = sbase + soff_p + so
-                job["dst_off"] = dbase + doff_p + do
-                job["src_run"], job["src_count"], job["src_stride"] = sr, sc, ss
-                job["dst_run"], job["dst_count"], job["dst_stride"] = dr, dc, ds
-                parts.append(job)
-    jobs = np.concatenate(parts) if parts else np.zeros(0, dtype=JOB_DTYPE)
+        rows += [(t, st.block_stride, dt.block_stride, a, b) for a, b in zip(sp.tolist(), dp.tolist())]
+    if not rows or first.size == 0:
+        jobs = np.zeros(0, dtype=JOB_DTYPE)
+    else:
+        pt, psb, pdb, pso, pdo = (np.asarray(c, dtype=np.int64)[:, None, None] for c in zip(*rows))
+        shape = (len(rows), len(groups), first.size)  # stream order: tensor, piece, head group, chunk
+        grid = np.empty(shape, dtype=JOB_DTYPE)
+        grid["src_t"] = pt
+        grid["dst_t"] = pt
+        grid["src_off"] = sblk * psb + pso + sside[0]
+        grid["dst_off"] = dblk * pdb + pdo + dside[0]
+        grid["src_run"], grid["src_count"], grid["src_stride"] = sside[1], sside[2], sside[3]
+        grid["dst_run"], grid["dst_count"], grid["dst_stride"] = dside[1], dside[2], dside[3]
+        jobs = grid.reshape(-1)
     offsets = np.zeros(jobs.size + 1, dtype=np.int64)
     np.cumsum(jobs["src_run"] * jobs["src_count"], out=offsets[1:])
     return TransferPlan(jobs=jobs, stream_offsets=offsets, dst_blocks=d)
