@@ -252,9 +252,10 @@ class RequestAgent:
         ``reshard``: the layout change of this read (see :data:`ReshardSpec`; a function gets
         the producer's metadata once the publication is claimed, so it can size the change
         from the producer's layout). With a reshard the registry leaves the block lists to it:
-        they may differ in length where it maps token ranges (block sizes differ), and
-        ``skip`` drops the first ``skip`` blocks of both lists (so it needs equal block sizes;
-        a token-range reshard says itself which tokens move). ``layers``: only these
+        they may differ in length where it maps token ranges (``HeadReshard.num_tokens``:
+        block sizes may differ), and ``skip`` drops the first ``skip`` blocks of both lists, so
+        it must be 0 for a token-mapped reshard (whose ``src_start``/``dst_start`` skip a
+        cached prefix, mid-block if need be). ``layers``: only these
         registered tensors (positions or names): one KV-cache group of a hybrid model, its
         blocks published under its own key.
 
@@ -267,8 +268,8 @@ class RequestAgent:
         (PeerLostError, LayoutError or BlockIdError from the reshard's plan ...).
 
         Raises:
-            ConfigError: ``skip`` is not in ``0..len(dst_blocks)``, or ``skip`` with a reshard
-                that changes the block size.
+            ConfigError: ``skip`` is not in ``0..len(dst_blocks)``, or ``skip`` with a
+                token-mapped reshard.
             LayoutError: ``layers`` names tensors this connector did not register.
         """
         self._ensure_registered()
@@ -637,7 +638,8 @@ def _resolve_reshard(reshard: ReshardSpec, metadata: bytes) -> HeadReshard | Non
 
 
 def _check_skip(reshard: HeadReshard, skip: int) -> None:
-    if skip and reshard.src_format.block_size != reshard.dst_format.block_size:
-        raise ConfigError(f"skip={skip} with a reshard from block size {reshard.src_format.block_size} to "
-                          f"{reshard.dst_format.block_size}; expected skip=0 (the reshard's token range says "
-                          "which tokens move)")
+    if skip and (reshard.maps_tokens
+                 or reshard.src_format.block_size != reshard.dst_format.block_size):
+        raise ConfigError(f"skip={skip} with a token-mapped reshard (block size {reshard.src_format.block_size} "
+                          f"-> {reshard.dst_format.block_size}); expected skip=0: the reshard's src_start / "
+                          "dst_start skip a cached prefix")

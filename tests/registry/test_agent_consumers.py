@@ -179,3 +179,78 @@ def test_skip_needs_equal_block_sizes(make):
         cons.pull("req#tp0", [1, 2], timeout=1, skip=1, reshard=bigger)
     with pytest.raises(ConfigError, match="consumers"):
         cons.publish("x", [1], ttl=5, consumers=0)
+
+
+def _tokens(cache: np.ndarray, blocks, start: int, n: int) -> np.ndarray:
+    """[2, n, heads, D]: tokens at slots start..start+n of the blocks' concatenation."""
+    return cache[:, list(blocks)].reshape(2, -1, *cache.shape[3:])[:, start:start + n]
+
+
+@pytest.mark.parametrize("bs_src,bs_dst", [(16, 64), (64, 16)])
+def test_block_size_change_and_tp_1_to_2_by_pull(registry_url, bs_src, bs_dst):
+    # prefill TP=1 with one block size, two decode ranks (TP=2) with another: both pull the
+    # same publication, token-mapped; the lists differ in length; a cached prefix is skipped
+    rng = np.random.default_rng(bs_src)
+    n, s_start, d_start = 150, 5, 3            # token t: source slot 5 + t -> destination slot 3 + t
+    src = [int(b) for b in rng.permutation(24)[: -(-(s_start + n) // bs_src)]]
+    dst = [int(b) for b in rng.permutation(20)[: -(-(d_start + n) // bs_dst)]]
+    assert len(src) != len(dst)
+    prod_kv = [rng.integers(0, 2**16, (2, 24, bs_src, H, D), dtype=np.uint16) for _ in range(LAYERS)]
+    made = []
+    try:
+        prod = Connector("prefill0", backend="tcp", registry=registry_url)
+        made.append(prod)
+        prod.register(prod_kv, block_dim=1)
+        ranks = []
+        for r in range(2):
+            kv = [np.full((2, 20, bs_dst, H // 2, D), 0xBEEF, np.uint16) for _ in range(LAYERS)]
+            c = Connector(f"decode{r}", backend="tcp", registry=registry_url)
+            made.append(c)
+            c.register(kv, block_dim=1)
+            rs = HeadReshard(BlockFormat(HeadOrder.NHD, bs_src, H, D, 2),
+                             BlockFormat(HeadOrder.NHD, bs_dst, H // 2, D, 2),
+                             tp_head_range(H, r, 2), 0, num_tokens=n, src_start=s_start, dst_start=d_start)
+            with pytest.raises(ConfigError, match="skip=1"):
+                c.pull("req#tp0", dst, timeout=1, skip=1, reshard=rs)
+            ranks.append((c, kv, c.pull("req#tp0", dst, timeout=10, reshard=rs)))
+        prod.publish("req#tp0", src, ttl=10, consumers=2)
+        for r, (c, kv, h) in enumerate(ranks):
+            h.wait(10)
+            assert h.nbytes == LAYERS * 2 * n * (H // 2) * D * 2
+            h0, h1 = tp_head_range(H, r, 2)
+            for t, u in zip(prod_kv, kv):
+                want = np.full_like(u, 0xBEEF)
+                flat = want[:, dst].reshape(2, -1, H // 2, D)
+                flat[:, d_start:d_start + n] = _tokens(t, src, s_start, n)[:, :, h0:h1]
+                want[:, dst] = flat.reshape(2, len(dst), bs_dst, H // 2, D)
+                assert np.array_equal(u, want)
+        finished_once(prod, EventKind.CONSUMED, "req#tp0")
+    finally:
+        for c in made:
+            c.close()
+
+
+def test_block_size_change_by_push(registry_url):
+    # push mode: the decode side expects into its 64-token blocks, prefill pushes 16-token ones
+    rng = np.random.default_rng(7)
+    n = 100
+    src, dst = [3, 1, 4, 0, 5, 9, 2], [6, 2]
+    prod_kv = [rng.integers(0, 2**16, (2, 24, 16, H, D), dtype=np.uint16) for _ in range(LAYERS)]
+    cons_kv = [np.zeros((2, 8, 64, H, D), np.uint16) for _ in range(LAYERS)]
+    rs = HeadReshard(BlockFormat(HeadOrder.NHD, 16, H, D, 2), BlockFormat(HeadOrder.NHD, 64, H, D, 2),
+                     num_tokens=n)
+    with Connector("prefill0", backend="tcp", registry=registry_url) as prod, \
+            Connector("decode0", backend="tcp", registry=registry_url) as cons:
+        prod.register(prod_kv, block_dim=1)
+        cons.register(cons_kv, block_dim=1)
+        h = cons.expect("req#tp0", dst, timeout=10)
+        hs = [prod.push("req#tp0", src, layers=[0, 1], last=False, timeout=10, reshard=rs),
+              prod.push("req#tp0", src, layers=[2], last=True, timeout=10, reshard=lambda meta: rs)]
+        for x in hs:
+            x.wait(10)
+        h.wait(10)
+        assert hs[0].nbytes == 2 * 2 * n * H * D * 2
+        for t, u in zip(prod_kv, cons_kv):
+            assert np.array_equal(_tokens(u, dst, 0, n), _tokens(t, src, 0, n))
+            assert not _tokens(u, dst, n, 128 - n).any()
+        finished_once(prod, EventKind.CONSUMED, "req#tp0")
