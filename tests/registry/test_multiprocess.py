@@ -273,3 +273,16 @@ def test_unlike_tp_each_decode_rank_reads_its_heads(registry, procs, prefill_tp,
 def _overlap(p: int, ptp: int, d: int, dtp: int) -> bool:
     hp, hd = TP_HEADS // ptp, TP_HEADS // dtp
     return max(p * hp, d * hd) < min((p + 1) * hp, (d + 1) * hd)
+
+
+def test_one_of_two_decode_ranks_dies_producer_told_failed_once(registry, procs):
+    _, pq = procs.start(tp_producer, registry.url, "prefill0", 0, 1, "req", [3, 4, 5], 2, 30.0)
+    assert _get(pq)[0] == "published"
+    _, okq = procs.start(tp_consumer, registry.url, "decode0", 0, 2, 1, "req", [[3, 4, 5]], [0, 20, 7], 30.0)
+    assert _get(okq)[:3] == ("ok", True, True)
+    _, dq = procs.start(claim_and_die, registry.url, None, "decode1", "req#tp0")
+    assert _get(dq) == ("claimed", "prefill0")
+    t0 = time.monotonic()
+    assert _get(pq) == ("finished", "req#tp0", "failed")   # decode1's lease ran out: not the 30 s ttl
+    assert time.monotonic() - t0 < 3 * LEASE_S + 1.0
+    assert _get(pq) == ("later", [])
