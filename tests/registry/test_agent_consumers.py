@@ -254,3 +254,23 @@ def test_block_size_change_by_push(registry_url):
             assert np.array_equal(_tokens(u, dst, 0, n), _tokens(t, src, 0, n))
             assert not _tokens(u, dst, n, 128 - n).any()
         finished_once(prod, EventKind.CONSUMED, "req#tp0")
+
+
+def test_two_layer_groups_of_one_request_pulled_concurrently(make):
+    # a hybrid model: group 0 (layer 0) and group 1 (layers 1, 2) have their own block ids
+    prod, pkv = make("prefill0", H, 1)
+    cons, ckv = make("decode0", H, None)
+    groups = {0: ([0], [5, 6, 7], [1, 2, 3]), 1: ([1, 2], [10, 11], [8, 9])}
+    handles = {g: cons.pull(publication_key("req", 0, g), dst, timeout=10, layers=lay)
+               for g, (lay, _, dst) in groups.items()}
+    for g, (_, src, _) in groups.items():
+        prod.publish(publication_key("req", 0, g), src, ttl=10)
+    for h in handles.values():
+        h.wait(10)
+    for lay, src, dst in groups.values():
+        for i in lay:
+            assert np.array_equal(ckv[i][:, dst], pkv[i][:, src])
+            others = [b for b in range(NB) if b not in dst]
+            assert not ckv[i][:, others].any()
+    ends = sorted((f.request_id, f.kind) for f in (prod.requests.wait_finished(10) for _ in groups))
+    assert ends == [("req#tp0#g0", EventKind.CONSUMED), ("req#tp0#g1", EventKind.CONSUMED)]
