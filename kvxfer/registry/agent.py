@@ -471,7 +471,14 @@ class RequestAgent:
     def cancel(self, request_id: str, reason: str = "cancelled by the caller") -> None:
         """Cancel a request this connector is a party of; its handles here fail.
 
-        Raises: UnknownRequestError, NotAPartyError, RegistryUnavailableError.
+        The request ends for every party still in it: the producer is told CANCELLED once, even
+        when other consumers of the publication are still reading (they fail too). A pull of
+        this connector that has not claimed the publication yet fails here without an error;
+        should its claim still come, it reports the pull failed, and the producer is told
+        FAILED once (so it frees its blocks now rather than at the TTL).
+
+        Raises: UnknownRequestError, NotAPartyError (neither for a pull waiting here),
+        RegistryUnavailableError.
         """
         with self._lock:
             self._published.pop(request_id, None)
