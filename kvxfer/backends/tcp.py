@@ -40,8 +40,7 @@ from ..protocol.messages import Done, Goodbye, HelloAck, Notify, Refusal, Reques
 from ..protocol.transfer import TransferSession
 from ._iov import readv_full, writev_full
 from .base import Backend, BackendLink, LocalSide, TransferRequest, plan_for_responder
-from .staging import make_stream_side
-from .stream import StreamSide, chunk_bounds
+from .staging import StreamSide, chunk_bounds, stream_side
 
 __all__ = ["TcpBackend", "TcpLink"]
 
@@ -229,7 +228,7 @@ class TcpLink(BackendLink):
 
     def submit(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle) -> None:
         side_name = "src" if req.op is Op.WRITE else "dst"
-        side = make_stream_side(plan, side_name, self.backend.local.layout, self.backend.config)
+        side = stream_side(plan, side_name, self.backend.local.layout, self.backend.config)
         x = _Xfer(req.xfer_id, True, req.op, plan, side, sending=req.op is Op.WRITE, handle=handle, notify=req.notify)
         try:
             self._session.start(req.xfer_id, x)
@@ -274,7 +273,7 @@ class TcpLink(BackendLink):
         try:
             plan = plan_for_responder(self.backend.local.layout, self.peer, req)
             side_name = "dst" if req.op is Op.WRITE else "src"
-            side = make_stream_side(plan, side_name, self.backend.local.layout, self.backend.config)
+            side = stream_side(plan, side_name, self.backend.local.layout, self.backend.config)
         except (BlockIdError, LayoutError, TransportError) as exc:
             log.info("refusing transfer %d from %r: %s", req.xfer_id, self.peer.name, exc)
             self._send_ctrl(FrameType.XFER_ERROR, encode(self._session.refuse(req.xfer_id, exc)))
