@@ -17,23 +17,19 @@ import numpy as np
 from ...errors import KvxferError, PeerLostError
 from ...handle import TransferHandle
 from ...metadata import PeerMetadata
-from ..base import BackendLink, LocalSide
+from ..base import BackendLink, LinkOwner
 from ..tcp import TcpLink
 from . import handles as ipc
 
-__all__ = ["CudaIpcLink", "LinkOwner"]
+__all__ = ["CudaIpcLink", "IpcLinkOwner"]
 
 log = logging.getLogger(__name__)
 
 
-class LinkOwner(Protocol):
-    """What a link asks of the backend that made it."""
+class IpcLinkOwner(LinkOwner, Protocol):
+    """What a cuda_ipc link asks of its backend, besides what every link asks."""
 
-    local: LocalSide
     device: int
-
-    def forget(self, link: CudaIpcLink) -> None:
-        """The link closed: stop listing it."""
 
     def enqueue_notification(self, link: CudaIpcLink, payload: bytes) -> None:
         """Send ``payload`` once every transfer submitted before it is complete."""
@@ -44,7 +40,7 @@ class CudaIpcLink(BackendLink):
 
     backend_name = "cuda_ipc"
 
-    def __init__(self, backend: LinkOwner, peer: PeerMetadata, handles: list[bytes],
+    def __init__(self, backend: IpcLinkOwner, peer: PeerMetadata, handles: list[bytes],
                  addrs: np.ndarray, spans: np.ndarray, peer_device: int):
         self.backend = backend
         self.peer = peer

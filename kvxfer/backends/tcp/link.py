@@ -40,24 +40,20 @@ from ...plan import TransferPlan
 from ...protocol.frames import FRAME_PREFIX_SIZE, FrameType, encode_frame
 from ...protocol.messages import Done, Goodbye, Notify, Refusal, Request, decode, encode
 from ...protocol.transfer import TransferSession
-from ..base import BackendLink, LocalSide, TransferRequest, plan_for_responder
+from ..base import BackendLink, LinkOwner, TransferRequest, plan_for_responder
 from ..staging import StreamSide, chunk_bounds, stream_side
 from .iov import readv_full, writev_full
 from .sockets import FLAG_FROM_INITIATOR, discard, read_frame_header
 
-__all__ = ["LinkOwner", "TcpLink"]
+__all__ = ["TcpLink", "TcpLinkOwner"]
 
 log = logging.getLogger(__name__)
 
 
-class LinkOwner(Protocol):
-    """What a link asks of the backend that made it."""
+class TcpLinkOwner(LinkOwner, Protocol):
+    """What a TCP link asks of its backend: its configuration, besides what every link asks."""
 
-    local: LocalSide
     config: TcpConfig
-
-    def forget(self, link: TcpLink) -> None:
-        """The link closed: stop listing it."""
 
 
 @dataclass(slots=True)
@@ -81,7 +77,7 @@ class TcpLink(BackendLink):
 
     backend_name = "tcp"
 
-    def __init__(self, backend: LinkOwner, peer: PeerMetadata, ctrl: socket.socket, initiator: bool,
+    def __init__(self, backend: TcpLinkOwner, peer: PeerMetadata, ctrl: socket.socket, initiator: bool,
                  on_close: Callable[[KvxferError], None] | None = None):
         self.backend = backend
         self.peer = peer
