@@ -94,6 +94,7 @@ class TcpLink(BackendLink):
 
     # -- setup ------------------------------------------------------------------------------
     def add_data_socket(self, sock: socket.socket) -> None:
+        """Carry DATA frames over ``sock`` too (handshaken: HELLO with a data channel)."""
         with self._lock:
             idx = len(self._data)
             self._data.append(sock)
@@ -103,6 +104,7 @@ class TcpLink(BackendLink):
         self._spawn(self._data_sender, sock, q, name=f"kvxfer-tcp-tx{idx}-{self.peer.name}")
 
     def start(self) -> None:
+        """Start reading the control connection."""
         self._spawn(self._ctrl_reader, name=f"kvxfer-tcp-ctrl-{self.peer.name}")
 
     def _spawn(self, fn, *args, name: str) -> None:
@@ -130,6 +132,8 @@ class TcpLink(BackendLink):
         return self._session.closed
 
     def close(self, exc: KvxferError | None = None, *, goodbye: bool = False) -> None:
+        """Close the link: pending transfers of ours fail with ``exc`` (PeerLostError by
+        default); ``goodbye`` tells the peer first. Calls the ``on_close`` hook once. Idempotent."""
         outstanding = self._session.close()
         if outstanding is None:
             return
@@ -207,6 +211,11 @@ class TcpLink(BackendLink):
                 x.side.after_send(a, b)
 
     def submit(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle) -> None:
+        """Start ``req`` (planned as ``plan``); ``handle`` completes when its bytes are in place.
+
+        Raises:
+            PeerLostError: the link is closed, or its control connection broke.
+        """
         side_name = "src" if req.op is Op.WRITE else "dst"
         side = stream_side(plan, side_name, self.backend.local.layout, self.backend.config)
         x = _Xfer(req.xfer_id, True, req.op, plan, side, sending=req.op is Op.WRITE, handle=handle, notify=req.notify)
@@ -353,4 +362,9 @@ class TcpLink(BackendLink):
             self._send_ctrl(FrameType.XFER_DONE, encode(Done(x.xfer_id, yours=True)))
 
     def send_notification(self, payload: bytes) -> None:
+        """Deliver ``payload`` to the peer's notification queue (after what was sent before).
+
+        Raises:
+            PeerLostError: the control connection is broken (the link is then closed).
+        """
         self._send_ctrl(FrameType.NOTIFY, encode(Notify(payload)))
