@@ -4,6 +4,8 @@ token-by-token oracle."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -261,3 +263,29 @@ def test_mla_full_latent_and_fp8_items():
 def test_bytes_moved_equal_the_tokens_and_heads_needed():
     # TP 2 -> 1, 16 -> 64: each token's 4 heads of K and V once per layer, no more
     assert _check_system("fa", 4, 2, 1, 16, 64, 150, 0) == 2 * 2 * 150 * 4 * 8 * 2
+
+
+def test_hybrid_model_every_group_byte_exact():
+    """Full attention + sliding window + Mamba, TP 2 on both sides, block size 16 -> 64 for the
+    attention groups: each group's reads fill exactly that group's tensors (rank 1 shown)."""
+    full = vl.Case("fa", 4, 2, 2, 16, 64, 150, seed=1)
+    swa = vl.Case("fa", 4, 2, 2, 16, 64, 150, src_nulls=4, dst_nulls=1, kind=GroupKind.SLIDING_WINDOW, seed=2)
+    groups = (KVGroupSpec(GroupKind.FULL, ("a0", "a1")), KVGroupSpec(GroupKind.SLIDING_WINDOW, ("w0", "w1"), None, 64),
+              KVGroupSpec(GroupKind.MAMBA, ("m0",), block_size=1024))
+    remote, local = replace(full.spec("src", 0), groups=groups), replace(full.spec("dst", 1), groups=groups)
+    rng = np.random.default_rng(9)
+    m_src = rng.integers(0, 1 << 16, (6, 2, 40), dtype=np.uint16)  # [blocks, conv + ssm, state]
+    m_dst = np.full((5, 2, 40), 0xA5A5, dtype=np.uint16)
+    m_before = m_dst.copy()
+    reads = plan_reads(remote, local, [full.blocks("src"), swa.blocks("src"), [4]],
+                       [full.blocks("dst"), swa.blocks("dst"), [2]], 150)
+    assert sorted({r.group for r in reads}) == [0, 1, 2] and all(r.src_rank == 1 for r in reads)
+    for g, case in ((0, full), (1, swa)):
+        mine = [r for r in reads if r.group == g]
+        dst = case.before(1)
+        vl.run_reads(mine, [None, case.source(1)], 1, dst, 1)
+        for a, w in zip(dst, case.expected(1, mine)):
+            np.testing.assert_array_equal(a, w)
+    vl.run_reads([r for r in reads if r.group == 2], [None, [m_src]], 0, [m_dst], 0)
+    m_before[2] = m_src[4]
+    np.testing.assert_array_equal(m_dst, m_before)
