@@ -79,6 +79,25 @@ class _Rank:
         handles = [self.conn.read(self.peers[r.src_rank], list(r.src_blocks), list(r.dst_blocks), reshard=r.reshard)
                    for r in reads]
         moved = sum(h.wait(60).nbytes for h in handles)
+        return self.check()[0], moved, len(reads)
+
+    def push(self) -> int:
+        """Source rank, push mode: write what every destination rank (``self.peers[c]``) needs
+        from this rank. Returns the bytes written."""
+        from kvxfer.integrations.vllm.transfer_plan import plan_writes
+
+        case = self.case
+        handles = []
+        for c, peer in enumerate(self.peers):
+            for w in plan_writes(case.spec("src", self.rank), case.spec("dst", c), [case.blocks("src")],
+                                 [case.blocks("dst")], case.tokens, case.cached):
+                handles.append(self.conn.write(peer, list(w.src_blocks), list(w.dst_blocks), reshard=w.reshard))
+        return sum(h.wait(60).nbytes for h in handles)
+
+    def check(self) -> tuple[list[str], None]:
+        """Compare every byte of this destination rank's cache with the oracle."""
+        case = self.case
+        reads = case.reads(self.rank)
         if self.tensors and self.tensors[0].is_cuda:
             self.torch.cuda.synchronize()
         bad = []
@@ -87,7 +106,7 @@ class _Rank:
             if not np.array_equal(got, want):
                 diff = np.argwhere(got != want)
                 bad.append(f"layer {layer}: {diff.shape[0]} elements differ, first at {diff[0].tolist()}")
-        return bad, moved, len(reads)
+        return bad, None
 
     def close(self) -> None:
         self.peers = []
@@ -171,6 +190,25 @@ def _run(ranks, case: vl.Case, backend: str, device: str = "cuda:0") -> list[int
             p("close")
 
 
+def _push(ranks, case: vl.Case, backend: str, device: str = "cuda:0") -> None:
+    """Every source rank writes what each destination rank needs from it; each destination
+    rank then holds exactly the oracle's bytes."""
+    src, dst = ranks[: case.src_tp], ranks[2: 2 + case.dst_tp]
+    try:
+        for r, p in enumerate(src):
+            p("setup", case, "src", r, backend, device)
+        mds = [p("setup", case, "dst", r, backend, device) for r, p in enumerate(dst)]
+        for p in src:
+            assert p("connect", mds) == [backend] * len(mds)
+        assert all(p("push") > 0 for p in src)
+        for r, p in enumerate(dst):
+            bad, _ = p("check")
+            assert bad == [], f"{case} rank {r}: {bad}"
+    finally:
+        for p in dst + src:
+            p("close")
+
+
 def _case(layout: str, src_tp: int, dst_tp: int, bs_src: int, bs_dst: int, cached: int = 0) -> vl.Case:
     heads, dim = (1, 576) if layout == "mla" else (8, 128)
     return vl.Case(layout, heads, src_tp, dst_tp, bs_src, bs_dst, tokens=300, cached=cached, dim=dim, layers=3,
@@ -193,6 +231,12 @@ def test_cuda_ipc_reads_byte_exact(ranks, layout, src_tp, dst_tp, bs_src, bs_dst
     case = _case(layout, src_tp, dst_tp, bs_src, bs_dst, cached)
     moved = _run(ranks, case, "cuda_ipc")
     assert all(m > 0 for m in moved)
+
+
+@pytest.mark.parametrize("layout", vl.LAYOUTS)
+@pytest.mark.parametrize("src_tp,dst_tp,bs_src,bs_dst,cached", [(2, 1, 16, 64, 0), (1, 2, 64, 16, 32)])
+def test_cuda_ipc_push_byte_exact(ranks, layout, src_tp, dst_tp, bs_src, bs_dst, cached):
+    _push(ranks, _case(layout, src_tp, dst_tp, bs_src, bs_dst, cached), "cuda_ipc")
 
 
 @pytest.mark.parametrize("layout", ["fa", "fi"])

@@ -18,6 +18,7 @@ from kvxfer.integrations.vllm.transfer_plan import (
     consumer_ranks,
     plan_group_reads,
     plan_reads,
+    plan_writes,
 )
 from kvxfer.layout import KVLayout
 from kvxfer.ops import reference
@@ -289,3 +290,17 @@ def test_hybrid_model_every_group_byte_exact():
     vl.run_reads([r for r in reads if r.group == 2], [None, [m_src]], 0, [m_dst], 0)
     m_before[2] = m_src[4]
     np.testing.assert_array_equal(m_dst, m_before)
+
+
+@pytest.mark.parametrize("src_tp,dst_tp", [(2, 1), (1, 2), (4, 2), (2, 4)])
+def test_push_writes_are_the_consumers_reads_from_this_rank(src_tp, dst_tp):
+    case = vl.Case("fi", 4, src_tp, dst_tp, 16, 64, 100, 32)
+    pb, cb = [case.blocks("src")], [case.blocks("dst")]
+    for c in range(dst_tp):
+        reads = case.reads(c)
+        writes = [w for p in range(src_tp)
+                  for w in plan_writes(case.spec("src", p), case.spec("dst", c), pb, cb, 100, 32)]
+        assert sorted(writes, key=lambda r: r.src_rank) == sorted(reads, key=lambda r: r.src_rank)
+        for p in range(src_tp):
+            assert (c in consumer_ranks(case.spec("src", p), case.spec("dst", c))) == any(
+                w.src_rank == p for w in writes)

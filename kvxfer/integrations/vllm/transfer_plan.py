@@ -20,6 +20,11 @@ Conventions (vLLM's):
   are fewer KV heads than ranks); MLA's latent is on every rank (``mla=True``) and each local
   rank reads it from one remote rank.
 * Mamba (state) groups are copied block to block, between ranks of the same index only.
+* Tensors are registered in their physical order. vLLM's FlashInfer cache is a view of shape
+  ``[blocks, 2, block_size, heads, head_dim]`` over HND memory: register it permuted back to
+  ``[blocks, 2, heads, block_size, head_dim]`` (contiguous) with ``order=HND`` in the spec.
+* Push mode (the producer writes): :func:`plan_writes` gives a producer rank the copies one
+  consumer rank needs from it; they are that consumer's reads, issued as writes.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from dataclasses import dataclass, fields
 from ...errors import BlockIdError, LayoutError, LayoutMismatchError, RemoteProtocolError
 from ...reshard import BlockFormat, HeadOrder, HeadReshard, tp_consumers, tp_kv_heads, tp_sources
 
-__all__ = ["GroupKind", "KVGroupSpec", "KVSpec", "RemoteRead", "consumer_ranks", "plan_group_reads", "plan_reads"]
+__all__ = ["GroupKind", "KVGroupSpec", "KVSpec", "RemoteRead", "consumer_ranks", "plan_group_reads", "plan_reads",
+           "plan_writes"]
 
 
 class GroupKind(enum.Enum):
@@ -349,6 +355,22 @@ def plan_reads(remote: KVSpec, local: KVSpec, remote_blocks: Sequence[Sequence[i
         out += plan_group_reads(remote, local, g, remote_blocks[g], local_blocks[g], num_tokens, num_cached,
                                 null_block=null_block)
     return out
+
+
+def plan_writes(producer: KVSpec, consumer: KVSpec, producer_blocks: Sequence[Sequence[int]],
+                consumer_blocks: Sequence[Sequence[int]], num_tokens: int, num_cached: int = 0, *,
+                null_block: int = 0) -> list[RemoteRead]:
+    """Push mode: what rank ``producer.tp_rank`` writes into rank ``consumer.tp_rank`` of the
+    consumer (its reads from this rank, every group): pass each as ``Connector.write(peer,
+    src_blocks, dst_blocks, reshard=reshard)``. Empty when that consumer rank needs nothing
+    from this one (see :func:`consumer_ranks`).
+
+    Raises:
+        as :func:`plan_reads`.
+    """
+    reads = plan_reads(producer, consumer, producer_blocks, consumer_blocks, num_tokens, num_cached,
+                       null_block=null_block)
+    return [r for r in reads if r.src_rank == producer.tp_rank]
 
 
 def consumer_ranks(producer: KVSpec, consumer: KVSpec) -> list[int]:
