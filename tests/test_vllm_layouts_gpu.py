@@ -200,7 +200,11 @@ def _push(ranks, case: vl.Case, backend: str, device: str = "cuda:0") -> None:
         mds = [p("setup", case, "dst", r, backend, device) for r, p in enumerate(dst)]
         for p in src:
             assert p("connect", mds) == [backend] * len(mds)
-        assert all(p("push") > 0 for p in src)
+        from kvxfer.integrations.vllm.transfer_plan import consumer_ranks
+
+        pushed = [p("push") for p in src]  # a source no consumer reads from (MLA 2 -> 1) writes nothing
+        assert [n > 0 for n in pushed] == [bool(consumer_ranks(case.spec("src", r), case.spec("dst", 0)))
+                                           for r in range(case.src_tp)]
         for r, p in enumerate(dst):
             bad, _ = p("check")
             assert bad == [], f"{case} rank {r}: {bad}"
