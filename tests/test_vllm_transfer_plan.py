@@ -19,6 +19,7 @@ from kvxfer.integrations.vllm.transfer_plan import (
     plan_group_reads,
     plan_reads,
     plan_writes,
+    vllm_layout_order,
 )
 from kvxfer.layout import KVLayout
 from kvxfer.ops import reference
@@ -228,14 +229,14 @@ TP = [(1, 1), (2, 1), (1, 2), (4, 2), (2, 4)]
 BLOCKS = [(16, 16), (16, 64), (64, 16), (16, 48), (48, 16)]
 
 
-@pytest.mark.parametrize("layout", vl.LAYOUTS)
+@pytest.mark.parametrize("layout", vl.LAYOUTS + vl.LAYOUTS_V33)
 @pytest.mark.parametrize("src_tp,dst_tp", TP)
 @pytest.mark.parametrize("bs_src,bs_dst", BLOCKS)
 def test_reads_fill_every_rank_byte_exact(layout, src_tp, dst_tp, bs_src, bs_dst):
     _check_system(layout, 4, src_tp, dst_tp, bs_src, bs_dst, 150, 0)
 
 
-@pytest.mark.parametrize("layout", vl.LAYOUTS)
+@pytest.mark.parametrize("layout", vl.LAYOUTS + vl.LAYOUTS_V33)
 @pytest.mark.parametrize("bs_src,bs_dst,cached", [(16, 16, 32), (64, 16, 32), (16, 64, 64), (48, 16, 80)])
 def test_cached_prefix_is_skipped_mid_block_on_the_source(layout, bs_src, bs_dst, cached):
     _check_system(layout, 4, 2, 1, bs_src, bs_dst, 150, cached)
@@ -244,11 +245,11 @@ def test_cached_prefix_is_skipped_mid_block_on_the_source(layout, bs_src, bs_dst
 
 @pytest.mark.parametrize("src_tp,dst_tp", [(1, 4), (4, 1), (4, 2), (2, 4), (4, 4)])
 def test_gqa_with_fewer_kv_heads_than_ranks(src_tp, dst_tp):
-    for layout in ("fa", "fi"):
+    for layout in ("fa", "fi", "nhc", "hnc"):
         _check_system(layout, 2, src_tp, dst_tp, 16, 32, 70, 0)
 
 
-@pytest.mark.parametrize("layout", vl.LAYOUTS)
+@pytest.mark.parametrize("layout", vl.LAYOUTS + ("blnhc",))
 @pytest.mark.parametrize("bs_src,bs_dst,src_nulls,dst_nulls", [(16, 16, 3, 3), (16, 8, 3, 5), (8, 16, 5, 2),
                                                               (16, 64, 5, 1), (64, 16, 1, 2)])
 def test_sliding_window_moves_only_what_both_windows_hold(layout, bs_src, bs_dst, src_nulls, dst_nulls):
@@ -304,3 +305,21 @@ def test_push_writes_are_the_consumers_reads_from_this_rank(src_tp, dst_tp):
         for p in range(src_tp):
             assert (c in consumer_ranks(case.spec("src", p), case.spec("dst", c))) == any(
                 w.src_rank == p for w in writes)
+
+
+def test_vllm_layout_names():
+    assert [vllm_layout_order(n) for n in ("LBNHC", "BLNHC", "NHD", "LBHNC", "BLHNC", "hnd")] == [NHD] * 3 + [HND] * 3
+    for bad in ("LHBNC", "BHLNC", "zz"):
+        with pytest.raises(LayoutError, match="not supported for resharding"):
+            vllm_layout_order(bad)
+
+
+def test_block_major_layers_share_one_allocation():
+    """blnhc: each layer is a strided view of one allocation; the reads touch only their bytes."""
+    case = vl.Case("blnhc", 4, 1, 2, 16, 64, 150, 16)
+    dst = case.before(1)
+    root, _ = vl.root_of(dst[0])
+    assert all(vl.root_of(a)[0] is root for a in dst) and not dst[1].flags.c_contiguous
+    vl.run_reads(case.reads(1), [case.source(0)], 0, dst, 0)
+    want = case.expected(1, case.reads(1))
+    np.testing.assert_array_equal(root, vl.root_of(want[0])[0])
