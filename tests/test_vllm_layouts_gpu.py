@@ -1,5 +1,5 @@
 """GPU tests of the vLLM worker side without vLLM: CUDA tensors in vLLM's layouts (FlashAttention
-NHD, FlashInfer HND, MLA), one Connector per tensor-parallel rank, each rank its own process on
+NHD, FlashInfer HND, MLA, and vLLM 0.33's LBNHC / LBHNC / block-major BLNHC), one Connector per tensor-parallel rank, each rank its own process on
 one GPU, reads planned by :mod:`kvxfer.integrations.vllm.transfer_plan` (one read per remote
 rank, heads and tokens mapped by the reshard), over cuda_ipc and over tcp.
 
@@ -12,8 +12,8 @@ The processes are driven over a multiprocessing pipe (test plumbing only).
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import traceback
+from typing import Any
 
 import numpy as np
 import pytest
@@ -60,7 +60,16 @@ class _Rank:
         self.case, self.rank = case, rank
         arrs = case.source(rank) if side == "src" else case.before(rank)
         dt = np.int16 if case.itemsize == 2 else np.uint8
-        self.tensors = [torch.from_numpy(np.ascontiguousarray(a).view(dt)).to(device) for a in arrs]
+        # each allocation once, each layer a view of it with the numpy array's strides
+        # (block-major layouts keep every layer inside one allocation)
+        uploaded: dict[int, Any] = {}
+        self.tensors = []
+        for a in arrs:
+            root, off = vl.root_of(a)
+            if id(root) not in uploaded:
+                uploaded[id(root)] = torch.from_numpy(root.view(dt)).to(device)
+            big = uploaded[id(root)]
+            self.tensors.append(big.as_strided(a.shape, [x // a.itemsize for x in a.strides], off // a.itemsize))
         if device != "cpu":
             torch.cuda.synchronize()
         self.conn = kvxfer.Connector(f"{side}{rank}", backend=backend)
@@ -229,7 +238,7 @@ CASES = [  # (src_tp, dst_tp, bs_src, bs_dst, cached)
 ]
 
 
-@pytest.mark.parametrize("layout", vl.LAYOUTS)
+@pytest.mark.parametrize("layout", vl.LAYOUTS + vl.LAYOUTS_V33)
 @pytest.mark.parametrize("src_tp,dst_tp,bs_src,bs_dst,cached", CASES)
 def test_cuda_ipc_reads_byte_exact(ranks, layout, src_tp, dst_tp, bs_src, bs_dst, cached):
     case = _case(layout, src_tp, dst_tp, bs_src, bs_dst, cached)
@@ -237,13 +246,13 @@ def test_cuda_ipc_reads_byte_exact(ranks, layout, src_tp, dst_tp, bs_src, bs_dst
     assert all(m > 0 for m in moved)
 
 
-@pytest.mark.parametrize("layout", vl.LAYOUTS)
+@pytest.mark.parametrize("layout", vl.LAYOUTS + vl.LAYOUTS_V33)
 @pytest.mark.parametrize("src_tp,dst_tp,bs_src,bs_dst,cached", [(2, 1, 16, 64, 0), (1, 2, 64, 16, 32)])
 def test_cuda_ipc_push_byte_exact(ranks, layout, src_tp, dst_tp, bs_src, bs_dst, cached):
     _push(ranks, _case(layout, src_tp, dst_tp, bs_src, bs_dst, cached), "cuda_ipc")
 
 
-@pytest.mark.parametrize("layout", ["fa", "fi"])
+@pytest.mark.parametrize("layout", ["fa", "fi", "blnhc"])
 @pytest.mark.parametrize("src_tp,dst_tp,bs_src,bs_dst,cached", [(2, 1, 16, 64, 0), (1, 2, 64, 16, 32)])
 def test_tcp_reads_byte_exact(ranks, layout, src_tp, dst_tp, bs_src, bs_dst, cached):
     _run(ranks, _case(layout, src_tp, dst_tp, bs_src, bs_dst, cached), "tcp")
