@@ -82,9 +82,22 @@ def _tokens_nhd(cache: np.ndarray, blocks, start: int, n: int) -> np.ndarray:
     return cache[:, list(blocks)].reshape(2, -1, *cache.shape[3:])[:, start:start + n]
 
 
+def _ucxx_missing() -> str | None:
+    try:
+        import ucxx  # noqa: F401
+    except Exception as exc:
+        return f"ucxx is not importable here ({exc!r})"
+    return None
+
+
+BACKENDS = ["tcp", pytest.param("ucx", marks=pytest.mark.skipif(_ucxx_missing() is not None,
+                                                                 reason=_ucxx_missing() or ""))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bs_src,bs_dst", [(16, 64), (64, 16)])
 @pytest.mark.parametrize("op", ["read", "write"])
-def test_block_size_change_with_a_head_slice_over_tcp(bs_src, bs_dst, op):
+def test_block_size_change_with_a_head_slice(bs_src, bs_dst, op, backend):
     """Token-mapped reshard between connectors: lists of different lengths, a source start mid-block,
     TP 1 -> 2 heads, partial last blocks; bytes outside the mapped tokens stay untouched."""
     rng = np.random.default_rng(bs_src)
@@ -97,7 +110,7 @@ def test_block_size_change_with_a_head_slice_over_tcp(bs_src, bs_dst, op):
     h0, h1 = tp_head_range(H, 1, 2)
     rs = HeadReshard(BlockFormat(HeadOrder.NHD, bs_src, H, D, 2), BlockFormat(HeadOrder.NHD, bs_dst, H // 2, D, 2),
                      (h0, h1), 0, num_tokens=n, src_start=s_start, dst_start=d_start)
-    with Connector("p", backend="tcp") as p, Connector("c", backend="tcp") as c:
+    with Connector("p", backend=backend) as p, Connector("c", backend=backend) as c:
         p.register(prod, block_dim=1)
         c.register(cons, block_dim=1)
         if op == "read":
@@ -144,3 +157,32 @@ def test_token_reshard_errors_reach_the_caller_and_the_wire_parser():
     for bad in (good[:5], good[:6] + [-1], good[:4] + [True, 0, 0], good[:4] + [1.5, 0, 0], good[:4] + [1 << 41, 0, 0]):
         with pytest.raises(kvxfer.LayoutError):
             HeadReshard.from_wire(bad)
+
+
+def test_reshard_from_wire_refuses_random_garbage_with_layout_error_only():
+    """Mutations of a valid token-mapped wire form: each parses to a HeadReshard or raises
+    LayoutError (which backends turn into RemoteProtocolError), never anything else."""
+    import random
+
+    rnd = random.Random(0)
+    good = HeadReshard(BlockFormat(HeadOrder.NHD, 16, 8, 128, 2), BlockFormat(HeadOrder.HND, 64, 4, 128, 2), (4, 8),
+                       0, num_tokens=100, src_start=3, dst_start=0).to_wire()
+    junk = [None, True, -1, 0, 1 << 45, 1.5, "nhd", "x", b"\x00", [], [1], {"a": 1}, [["nhd"]]]
+    parsed = refused = 0
+    for _ in range(3000):
+        w = [list(x) if isinstance(x, list) else x for x in good]
+        i = rnd.randrange(len(w))
+        if isinstance(w[i], list) and w[i] and rnd.random() < 0.6:
+            w[i][rnd.randrange(len(w[i]))] = rnd.choice(junk)
+        else:
+            w[i] = rnd.choice(junk)
+        if rnd.random() < 0.1:
+            w = w[: rnd.randrange(len(w) + 1)]
+        try:
+            rs = HeadReshard.from_wire(w)
+        except kvxfer.LayoutError:
+            refused += 1
+        else:
+            parsed += 1
+            assert isinstance(rs, HeadReshard) and HeadReshard.from_wire(rs.to_wire()) == rs
+    assert refused > 2000 and parsed > 0
