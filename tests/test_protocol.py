@@ -61,7 +61,7 @@ def test_transfer_request_round_trip_and_validation():
 @pytest.mark.parametrize("ids, width", [([1, 2, 65535], 2), ([0, 65536], 4), ([7, (1 << 32) - 1], 4),
                                         ([3, 1 << 32], 8), ([-1, 5], 8), ([], 2)])
 def test_request_ids_travel_in_the_narrowest_width_that_holds_them(ids, width):
-    from kvxfer.backends import ucx_protocol as up
+    from kvxfer.backends.ucx import messages as up
 
     src = np.array(ids, dtype=np.int64)
     dst = src[::-1].copy()
@@ -95,7 +95,7 @@ def test_malformed_metadata(blob):
 
 
 def test_ucx_progress_messages_are_checked():
-    from kvxfer.backends import ucx_protocol as up
+    from kvxfer.backends.ucx import messages as up
 
     raw = up.encode_message(up.Msg.LANDED, "sess", up.progress_body(7, 4096))
     kind, session, h = up.decode_envelope(raw)
@@ -106,7 +106,7 @@ def test_ucx_progress_messages_are_checked():
 
 
 def test_ucx_piece_size_aims_at_four_pieces_within_bounds():
-    from kvxfer.backends.ucx_config import MIN_PIECE, piece_bytes, ucx_config
+    from kvxfer.backends.ucx.config import MIN_PIECE, piece_bytes, ucx_config
 
     cfg = ucx_config()
     assert piece_bytes(cfg, 1 << 30) == 256 << 20  # 1 GiB: four pieces of 256 MiB
@@ -116,7 +116,7 @@ def test_ucx_piece_size_aims_at_four_pieces_within_bounds():
 
 
 def test_ucx_first_piece_outlasts_the_host_work_and_the_last_stays_small():
-    from kvxfer.backends.ucx_config import FIRST_PIECE, MIN_PIECE, piece_bytes, piece_edge, piece_first, ucx_config
+    from kvxfer.backends.ucx.config import FIRST_PIECE, MIN_PIECE, piece_bytes, piece_edge, piece_first, ucx_config
     from kvxfer.plan import _piece_cuts
 
     cfg = ucx_config()
@@ -136,8 +136,8 @@ def test_ucx_early_decision_from_a_prefix_of_the_ids_is_the_exact_ones(memory):
 
     from kvxfer import KVLayout
     from kvxfer._tensors import MemoryKind
-    from kvxfer.backends.ucx import UcxBackend
-    from kvxfer.backends.ucx_config import TransferMode, ucx_config
+    from kvxfer.backends.ucx.backend import UcxBackend
+    from kvxfer.backends.ucx.config import TransferMode, ucx_config
     from kvxfer.plan import transfer_shape
 
     rng = np.random.default_rng(3)
@@ -156,7 +156,7 @@ def test_ucx_early_decision_from_a_prefix_of_the_ids_is_the_exact_ones(memory):
                 d = rng.choice(2048, n, replace=False) if trial > 1 else np.arange(n) + (2048 - n)
                 nbytes, nruns = transfer_shape(g, g, s, d)
                 exact = UcxBackend._packs(be, nbytes, nruns)
-                # the packing rules as documented (ucx_config / docs/ucx.md)
+                # the packing rules as documented (ucx/config.py / docs/ucx.md)
                 if cfg.mode is not TransferMode.AUTO:
                     rule = cfg.mode is TransferMode.PACKED
                 else:

@@ -1,9 +1,9 @@
 """The UCX backend's packed path: registered staging buffers and the gather/scatter around them.
 
-Layer: backends (memory of ucx.py). A PACKED transfer gathers a plan's ranges into one
-registered contiguous buffer (vectorized numpy for host memory, :mod:`kvxfer.ops.host`; the
-one-launch block-pair kernel for GPU memory), moves it with RMA in pieces and scatters it on
-the other side. Buffers are registered with ``ucp_mem_map`` once and reused by size class.
+Layer: backends/ucx, above :mod:`~kvxfer.backends.ucx.ucp`. A PACKED transfer gathers a plan's
+ranges into one registered contiguous buffer (vectorized numpy for host memory,
+:mod:`kvxfer.ops.host`; the one-launch block-pair kernel for GPU memory), moves it with RMA in
+pieces and scatters it on the other side. Buffers are registered with ``ucp_mem_map`` once and reused by size class.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from .._memory import host_bytes
-from .._tensors import MemoryKind
-from ..layout import KVLayout
-from ..plan import TransferPlan
-from . import _ucp
+from ..._memory import host_bytes
+from ..._tensors import MemoryKind
+from ...layout import KVLayout
+from ...plan import TransferPlan
+from .ucp import MemoryType, Ucp
 
 __all__ = ["Packer", "Staging", "StagingPool"]
 
@@ -38,7 +38,7 @@ class Staging:
 class StagingPool:
     """Registered staging buffers, reused by size class (powers of two)."""
 
-    def __init__(self, ucp: _ucp.Ucp, context: int, memory: MemoryKind, device: int, keep: int):
+    def __init__(self, ucp: Ucp, context: int, memory: MemoryKind, device: int, keep: int):
         self._ucp, self._ctx, self._memory, self._device, self._keep = ucp, context, memory, device, keep
         self._free: list[Staging] = []
         self._held: list[Staging] = []
@@ -52,13 +52,13 @@ class StagingPool:
                     return self._free.pop(i)
         if self._memory is MemoryKind.HOST:
             arr = np.empty(size, dtype=np.uint8)
-            addr, mt = int(arr.ctypes.data), _ucp.MemoryType.HOST
+            addr, mt = int(arr.ctypes.data), MemoryType.HOST
         else:
             import cupy
 
             with cupy.cuda.Device(self._device):
                 arr = cupy.empty(size, dtype=cupy.uint8)
-            addr, mt = int(arr.data.ptr), _ucp.MemoryType.CUDA
+            addr, mt = int(arr.data.ptr), MemoryType.CUDA
         memh = self._ucp.mem_map(self._ctx, addr, size, mt)
         return Staging(arr, addr, size, memh, self._ucp.rkey_pack(self._ctx, memh))
 
@@ -129,11 +129,11 @@ class Packer:
     def gather(self, plan: TransferPlan, buf: Staging, offset: int = 0) -> Any:
         """Copy ``plan``'s source blocks into ``buf`` from byte ``offset``; returns a token."""
         if self.host:
-            from ..ops.host import gather
+            from ...ops.host import gather
 
             gather(plan, self._views, buf.array[offset : offset + plan.nbytes])
             return None
-        from ..ops import cuda as ops_cuda
+        from ...ops import cuda as ops_cuda
 
         ops_cuda.gather(plan, self.layout, buf.address + offset, stream=self._gpu_stream(), device=self.layout.device)
         return self._record()
@@ -141,11 +141,11 @@ class Packer:
     def scatter(self, plan: TransferPlan, buf: Staging, offset: int = 0) -> Any:
         """Copy ``buf`` from byte ``offset`` into ``plan``'s destination blocks; returns a token."""
         if self.host:
-            from ..ops.host import scatter
+            from ...ops.host import scatter
 
             scatter(plan, buf.array[offset : offset + plan.nbytes], self._views)
             return None
-        from ..ops import cuda as ops_cuda
+        from ...ops import cuda as ops_cuda
 
         ops_cuda.scatter(plan, buf.address + offset, self.layout, stream=self._gpu_stream(), device=self.layout.device)
         return self._record()
@@ -170,7 +170,7 @@ class _Pieces:
         self._packer, self._plan, self._buf, self._bounds, self._gather = packer, plan, buf, bounds, gather
         self._gpu: Any = None
         if not packer.host and plan.block_pairs is not None:
-            from ..ops.pairs import BUF_DST, BUF_SRC, PairPieces
+            from ...ops.pairs import BUF_DST, BUF_SRC, PairPieces
 
             lay = packer.layout
             src, dst = (lay, buf.address) if gather else (buf.address, lay)

@@ -1,6 +1,6 @@
 """The UCX backend's control messages, encoded and decoded without I/O.
 
-Layer: backends (protocol of ucx.py; no ucxx, no libucp, no endpoints). Control messages are
+Layer: backends/ucx, sans-I/O (no ucxx, no libucp, no endpoints). Control messages are
 msgpack maps carried in eager active messages (:data:`AM_ID`); each names the protocol version
 (``v``), its kind (``t``, a :class:`Msg`) and the sender's session (``s``). The link and the
 backend turn bytes into values here and back, so every check below runs in memory.
@@ -18,11 +18,11 @@ from typing import Any
 
 import msgpack
 
-from ..errors import RemoteProtocolError
-from ..handle import Op
-from ..metadata import PeerMetadata
-from .base import TransferRequest
-from .wire import _reshard_from_wire, id_width_from_wire, ids_from_wire, request_ids_to_wire
+from ...errors import RemoteProtocolError
+from ...handle import Op
+from ...metadata import PeerMetadata
+from ..base import TransferRequest
+from ..wire import _reshard_from_wire, id_width_from_wire, ids_from_wire, request_ids_to_wire
 
 __all__ = [
     "AM_ID",

@@ -1,62 +1,28 @@
 """The UCX backend's link: one peer over one endpoint, and the transfers on it.
 
-Layer: backends (per-peer state of ucx.py). Every method runs on the backend's work thread
-unless it says otherwise; the endpoint's completions arrive on the progress thread and are
-handed back with ``backend.defer``. Two messages leave from other threads, to save a thread
-hand-off on a transfer's critical path: REQ from the caller's thread (under the link lock,
-which :meth:`UcxLink._close_now` takes to mark the link closed) and a read's LANDED from the
-progress thread (inside a UCX callback, which closing the endpoint waits for). Messages are
-encoded and checked by :mod:`kvxfer.backends.ucx_protocol`.
-
-How a transfer moves
---------------------
-``connect`` creates ONE endpoint to the peer's worker address (reused for every transfer),
-sends HELLO (our metadata) and waits for HELLO_ACK; the peer opens its own endpoint back to us
-(with error handling, so it learns when we die). The initiator unpacks the peer's rkeys once
-per link.
-
-- DIRECT (few, large ranges): the initiator posts one put (write) or get (read) per coalesced
-  range straight between KV tensors, then one ``ucp_ep_flush_nbx``; when the flush completes
-  every byte is in place remotely. The responder's Python is not in the data path; a NOTE
-  message carrying the notification follows the flush.
-- PACKED (many small ranges): the initiator sends REQ naming the blocks, its registered
-  staging buffer (address, rkey; see :mod:`kvxfer.backends.ucx_staging`) and the byte count,
-  straight from the caller's thread (the peer starts while our side is prepared);
-  the responder validates every one of its own ids against its own layout. A read's REQ leaves
-  before the caller has even planned it (:meth:`UcxLink.start_packed_early`): its plan follows
-  with :meth:`UcxLink.attach`, and if the plan fails the transfer is abandoned (nothing of ours
-  is touched; the staging buffer is kept until the responder has put its last byte or refused).
-  The responder moves the bytes
-  with RMA between the two staging buffers, in about four pieces (``piece_bytes``; runs of whole
-  (tensor, segment) pairs, :meth:`~kvxfer.plan.TransferPlan.chunk_bounds`), so that packing, the
-  wire and unpacking overlap:
-
-  * read: the responder queues the gather of every piece, puts each piece into the initiator's
-    buffer as soon as it is staged, flushes, and sends LANDED (bytes in place so far); the
-    initiator scatters each piece as it lands and is done at the last one.
-  * write: the initiator queues its gathers and sends READY as each piece is staged; the
-    responder gets each new piece, scatters it once the get is complete, and answers DONE
-    after the last one (and after delivering the notification).
-
-  A refusal is ERR.
-
-A lost peer fails every pending handle with PeerLostError; a handle that times out closes its
-link, since RMA may still land.
+Layer: backends/ucx, above the worker, memory and packed modules; the backend makes links and
+hands each a :class:`LinkContext`, the only thing of the backend a link uses. Every method runs
+on the work thread unless it says otherwise; the endpoint's completions arrive on the progress
+thread and are handed back with :meth:`~kvxfer.backends.ucx.worker.Worker.defer`. Two messages
+leave from other threads, to save a thread hand-off on a transfer's critical path: REQ from the
+caller's thread (under the link lock, which :meth:`UcxLink._close_now` takes to mark the link
+closed) and a read's LANDED from the progress thread (inside a UCX callback, which closing the
+endpoint waits for). Messages are encoded and checked by :mod:`kvxfer.backends.ucx.messages`;
+how a transfer moves is told in :mod:`kvxfer.backends.ucx`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from ..errors import (
+from ...errors import (
     BlockIdError,
     KvxferError,
     LayoutError,
@@ -65,120 +31,35 @@ from ..errors import (
     TransferTimeoutError,
     TransportError,
 )
-from ..handle import Op, TransferHandle
-from ..metadata import PeerMetadata
-from ..plan import TransferPlan
-from . import _ucp
-from . import ucx_protocol as proto
-from .base import BackendLink, TransferRequest, plan_for_responder, remote_error
-from .ucx_config import piece_bytes, piece_edge, piece_first
-from .ucx_protocol import Msg
-from .ucx_staging import Staging
+from ...handle import Op, TransferHandle
+from ...metadata import PeerMetadata
+from ...plan import TransferPlan
+from ..base import BackendLink, LocalSide, TransferRequest, plan_for_responder, remote_error
+from . import messages as proto
+from .config import UcxConfig
+from .memory import LocalMemory
+from .messages import Msg
+from .transfers import Marks, Serving, Xfer, lost_error, pieces_of, scatter_landed
+from .ucp import RemoteKey, UcxCallError
+from .worker import Worker
 
-if TYPE_CHECKING:
-    from .ucx import UcxBackend
-
-__all__ = ["UcxLink", "lost_error"]
+__all__ = ["LinkContext", "UcxLink"]
 
 log = logging.getLogger(__name__)
 
 _STAGING_RKEYS = 8  # unpacked staging keys kept per link
 
 
-@functools.lru_cache(maxsize=64)
-def _piece_sizes(config: Any, nbytes: int) -> tuple[int, int, int]:
-    """(target, edge, first) piece sizes of a packed transfer of ``nbytes`` (see ucx_config)."""
-    return piece_bytes(config, nbytes), piece_edge(config, nbytes), piece_first(config, nbytes)
+@dataclass(frozen=True, slots=True)
+class LinkContext:
+    """What a link uses of the backend that made it (one per backend, shared by its links)."""
 
-
-def _pieces_of(config: Any, plan: TransferPlan) -> list[tuple[int, int, int, int]]:
-    """How a packed transfer is pipelined: both sides cut it the same way (ramped pieces of
-    about ``piece_bytes``; see ucx_config)."""
-    return plan.chunk_bounds(*_piece_sizes(config, plan.nbytes))
-
-
-class _Marks:
-    """Where one packed transfer's time goes, kept only while this module logs at DEBUG:
-    labelled ``perf_counter`` stamps, logged in ms after ``t0`` when the transfer ends."""
-
-    __slots__ = ("t0", "stamps")
-
-    def __init__(self, t0: float):
-        self.t0 = t0
-        self.stamps: list[tuple[str, float]] = []
-
-    @staticmethod
-    def start(t0: float) -> _Marks | None:
-        return _Marks(t0) if log.isEnabledFor(logging.DEBUG) else None
-
-    def __call__(self, label: str) -> None:
-        self.stamps.append((label, time.perf_counter()))
-
-    def __str__(self) -> str:
-        return ", ".join(f"{label} {(t - self.t0) * 1e3:.3f}" for label, t in self.stamps)
-
-
-def lost_error(status: int, peer: str) -> PeerLostError:
-    """The error for a UCX completion with a failed ``status`` on the link to ``peer``."""
-    return PeerLostError(f"UCX operation with {peer!r} failed: {_ucp.status_name(status)}")
-
-
-@dataclass(eq=False)
-class _Xfer:
-    """A transfer this side initiated, until its handle finishes. A read started early
-    (:meth:`UcxLink.start_packed_early`) has no plan and no handle until :meth:`UcxLink.attach`;
-    an abandoned one (its plan failed) only waits for the peer to be done with our buffer."""
-
-    req: TransferRequest
-    plan: TransferPlan | None
-    handle: TransferHandle | None
-    nbytes: int = 0
-    staging: Staging | None = None
-    finished: bool = False
-    abandoned: bool = False
-    error: KvxferError | None = None  # why it ended before it had a handle
-    chunks: list = field(default_factory=list)  # packed: chunk_bounds (first pair, end pair, first byte, end)
-    landed: int = 0  # packed read: staged bytes the responder has put into our buffer
-    scattered: int = 0  # packed read: pieces whose scatter is queued
-    token: Any = None  # the last queued scatter
-    pieces: Any = None  # packed read: the prepared scatter
-    ready: Any = None  # GPU memory: the caller's stream event our accesses wait for
-    marks: _Marks | None = None  # ms since the handle was created (DEBUG logging only)
-    deadline: float = 0.0  # read started early: its end by the caller's timeout (time.monotonic), see overdue()
-
-    def report(self, exc: KvxferError) -> None:
-        """Fail the handle with ``exc``; a read started early without one yet keeps it for
-        :meth:`UcxLink._attached` to report."""
-        if self.handle is None:
-            self.error = exc
-        else:
-            self.handle.set_failed(exc)
-
-
-@dataclass(eq=False)
-class _Serving:
-    """A packed transfer the peer initiated, while we serve it."""
-
-    xid: int
-    op: Op
-    plan: TransferPlan
-    notify: bytes | None
-    staging: Staging | None  # None once held by the link's close (_hold_staging)
-    rkey: int
-    address: int = 0  # the initiator's staging buffer
-    chunks: list = field(default_factory=list)
-    ready: int = 0  # packed write: staged bytes the initiator said we may fetch (and we asked for)
-    scattered: int = 0
-    token: Any = None
-    pieces: Any = None
-    marks: _Marks | None = None  # ms since the request arrived (DEBUG logging only)
-
-
-def _scatter_landed(t: _Xfer | _Serving, upto: int) -> None:
-    """Queue the scatter of every piece of ``t`` now wholly in its staging buffer (bytes [0, upto))."""
-    while t.scattered < len(t.chunks) and t.chunks[t.scattered][3] <= upto:
-        t.token = t.pieces.launch(t.scattered)
-        t.scattered += 1
+    worker: Worker  # the ucp binding, the work thread (defer), wake-ups, endpoint closing
+    memory: LocalMemory  # our layout and registrations, the staging pool, the packer
+    config: UcxConfig
+    local: LocalSide  # the connector: notifications, link loss
+    session: str  # our session, named in every control message we send
+    forget: Callable[[UcxLink], None]  # the backend stops routing messages to a closed link
 
 
 class UcxLink(BackendLink):
@@ -186,8 +67,8 @@ class UcxLink(BackendLink):
 
     backend_name = "ucx"
 
-    def __init__(self, backend: UcxBackend, peer: PeerMetadata, ep: Any, error_handling: bool):
-        self.backend = backend
+    def __init__(self, ctx: LinkContext, peer: PeerMetadata, ep: Any, error_handling: bool):
+        self.ctx = ctx
         self.peer = peer
         self.ep = ep
         self.ep_handle = int(ep.handle)
@@ -198,9 +79,9 @@ class UcxLink(BackendLink):
         self.refusal: str | None = None
         self._closed = False
         self._lock = threading.Lock()
-        self._mine: dict[int, _Xfer] = {}
-        self._serving: dict[int, _Serving] = {}
-        self._rkeys: list[_ucp.RemoteKey] | None = None
+        self._mine: dict[int, Xfer] = {}
+        self._serving: dict[int, Serving] = {}
+        self._rkeys: list[RemoteKey] | None = None
         self._staging_rkeys: dict[bytes, int] = {}
 
     @property
@@ -208,11 +89,11 @@ class UcxLink(BackendLink):
         return self._closed
 
     # -- peer regions -----------------------------------------------------------------------
-    def remote_keys(self) -> list[_ucp.RemoteKey]:
+    def remote_keys(self) -> list[RemoteKey]:
         """The peer's tensor regions, rkeys unpacked once on this link's endpoint."""
         if self._rkeys is None:
             regions = proto.peer_regions(self.peer)
-            self._rkeys = [_ucp.RemoteKey(addr, length, self.backend.ucp.rkey_unpack(self.ep_handle, packed))
+            self._rkeys = [RemoteKey(addr, length, self.ctx.worker.ucp.rkey_unpack(self.ep_handle, packed))
                            for addr, length, packed in regions]
         return self._rkeys
 
@@ -221,16 +102,16 @@ class UcxLink(BackendLink):
         """Send one control message (eager AM). A failed send closes the link."""
         if self._closed and kind is not Msg.BYE:
             return
-        self._post_message(kind, proto.encode_message(kind, self.backend.session, body))
+        self._post_message(kind, proto.encode_message(kind, self.ctx.session, body))
 
     def _post_message(self, kind: Msg, data: bytes) -> None:
         def sent(status: int, _keep: bytes = data) -> None:
             if status != 0 and kind is not Msg.BYE:
                 self.ep_failed = True
-                self.backend.defer(self.close, lost_error(status, self.peer.name))
+                self.ctx.worker.defer(self.close, lost_error(status, self.peer.name))
 
-        self.backend.ucp.am_send(self.ep_handle, proto.AM_ID, data, sent)
-        self.backend.wake()
+        self.ctx.worker.ucp.am_send(self.ep_handle, proto.AM_ID, data, sent)
+        self.ctx.worker.wake()
 
     def send_notification(self, payload: bytes) -> None:
         """Deliver ``payload`` to the peer's notification queue (after earlier transfers' bytes).
@@ -240,11 +121,11 @@ class UcxLink(BackendLink):
         """
         if self._closed:
             raise PeerLostError(f"link to {self.peer.name!r} is closed")
-        self.backend.defer(self.send, Msg.NOTE, proto.note_body(bytes(payload)))
+        self.ctx.worker.defer(self.send, Msg.NOTE, proto.note_body(bytes(payload)))
 
     # -- initiator --------------------------------------------------------------------------
-    def _new_xfer(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle, ready: Any) -> _Xfer:
-        x = _Xfer(req, plan, handle, plan.nbytes, ready=ready, marks=_Marks.start(handle.created))
+    def _new_xfer(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle, ready: Any) -> Xfer:
+        x = Xfer(req, plan, handle, plan.nbytes, ready=ready, marks=Marks.start(handle.created, log))
         handle.add_done_callback(lambda h: self._on_handle_done(x, h))
         return x
 
@@ -275,25 +156,25 @@ class UcxLink(BackendLink):
         if not np.array_equal(ll, rl):  # pragma: no cover - compatible layouts have equal runs
             raise TransportError("the two sides' runs differ; this plan can only move packed")
         keys = self.remote_keys()
-        layout = self.backend.layout
+        layout = self.ctx.memory.layout
         laddr = layout.addrs.astype(np.uint64)[lt] + lo.astype(np.uint64)
         rbase = np.array([k.address for k in keys], dtype=np.uint64)
         raddr = rbase[rt] + ro.astype(np.uint64)
         rk = [keys[i].rkey for i in range(len(keys))]
-        params = self.backend.tensor_params
+        params = self.ctx.memory.tensor_params
         return (laddr.tolist(), raddr.tolist(), ll.tolist(), [rk[i] for i in rt.tolist()], [params[i] for i in lt.tolist()])
 
-    def _start_direct(self, x: _Xfer) -> None:
+    def _start_direct(self, x: Xfer) -> None:
         if x.ready is not None:  # UCX's copies are not on a stream of ours: wait on the host
             x.ready.synchronize()
         put = x.req.op is Op.WRITE
         la, ra, ln, rk, prm = self._ranges(x.plan, "src" if put else "dst")
         try:
-            self.backend.ucp.post_rma(put, self.ep_handle, la, ra, ln, rk, prm)
-        except _ucp.UcxCallError as exc:
+            self.ctx.worker.ucp.post_rma(put, self.ep_handle, la, ra, ln, rk, prm)
+        except UcxCallError as exc:
             raise PeerLostError(f"posting RMA to {self.peer.name!r} failed: {exc}") from None
-        self.backend.ucp.flush(self.ep_handle, lambda st: self.backend.defer(self._finish_direct, x, st))
-        self.backend.wake()
+        self.ctx.worker.ucp.flush(self.ep_handle, lambda st: self.ctx.worker.defer(self._finish_direct, x, st))
+        self.ctx.worker.wake()
 
     def _endpoint_failed(self, status: int) -> bool:
         """A failed completion ``status`` closes the link (True); 0 is success (False)."""
@@ -303,7 +184,7 @@ class UcxLink(BackendLink):
         self.close(lost_error(status, self.peer.name))
         return True
 
-    def _finish_direct(self, x: _Xfer, status: int) -> None:
+    def _finish_direct(self, x: Xfer, status: int) -> None:
         if self._endpoint_failed(status):
             return
         if x.req.notify is not None:
@@ -320,14 +201,14 @@ class UcxLink(BackendLink):
         if err is not None:  # this is the caller's thread: the handle reports it, as from the work thread
             self._fail(x, err)
 
-    def start_packed_early(self, req: TransferRequest, nbytes: int, timeout: float) -> _Xfer | None:
+    def start_packed_early(self, req: TransferRequest, nbytes: int, timeout: float) -> Xfer | None:
         """Caller's thread: send a packed read's request before the caller's plan exists (see
         :meth:`UcxBackend.start_early`); the plan and handle follow with :meth:`attach`, or
         :meth:`abandon` when the plan fails. Nothing of ours is touched before :meth:`attach`:
         the peer only writes our staging buffer. None when the request could not go out (the
         transfer then takes the usual path, which reports any real error). ``timeout``: the
         read's, which bounds an abandoned one (:meth:`abandon`)."""
-        x = _Xfer(req, None, None, nbytes, marks=_Marks.start(time.perf_counter()), deadline=time.monotonic() + timeout)
+        x = Xfer(req, None, None, nbytes, marks=Marks.start(time.perf_counter(), log), deadline=time.monotonic() + timeout)
         err = self._send_request(x)
         if err is not None:
             log.debug("not starting transfer %d early: %s", req.xfer_id, err)
@@ -335,15 +216,15 @@ class UcxLink(BackendLink):
             return None
         return x
 
-    def _send_request(self, x: _Xfer, then: Callable[[_Xfer], None] | None = None) -> KvxferError | None:
+    def _send_request(self, x: Xfer, then: Callable[[Xfer], None] | None = None) -> KvxferError | None:
         """Caller's thread: take ``x``'s staging buffer, register ``x`` and post its REQ, then
         queue ``then(x)`` on the work thread (after the post: no wake-up to race it). The
         link's lock spans the closed check, the registration and the post, so a link being
         closed on the work thread never has its endpoint used after it is released. Returns
         why the request could not go out (``x`` is then not registered), or None."""
         try:
-            x.staging = self.backend.staging().get(x.nbytes)
-            data = proto.encode_message(Msg.REQ, self.backend.session,
+            x.staging = self.ctx.memory.staging().get(x.nbytes)
+            data = proto.encode_message(Msg.REQ, self.ctx.session,
                                         proto.request_body(x.req, x.staging.address, x.staging.rkey, x.nbytes))
         except Exception as exc:
             return exc if isinstance(exc, KvxferError) else TransportError(f"packed transfer setup failed: {exc!r}")
@@ -355,18 +236,18 @@ class UcxLink(BackendLink):
             self._mine[x.req.xfer_id] = x
             self._post_message(Msg.REQ, data)
             if then is not None:
-                self.backend.defer(then, x)
+                self.ctx.worker.defer(then, x)
         if x.marks:
             x.marks("REQ sent")
         return None
 
-    def attach(self, x: _Xfer, plan: TransferPlan, handle: TransferHandle) -> None:
+    def attach(self, x: Xfer, plan: TransferPlan, handle: TransferHandle) -> None:
         """Caller's thread: the plan and handle of a read started early; the rest happens on
         the work thread (:meth:`_attached`), where every answer of the peer is handled."""
         handle.add_done_callback(lambda h: self._on_handle_done(x, h))
-        self.backend.defer(self._attached, x, plan, handle)
+        self.ctx.worker.defer(self._attached, x, plan, handle)
 
-    def _attached(self, x: _Xfer, plan: TransferPlan, handle: TransferHandle) -> None:
+    def _attached(self, x: Xfer, plan: TransferPlan, handle: TransferHandle) -> None:
         if x.finished:  # refused, or the link closed, before the plan was ready
             handle.set_failed(x.error or PeerLostError(f"link to {self.peer.name!r} is closed"))
             return
@@ -377,31 +258,31 @@ class UcxLink(BackendLink):
         x.plan, x.handle = plan, handle
         self._advance(x)
 
-    def abandon(self, x: _Xfer) -> None:
+    def abandon(self, x: Xfer) -> None:
         """The caller's plan of a read started early failed: scatter nothing; give the staging
         buffer back once the peer has put every byte in it (or refused, or the link closed).
         A peer not done by the read's deadline gets the link closed (the backend's watch
         thread looks for :meth:`overdue` reads): its puts could still land in our buffer,
         which is therefore held, never reused."""
-        self.backend.defer(self._abandoned, x)
+        self.ctx.worker.defer(self._abandoned, x)
 
-    def _abandoned(self, x: _Xfer) -> None:
+    def _abandoned(self, x: Xfer) -> None:
         x.abandoned = True
         if not x.finished and x.landed == x.nbytes:
             self._release(x)
 
-    def overdue(self, now: float) -> _Xfer | None:
+    def overdue(self, now: float) -> Xfer | None:
         """Any thread: an abandoned read of ours that the peer has not finished by its deadline."""
         with self._lock:
             return next((x for x in self._mine.values() if x.abandoned and x.deadline < now and not x.finished), None)
 
-    def close_overdue(self, x: _Xfer) -> None:
+    def close_overdue(self, x: Xfer) -> None:
         """Work thread: close the link for :meth:`overdue` read ``x`` (unless it finished meanwhile)."""
         if not x.finished:
             self.close(PeerLostError(f"peer {self.peer.name!r} did not finish transfer {x.req.xfer_id} by its "
                                      "timeout (abandoned: our plan failed); link closed"))
 
-    def _prepare_packed(self, x: _Xfer) -> None:
+    def _prepare_packed(self, x: Xfer) -> None:
         """Work thread: our side of a packed transfer whose request is out (see start_packed),
         once: cut ``x`` into the pieces both sides agree on; a read prepares their scatter, a
         write gathers them and says READY as each is staged. A failure fails ``x``."""
@@ -409,9 +290,9 @@ class UcxLink(BackendLink):
             return
         assert x.staging is not None
         try:
-            packer = self.backend.packer()
+            packer = self.ctx.memory.packer()
             packer.wait_for(x.ready)  # the gather / scatter below are queued after the caller's work
-            x.chunks = _pieces_of(self.backend.config, x.plan)
+            x.chunks = pieces_of(self.ctx.config, x.plan)
             if x.req.op is Op.READ:
                 x.pieces = packer.pieces(x.plan, x.staging, x.chunks, gather=False)
                 if x.marks:
@@ -444,7 +325,7 @@ class UcxLink(BackendLink):
             return
         self._advance(x)
 
-    def _advance(self, x: _Xfer) -> None:
+    def _advance(self, x: Xfer) -> None:
         """Work thread, packed read: prepare our scatter (once), queue the scatter of every
         piece wholly landed, and finish once all has. Idempotent; waits for the plan of a read
         started early (landings may overtake it: :meth:`_attached` calls this again)."""
@@ -454,10 +335,10 @@ class UcxLink(BackendLink):
             self._prepare_packed(x)
             if x.finished:
                 return
-        _scatter_landed(x, x.landed)
+        scatter_landed(x, x.landed)
         if x.landed < x.nbytes:
             return
-        self.backend.packer().wait(x.token)
+        self.ctx.memory.packer().wait(x.token)
         if x.marks:
             x.marks("scattered")
         if x.req.notify is not None:
@@ -482,15 +363,15 @@ class UcxLink(BackendLink):
         if x is not None:
             self._fail(x, remote_error(kind, msg))
 
-    def _release(self, x: _Xfer) -> None:
+    def _release(self, x: Xfer) -> None:
         with self._lock:
             self._mine.pop(x.req.xfer_id, None)
         x.finished = True
         if x.staging is not None:
             s, x.staging = x.staging, None
-            self.backend.staging().put(s)
+            self.ctx.memory.staging().put(s)
 
-    def _complete(self, x: _Xfer) -> None:
+    def _complete(self, x: Xfer) -> None:
         self._release(x)
         assert x.handle is not None
         x.handle.set_done()
@@ -500,14 +381,14 @@ class UcxLink(BackendLink):
                       "packed" if x.chunks else "direct", x.req.op.value, x.req.xfer_id, x.nbytes,
                       len(x.chunks), x.marks)
 
-    def _fail(self, x: _Xfer, exc: KvxferError) -> None:
+    def _fail(self, x: Xfer, exc: KvxferError) -> None:
         self._release(x)
         x.report(exc)
 
-    def _on_handle_done(self, x: _Xfer, h: TransferHandle) -> None:
+    def _on_handle_done(self, x: Xfer, h: TransferHandle) -> None:
         if isinstance(h.exception(), TransferTimeoutError) and not x.finished:
             # RMA or the peer's copy may still land: the link is no longer safe to use
-            self.backend.defer(self.close, PeerLostError(f"link to {self.peer.name!r} closed after a transfer timed out"))
+            self.ctx.worker.defer(self.close, PeerLostError(f"link to {self.peer.name!r} closed after a transfer timed out"))
 
     # -- responder --------------------------------------------------------------------------
     def on_request(self, h: dict, arrived: float = 0.0) -> None:
@@ -516,13 +397,13 @@ class UcxLink(BackendLink):
         staged (LANDED after each piece's flush); a write is fetched piece by piece as the
         initiator says READY, and each piece scattered as it arrives (DONE at the end).
         ``arrived``: when the progress thread received the request (tracing)."""
-        marks = _Marks.start(arrived or time.perf_counter())
+        marks = Marks.start(arrived or time.perf_counter(), log)
         if marks:
             marks("work thread")
         p = proto.decode_request(h)
         req, xid, notify, addr, key, nbytes = p.req, p.req.xfer_id, p.req.notify, p.address, p.rkey, p.nbytes
         try:
-            plan = plan_for_responder(self.backend.layout, self.peer, req)
+            plan = plan_for_responder(self.ctx.memory.layout, self.peer, req)
             if marks:
                 marks("planned")
             if plan.nbytes != nbytes:
@@ -534,20 +415,20 @@ class UcxLink(BackendLink):
         if plan.nbytes == 0:  # an initiator moves empty plans without a request
             self.send(Msg.ERR, proto.err_body(xid, "RemoteProtocolError", "a packed request must move bytes"))
             return
-        staging = self.backend.staging().get(plan.nbytes)
+        staging = self.ctx.memory.staging().get(plan.nbytes)
         try:
             rkey = self._staging_rkey(key)
-        except _ucp.UcxCallError as exc:
-            self.backend.staging().put(staging)
+        except UcxCallError as exc:
+            self.ctx.memory.staging().put(staging)
             self.send(Msg.ERR, proto.err_body(xid, "RemoteProtocolError", f"bad staging rkey: {exc}"))
             return
         if marks:
             marks("checked")
-        s = _Serving(xid, req.op, plan, notify, staging, rkey, addr, _pieces_of(self.backend.config, plan),
+        s = Serving(xid, req.op, plan, notify, staging, rkey, addr, pieces_of(self.ctx.config, plan),
                      marks=marks)
         with self._lock:
             self._serving[xid] = s
-        packer = self.backend.packer()
+        packer = self.ctx.memory.packer()
         s.pieces = packer.pieces(plan, staging, s.chunks, gather=req.op is Op.READ)
         if marks:
             marks("pieces prepared")
@@ -561,33 +442,33 @@ class UcxLink(BackendLink):
             if marks:
                 marks("put")
 
-    def _post(self, put: bool, s: _Serving, lo: int, hi: int, then: Any) -> bool:
+    def _post(self, put: bool, s: Serving, lo: int, hi: int, then: Any) -> bool:
         """Move staged bytes [lo, hi) between the two buffers (put: ours to the initiator's),
         then ``then(s, hi, status)`` on the progress thread once they are remotely complete."""
-        ucp = self.backend.ucp
+        ucp = self.ctx.worker.ucp
         if s.staging is None:  # the link closed (its buffer is held)
             return False
         try:
             ucp.post_rma(put, self.ep_handle, [s.staging.address + lo], [s.address + lo], [hi - lo], [s.rkey],
                          [ucp.request_param(s.staging.memh)])
-        except _ucp.UcxCallError as exc:
+        except UcxCallError as exc:
             self.close(PeerLostError(f"RMA with {self.peer.name!r} failed: {exc}"))
             return False
         ucp.flush(self.ep_handle, lambda st: then(s, hi, st))
-        self.backend.wake()
+        self.ctx.worker.wake()
         return True
 
-    def _put_flushed(self, s: _Serving, upto: int, status: int) -> None:
+    def _put_flushed(self, s: Serving, upto: int, status: int) -> None:
         """Progress thread, packed read: bytes [0, upto) are in the initiator's buffer. LANDED
         goes out from here, a thread hand-off sooner than from the work thread (the last
         piece's is on the transfer's critical path). No link lock: the endpoint cannot be
         closed meanwhile, as closing it waits for the worker this callback runs in."""
         if status == 0 and not self._closed:
-            self._post_message(Msg.LANDED, proto.encode_message(Msg.LANDED, self.backend.session,
+            self._post_message(Msg.LANDED, proto.encode_message(Msg.LANDED, self.ctx.session,
                                                                 proto.progress_body(s.xid, upto)))
-        self.backend.defer(self._landed, s, upto, status)
+        self.ctx.worker.defer(self._landed, s, upto, status)
 
-    def _landed(self, s: _Serving, upto: int, status: int) -> None:
+    def _landed(self, s: Serving, upto: int, status: int) -> None:
         """Packed read, responder: bytes [0, upto) are in the initiator's buffer (LANDED sent)."""
         if self._endpoint_failed(status):
             return
@@ -596,9 +477,9 @@ class UcxLink(BackendLink):
         if upto == s.plan.nbytes:
             self._finish_serving(s)
 
-    def _got_flushed(self, s: _Serving, upto: int, status: int) -> None:
+    def _got_flushed(self, s: Serving, upto: int, status: int) -> None:
         """Progress thread, packed write: the get of bytes [0, upto) is complete."""
-        self.backend.defer(self._fetched, s, upto, status)
+        self.ctx.worker.defer(self._fetched, s, upto, status)
 
     def _on_ready(self, xid: int, upto: int) -> None:
         """Packed write, responder: the initiator has staged bytes [0, upto); fetch the new ones."""
@@ -613,22 +494,22 @@ class UcxLink(BackendLink):
         if s.marks:
             s.marks("get")
 
-    def _fetched(self, s: _Serving, upto: int, status: int) -> None:
+    def _fetched(self, s: Serving, upto: int, status: int) -> None:
         """Packed write, responder: bytes [0, upto) are in our buffer; scatter the whole pieces."""
         if self._endpoint_failed(status):
             return
         if s.marks:
             s.marks("fetched")
-        packer = self.backend.packer()
-        _scatter_landed(s, upto)
+        packer = self.ctx.memory.packer()
+        scatter_landed(s, upto)
         if upto == s.plan.nbytes:
             packer.wait(s.token)
             if s.notify is not None:
-                self.backend.local.deliver_notification(self.peer.name, s.notify)
+                self.ctx.local.deliver_notification(self.peer.name, s.notify)
             self.send(Msg.DONE, proto.done_body(s.xid))
             self._finish_serving(s)
 
-    def _finish_serving(self, s: _Serving) -> None:
+    def _finish_serving(self, s: Serving) -> None:
         with self._lock:
             self._serving.pop(s.xid, None)
         if s.marks:
@@ -636,16 +517,16 @@ class UcxLink(BackendLink):
             log.debug("served packed %s %d of %d B in %d pieces, ms after the request arrived: %s", s.op.value,
                       s.xid, s.plan.nbytes, len(s.chunks), s.marks)
         if s.staging is not None:
-            self.backend.staging().put(s.staging)
+            self.ctx.memory.staging().put(s.staging)
 
     def _staging_rkey(self, packed: bytes) -> int:
         """The initiator's staging buffer key, unpacked once: its buffers are pooled, so the
         same few keys come back (unpacking a GPU key maps the peer's memory)."""
         rkey = self._staging_rkeys.pop(packed, None)
         if rkey is None:
-            rkey = self.backend.ucp.rkey_unpack(self.ep_handle, packed)
+            rkey = self.ctx.worker.ucp.rkey_unpack(self.ep_handle, packed)
             if len(self._staging_rkeys) >= _STAGING_RKEYS:
-                self.backend.ucp.rkey_destroy(self._staging_rkeys.pop(next(iter(self._staging_rkeys))))
+                self.ctx.worker.ucp.rkey_destroy(self._staging_rkeys.pop(next(iter(self._staging_rkeys))))
         self._staging_rkeys[packed] = rkey  # most recently used last
         return rkey
 
@@ -667,7 +548,7 @@ class UcxLink(BackendLink):
         elif kind is Msg.ERR:
             self._on_err(*proto.decode_err(h))
         elif kind is Msg.NOTE:
-            self.backend.local.deliver_notification(self.peer.name, proto.decode_note(h))
+            self.ctx.local.deliver_notification(self.peer.name, proto.decode_note(h))
         elif kind is Msg.BYE:
             self.close(PeerLostError(f"peer {self.peer.name!r} closed the connection"))
         else:
@@ -682,12 +563,12 @@ class UcxLink(BackendLink):
         """
         if self._closed:
             return
-        if self.backend.on_work_thread():
+        if self.ctx.worker.on_work_thread():
             self._close_now(exc)
             return
         done = threading.Event()
-        self.backend.defer(lambda: (self._close_now(exc), done.set()))
-        done.wait(self.backend.config.close_timeout)
+        self.ctx.worker.defer(lambda: (self._close_now(exc), done.set()))
+        done.wait(self.ctx.config.close_timeout)
 
     def _close_now(self, exc: KvxferError | None) -> None:
         with self._lock:
@@ -702,25 +583,25 @@ class UcxLink(BackendLink):
             x.finished = True
             x.report(err)
         self._hold_staging([*mine, *serving])
-        self.backend.forget(self)
-        self.backend.local.link_lost(self, err)
+        self.ctx.forget(self)
+        self.ctx.local.link_lost(self, err)
         for rkey in self._staging_rkeys.values():
-            self.backend.ucp.rkey_destroy(rkey)
+            self.ctx.worker.ucp.rkey_destroy(rkey)
         self._staging_rkeys.clear()
         if self._rkeys is not None:
             for k in self._rkeys:
-                self.backend.ucp.rkey_destroy(k.rkey)
+                self.ctx.worker.ucp.rkey_destroy(k.rkey)
             self._rkeys = None
-        self.backend.close_endpoint(self.ep, failed=self.ep_failed)
+        self.ctx.worker.close_endpoint(self.ep, failed=self.ep_failed)
 
-    def _hold_staging(self, cut: list[_Xfer | _Serving]) -> None:
+    def _hold_staging(self, cut: list[Xfer | Serving]) -> None:
         """The staging buffers of transfers cut off by the close: the peer, or an RMA of ours
         still in flight, may yet write them, so they are held until the connector closes
         (:meth:`StagingPool.hold`), not reused or freed."""
         held = [t.staging for t in cut if t.staging is not None]
         if not held:
             return
-        pool = self.backend.staging()
+        pool = self.ctx.memory.staging()
         for t in cut:
             t.staging = None  # a late completion must not hand it back to the pool
         for s in held:
