@@ -27,8 +27,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from kvxfer.backends.base import plan_for_responder  # noqa: E402
-from kvxfer.backends.base import TransferRequest  # noqa: E402
-from kvxfer.backends.tcp import TcpLink, request_from_wire, request_to_wire  # noqa: E402
+from kvxfer.backends.tcp import TcpLink  # noqa: E402
+from kvxfer.protocol.messages import Request, TransferRequest, decode, encode  # noqa: E402
+from kvxfer.protocol.transfer import TransferSession  # noqa: E402
 from kvxfer.errors import BlockIdError, LayoutError, RemoteProtocolError  # noqa: E402
 from kvxfer.handle import Op  # noqa: E402
 from kvxfer.layout import KVLayout, LayoutGeometry  # noqa: E402
@@ -269,7 +270,7 @@ def _valid_request(src: Src) -> dict[str, Any]:
         layers=None if src.bool() else np.asarray([src.int(-1, 2) for _ in range(src.int(0, 3))], dtype=np.int64),
         notify=None if src.bool() else src.bytes(8),
     )
-    return request_to_wire(req)
+    return encode(Request(req))
 
 
 def _request_header(src: Src) -> dict[str, Any]:
@@ -289,7 +290,7 @@ def test_tcp_request_and_responder_plan(data: bytes) -> None:
         except RemoteProtocolError:
             return
     try:
-        req = request_from_wire(h)
+        req = decode(Request, h).transfer
     except RemoteProtocolError:
         return
     try:
@@ -304,8 +305,7 @@ def test_tcp_request_and_responder_plan(data: bytes) -> None:
 
 
 def _stub_tcp_link() -> Any:
-    lock = threading.Lock()
-    return SimpleNamespace(_lock=lock, _cond=threading.Condition(lock), _mine={}, _theirs={})
+    return SimpleNamespace(_session=TransferSession("peer"))
 
 
 @FUZZ

@@ -3,11 +3,18 @@ import numpy as np
 import pytest
 
 from kvxfer import RemoteProtocolError
-from kvxfer.backends.wire import request_from_wire, request_to_wire
-from kvxfer.backends.base import TransferRequest
+from kvxfer.protocol.messages import Request, TransferRequest, decode, encode
 from kvxfer.handle import Op
 from kvxfer.metadata import PeerMetadata
 from kvxfer.protocol import FRAME_PREFIX_SIZE, FrameReader, FrameType, encode_frame, parse_prefix
+
+
+def request_to_wire(req):
+    return encode(Request(req))
+
+
+def request_from_wire(h):
+    return decode(Request, h).transfer
 
 
 def test_frames_round_trip_in_memory_in_any_split():

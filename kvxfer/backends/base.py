@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
-import numpy as np
 
-from ..errors import BlockIdError, KvxferError, LayoutError, RemoteTransferError
+from ..errors import BlockIdError, KvxferError, LayoutError
 from ..handle import Op, TransferHandle
 from ..layout import KVLayout
 from ..metadata import PeerMetadata
 from ..plan import TransferPlan, plan_transfer
-from ..reshard import HeadReshard
+from ..protocol.messages import TransferRequest, remote_error
 
 __all__ = [
     "Backend",
@@ -60,29 +58,6 @@ class LocalSide(Protocol):
     def link_lost(self, link: BackendLink, exc: KvxferError) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class TransferRequest:
-    """One transfer as the initiator names it: block ids on each side, layers, notification."""
-
-    xfer_id: int
-    op: Op
-    src_blocks: np.ndarray
-    dst_blocks: np.ndarray
-    layers: np.ndarray | None
-    notify: bytes | None
-    reshard: HeadReshard | None = None  # head slicing / NHD<->HND between unlike layouts
-
-    @property
-    def local_blocks(self) -> np.ndarray:
-        """The initiator's own blocks."""
-        return self.src_blocks if self.op is Op.WRITE else self.dst_blocks
-
-    @property
-    def remote_blocks(self) -> np.ndarray:
-        """The responder's blocks."""
-        return self.dst_blocks if self.op is Op.WRITE else self.src_blocks
-
-
 def plan_for_initiator(layout: KVLayout, peer: PeerMetadata, req: TransferRequest) -> TransferPlan:
     """Plan a transfer this side starts; the peer's ids are checked against its geometry too."""
     if peer.geometry is None:
@@ -113,21 +88,6 @@ def plan_for_responder(layout: KVLayout | None, peer: PeerMetadata, req: Transfe
     if req.layers is not None and req.layers.size and (req.layers.min() < 0 or req.layers.max() >= layout.num_tensors):
         raise BlockIdError(f"layers {req.layers.tolist()} out of range; valid are 0..{layout.num_tensors - 1}")
     return _plan(layout, peer, req, initiator=False)
-
-
-_REMOTE_KINDS: dict[str, type[KvxferError]] = {}
-
-
-def remote_error(kind: str, message: str) -> KvxferError:
-    """Turn a peer's refusal (error kind, message) into a local exception."""
-    if not _REMOTE_KINDS:
-        from .. import errors
-
-        _REMOTE_KINDS.update({name: getattr(errors, name) for name in errors.__all__})
-    cls = _REMOTE_KINDS.get(kind, RemoteTransferError)
-    if not (isinstance(cls, type) and issubclass(cls, KvxferError)):
-        cls = RemoteTransferError
-    return cls(f"peer refused the transfer: {message}")
 
 
 class BackendLink(ABC):

@@ -36,11 +36,11 @@ from ..handle import Op, TransferHandle
 from ..metadata import PeerMetadata
 from ..plan import TransferPlan
 from ..protocol.frames import FRAME_PREFIX_SIZE, FrameType, decode_header, encode_frame, parse_prefix
+from ..protocol.messages import Done, Goodbye, HelloAck, Notify, Refusal, Request, decode, encode
+from ..protocol.transfer import TransferSession
 from ._iov import readv_full, writev_full
-from .wire import request_from_wire, request_to_wire
-from .base import Backend, BackendLink, LocalSide, TransferRequest, plan_for_responder, remote_error
-from .staging import make_stream_side
-from .stream import StreamSide, chunk_bounds
+from .base import Backend, BackendLink, LocalSide, TransferRequest, plan_for_responder
+from .staging import StreamSide, chunk_bounds, stream_side
 
 __all__ = ["TcpBackend", "TcpLink"]
 
@@ -109,12 +109,8 @@ class TcpLink(BackendLink):
         self._ctrl_lock = threading.Lock()
         self._data: list[socket.socket] = []
         self._queues: list[queue.SimpleQueue] = []
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._mine: dict[int, _Xfer] = {}
-        self._theirs: dict[int, _Xfer] = {}
-        self._refused: set[int] = set()
-        self._closed = False
+        self._session: TransferSession[_Xfer] = TransferSession(peer.name)
+        self._lock = self._session.lock
         self._threads: list[threading.Thread] = []
         self._rr = itertools.count()
 
@@ -143,7 +139,7 @@ class TcpLink(BackendLink):
             log.warning("dropping link to %r: %s", self.peer.name, exc)
             self.close(PeerLostError(f"link to {self.peer.name!r} dropped: {exc}"))
         except (OSError, KvxferError) as exc:
-            if not self._closed:
+            if not self.closed:
                 log.info("link to %r lost: %s", self.peer.name, exc)
             self.close(exc if isinstance(exc, PeerLostError) else PeerLostError(f"link to {self.peer.name!r} lost: {exc}"))
         except Exception as exc:  # a bug must not leave handles pending forever
@@ -153,21 +149,18 @@ class TcpLink(BackendLink):
     # -- BackendLink -------------------------------------------------------------------------
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._session.closed
 
     def close(self, exc: KvxferError | None = None, *, goodbye: bool = False) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            pending = [x for x in self._mine.values() if not x.finished]
-            sides = [x.side for x in itertools.chain(self._mine.values(), self._theirs.values())]
-            self._mine.clear()
-            self._theirs.clear()
-            self._cond.notify_all()
+        outstanding = self._session.close()
+        if outstanding is None:
+            return
+        mine, theirs = outstanding
+        pending = [x for x in mine if not x.finished]
+        sides = [x.side for x in itertools.chain(mine, theirs)]
         if goodbye:
             try:
-                self._send_ctrl(FrameType.GOODBYE, {})
+                self._send_ctrl(FrameType.GOODBYE, encode(Goodbye()))
             except OSError:
                 pass
         err = exc or PeerLostError(f"link to {self.peer.name!r} closed")
@@ -211,7 +204,7 @@ class TcpLink(BackendLink):
     def _data_sender(self, sock: socket.socket, q: queue.SimpleQueue) -> None:
         while True:
             item = q.get()
-            if item is None or self._closed:
+            if item is None or self.closed:
                 return
             x, a, b = item
             if x.finished:
@@ -235,30 +228,30 @@ class TcpLink(BackendLink):
 
     def submit(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle) -> None:
         side_name = "src" if req.op is Op.WRITE else "dst"
-        side = make_stream_side(plan, side_name, self.backend.local.layout, self.backend.config)
+        side = stream_side(plan, side_name, self.backend.local.layout, self.backend.config)
         x = _Xfer(req.xfer_id, True, req.op, plan, side, sending=req.op is Op.WRITE, handle=handle, notify=req.notify)
-        with self._lock:
-            if self._closed:
-                side.close()
-                raise PeerLostError(f"link to {self.peer.name!r} is closed")
-            self._mine[req.xfer_id] = x
+        try:
+            self._session.start(req.xfer_id, x)
+        except PeerLostError:
+            side.close()
+            raise
         handle.add_done_callback(lambda h: self._on_handle_done(x, h))
-        self._send_ctrl(FrameType.XFER_REQUEST, request_to_wire(req))
+        self._send_ctrl(FrameType.XFER_REQUEST, encode(Request(req)))
         if x.sending:
             self._enqueue_stream(x)
         elif plan.nbytes == 0:
             self._complete_receive(x)
 
     def _on_handle_done(self, x: _Xfer, h: TransferHandle) -> None:
-        if h.exception() is not None and not x.finished:
-            # failed from outside (deadline): bytes may still be in flight; the link is unsafe
-            if isinstance(h.exception(), TransferTimeoutError):
-                self.close(PeerLostError(f"link to {self.peer.name!r} closed after a transfer timed out"))
+        # failed from outside (deadline): bytes may still be in flight; the link is unsafe
+        err = self._session.on_handle_failed(h.exception(), x.finished)
+        if err is not None:
+            self.close(err)
 
     # -- receiving --------------------------------------------------------------------------
     def _ctrl_reader(self) -> None:
         prefix_buf = memoryview(bytearray(FRAME_PREFIX_SIZE))
-        while not self._closed:
+        while not self.closed:
             prefix, h = _read_frame_header(self._ctrl, prefix_buf, max_payload=0)
             t = prefix.type
             if t is FrameType.XFER_REQUEST:
@@ -268,10 +261,7 @@ class TcpLink(BackendLink):
             elif t is FrameType.XFER_ERROR:
                 self._on_error(h)
             elif t is FrameType.NOTIFY:
-                payload = h.get("n")
-                if not isinstance(payload, bytes):
-                    raise RemoteProtocolError("NOTIFY without a bytes payload")
-                self.backend.local.deliver_notification(self.peer.name, payload)
+                self.backend.local.deliver_notification(self.peer.name, decode(Notify, h).payload)
             elif t is FrameType.GOODBYE:
                 self.close(PeerLostError(f"peer {self.peer.name!r} closed the connection"))
                 return
@@ -279,36 +269,28 @@ class TcpLink(BackendLink):
                 raise RemoteProtocolError(f"unexpected {t.name} frame on the control connection")
 
     def _on_request(self, h: dict) -> None:
-        req = request_from_wire(h)
+        req = decode(Request, h).transfer
         try:
             plan = plan_for_responder(self.backend.local.layout, self.peer, req)
             side_name = "dst" if req.op is Op.WRITE else "src"
-            side = make_stream_side(plan, side_name, self.backend.local.layout, self.backend.config)
+            side = stream_side(plan, side_name, self.backend.local.layout, self.backend.config)
         except (BlockIdError, LayoutError, TransportError) as exc:
             log.info("refusing transfer %d from %r: %s", req.xfer_id, self.peer.name, exc)
-            with self._cond:
-                self._refused.add(req.xfer_id)
-                self._cond.notify_all()
-            self._send_ctrl(FrameType.XFER_ERROR, {"x": req.xfer_id, "k": type(exc).__name__, "m": str(exc)})
+            self._send_ctrl(FrameType.XFER_ERROR, encode(self._session.refuse(req.xfer_id, exc)))
             return
         x = _Xfer(req.xfer_id, False, req.op, plan, side, sending=req.op is Op.READ, notify=req.notify)
-        with self._cond:
-            if req.xfer_id in self._theirs:
-                raise RemoteProtocolError(f"transfer id {req.xfer_id} reused while in flight")
-            self._theirs[req.xfer_id] = x
-            self._cond.notify_all()
+        try:
+            self._session.serve(req.xfer_id, x)
+        except RemoteProtocolError:
+            side.close()
+            raise
         if x.sending:
             self._enqueue_stream(x)
         elif plan.nbytes == 0:
             self._complete_receive(x)
 
     def _on_done(self, h: dict) -> None:
-        xid = h.get("x")
-        mine = h.get("m")
-        if type(xid) is not int or type(mine) is not bool:
-            raise RemoteProtocolError("malformed XFER_DONE")
-        with self._lock:
-            x = (self._mine if mine else self._theirs).pop(xid, None)
+        x = self._session.on_done(decode(Done, h))
         if x is None:
             return
         x.finished = True
@@ -320,36 +302,24 @@ class TcpLink(BackendLink):
             self.backend.local.deliver_notification(self.peer.name, x.notify)
 
     def _on_error(self, h: dict) -> None:
-        xid, kind, msg = h.get("x"), h.get("k"), h.get("m")
-        if type(xid) is not int or not isinstance(kind, str) or not isinstance(msg, str):
-            raise RemoteProtocolError("malformed XFER_ERROR")
-        with self._lock:
-            x = self._mine.pop(xid, None)
-        if x is not None:
+        refused = self._session.on_refusal(decode(Refusal, h))
+        if refused is not None:
+            x, err = refused
             x.finished = True
             x.side.close()
             if x.handle is not None:
-                x.handle.set_failed(remote_error(kind, msg))
+                x.handle.set_failed(err)
 
     def _find_incoming(self, xid: int, from_initiator: bool) -> _Xfer | None:
-        table = self._theirs if from_initiator else self._mine
-        with self._cond:
-            x = table.get(xid)
-            if x is None and from_initiator:
-                # DATA may overtake its request (different connections): wait for the request
-                ok = self._cond.wait_for(
-                    lambda: self._closed or xid in self._theirs or xid in self._refused,
-                    timeout=self.backend.config.request_wait,
-                )
-                if not ok:
-                    raise RemoteProtocolError(f"DATA for unknown transfer {xid}")
-                x = self._theirs.get(xid)
-            return x
+        if not from_initiator:
+            return self._session.initiated(xid)
+        # DATA may overtake its request (different connections): wait for the request
+        return self._session.await_served(xid, self.backend.config.request_wait)
 
     def _data_reader(self, sock: socket.socket) -> None:
         prefix_buf = memoryview(bytearray(FRAME_PREFIX_SIZE))
         max_payload = MAX_DATA_FRAME  # a protocol limit, not our own chunk size: peers may differ
-        while not self._closed:
+        while not self.closed:
             prefix, h = _read_frame_header(sock, prefix_buf, max_payload)
             if prefix.type is not FrameType.DATA:
                 raise RemoteProtocolError(f"unexpected {prefix.type.name} frame on a data connection")
@@ -398,20 +368,18 @@ class TcpLink(BackendLink):
             return
         x.side.close()
         if x.initiated_here:  # our read finished: done, and confirm to the peer
-            with self._lock:
-                self._mine.pop(x.xfer_id, None)
-            self._send_ctrl(FrameType.XFER_DONE, {"x": x.xfer_id, "m": False})
+            self._session.finish_initiated(x.xfer_id)
+            self._send_ctrl(FrameType.XFER_DONE, encode(Done(x.xfer_id, yours=False)))
             if x.handle is not None:
                 x.handle.set_done()
         else:  # the peer's write landed: notify our user, then confirm
-            with self._lock:
-                self._theirs.pop(x.xfer_id, None)
+            self._session.finish_served(x.xfer_id)
             if x.notify is not None:
                 self.backend.local.deliver_notification(self.peer.name, x.notify)
-            self._send_ctrl(FrameType.XFER_DONE, {"x": x.xfer_id, "m": True})
+            self._send_ctrl(FrameType.XFER_DONE, encode(Done(x.xfer_id, yours=True)))
 
     def send_notification(self, payload: bytes) -> None:
-        self._send_ctrl(FrameType.NOTIFY, {"n": payload})
+        self._send_ctrl(FrameType.NOTIFY, encode(Notify(payload)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,8 +435,9 @@ class TcpBackend(Backend):
             prefix, h = _read_frame_header(sock, memoryview(bytearray(FRAME_PREFIX_SIZE)), 0)
             if prefix.type is not FrameType.HELLO_ACK:
                 raise RemoteProtocolError(f"expected HELLO_ACK from {peer.name!r}, got {prefix.type.name}")
-            if h.get("ok") is not True:
-                raise TransportError(f"peer {peer.name!r} refused the connection: {h.get('m')}")
+            ack = decode(HelloAck, h)
+            if ack.refusal is not None:
+                raise TransportError(f"peer {peer.name!r} refused the connection: {ack.refusal}")
             sock.settimeout(None)
         except BaseException as exc:
             sock.close()
@@ -542,7 +511,7 @@ class TcpBackend(Backend):
                     link = self._pending_links.get(session)
             if link is None:
                 raise RemoteProtocolError(f"data connection for unknown session {session!r}")
-            sock.sendall(encode_frame(FrameType.HELLO_ACK, {"ok": True}))
+            sock.sendall(encode_frame(FrameType.HELLO_ACK, encode(HelloAck())))
             if ch == 0:
                 link.start()
             else:

@@ -1,6 +1,13 @@
-"""Sans-I/O wire protocol: frames (magic, version, type, lengths) and typed messages.
+"""Sans-I/O wire protocol: frames (magic, version, type, lengths), the data path's typed
+messages and the rules of the transfers on a link.
 
-Shared by the TCP data path and the registry. Nothing here touches a socket.
+- :mod:`.frames`: the frame format, shared by the TCP data path and the registry.
+- :mod:`.messages`: transfer request, done, refusal, notify (and the staged transfers'
+  progress, the hello's answer, goodbye) with their one msgpack codec.
+- :mod:`.transfer`: :class:`TransferSession`, the outstanding transfers of one link and what
+  each answer, deadline and close does to them.
+
+Nothing here touches a socket.
 """
 
 from .frames import (
@@ -15,15 +22,37 @@ from .frames import (
     encode_frame,
     parse_prefix,
 )
+from .messages import (
+    Done,
+    Goodbye,
+    HelloAck,
+    Notify,
+    Progress,
+    Refusal,
+    Request,
+    StagingRef,
+    TransferRequest,
+)
+from .transfer import TransferSession
 
 __all__ = [
     "FRAME_PREFIX_SIZE",
     "MAX_HEADER_BYTES",
     "PROTOCOL_VERSION",
+    "Done",
     "Frame",
     "FramePrefix",
     "FrameReader",
     "FrameType",
+    "Goodbye",
+    "HelloAck",
+    "Notify",
+    "Progress",
+    "Refusal",
+    "Request",
+    "StagingRef",
+    "TransferRequest",
+    "TransferSession",
     "decode_header",
     "encode_frame",
     "parse_prefix",
