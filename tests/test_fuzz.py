@@ -504,7 +504,7 @@ def _stub_ucx_link(peer: PeerMetadata = META) -> Any:
         worker=SimpleNamespace(ucp=SimpleNamespace(rkey_unpack=lambda ep, packed: 1)),
     )
     link = SimpleNamespace(
-        ctx=ctx, peer=peer, ep_handle=0, _lock=threading.Lock(), _mine={}, _serving={}, _rkeys=None,
+        ctx=ctx, peer=peer, ep_handle=0, _session=TransferSession("peer"), _rkeys=None,
         ready=threading.Event(), refusal=None,
         send=lambda kind, body: None, close=lambda exc=None: None,
         _on_done=lambda xid: None, _on_err=lambda xid, k, m: None, _on_landed=lambda xid, upto: None,
@@ -520,7 +520,6 @@ def test_ucx_control_messages(data: bytes) -> None:
     ucx = _ucx()
     src = Src(data)
     valid = {**_valid_request(src), "a": 4096, "k": b"rkey", "b": 0, "ok": True, "m": "msg"}
-    valid["sb"], valid["db"] = valid.pop("s"), valid.pop("d")
     kind = ucx.Msg(src.int(1, len(ucx.Msg)))
     h = src.mutated(valid) if src.int(0, 3) else valid
     try:
@@ -538,7 +537,7 @@ def test_ucx_active_message_envelope(data: bytes) -> None:
     if src.bool():
         raw = src.bytes(64)
     else:
-        raw = msgpack.packb(src.mutated({"v": 1, "t": 3, "s": "sess", "x": 1}), use_bin_type=True)
+        raw = msgpack.packb(src.mutated({"v": 2, "t": 3, "s": "sess", "m": {"x": 1}}), use_bin_type=True)
         raw = raw if src.bool() else src.damaged(raw)
     backend = SimpleNamespace(_lock=threading.Lock(), _links={}, worker=SimpleNamespace(defer=lambda fn, *a: None),
                               _on_hello=None)

@@ -173,9 +173,9 @@ def test_a_read_started_early_whose_plan_fails_touches_nothing(bad, ucx_tls, mon
         with pytest.raises(BlockIdError, match=match):
             local.read(p, src, dst)
         deadline = time.monotonic() + 10
-        while link._mine and time.monotonic() < deadline:  # the abandoned read drains
+        while link._session._initiated and time.monotonic() < deadline:  # the abandoned read drains
             time.sleep(0.01)
-        assert not link._mine
+        assert not link._session._initiated
         assert block_bytes(tensors, bd, list(range(64))) == before
         good_src, good_dst = np.arange(20, 50), np.arange(30, 60)
         local.read(p, good_src, good_dst).wait(30)
@@ -315,7 +315,7 @@ def test_remote_checks_its_own_bounds_before_touching_memory(ucx_tls, monkeypatc
             ev.clear()
             stg = link.ctx.memory.staging().get(4096)
             link.ctx.worker.defer(link.send, kvxfer.backends.ucx.messages.Msg.REQ, {
-                "x": xid, "op": "w", "sb": ids(sb), "db": ids(db), "l": None, "n": None,
+                "x": xid, "op": "w", "s": ids(sb), "d": ids(db), "l": None, "n": None,
                 "a": stg.address, "k": stg.rkey, "b": nbytes})
             assert ev.wait(10), f"no refusal for {xid}"
             assert got[-1][0] == xid and got[-1][1] == "BlockIdError"
@@ -334,10 +334,11 @@ def test_malformed_control_messages_are_dropped(ucx_tls, local_factory, caplog):
     p = a.connect(b.metadata())
     link = p.link
     ctx = link.ctx
+    v = kvxfer.backends.ucx.messages.WIRE_VERSION
     with caplog.at_level(logging.INFO, logger="kvxfer"):
         for junk in [os.urandom(64), msgpack.packb({"v": 99, "t": 3, "s": "x"}),
-                     msgpack.packb({"v": 1, "t": 3, "s": ctx.session, "x": "no"}),
-                     msgpack.packb({"v": 1, "t": 250, "s": ctx.session})]:
+                     msgpack.packb({"v": v, "t": 3, "s": ctx.session, "m": {"x": "no"}}),
+                     msgpack.packb({"v": v, "t": 250, "s": ctx.session, "m": {}})]:
             sent = threading.Event()
             ctx.worker.defer(lambda j=junk: ctx.worker.ucp.am_send(link.ep_handle, 17, j, lambda st: sent.set())
                              or ctx.worker.wake())
@@ -472,7 +473,14 @@ def test_connecting_back_reuses_the_peers_link_and_keeps_pending_work(ucx_tls, l
 def _progress_stub(mine=None, serving=None):
     from types import SimpleNamespace
 
-    return SimpleNamespace(_lock=threading.Lock(), _mine=mine or {}, _serving=serving or {})
+    from kvxfer.protocol.transfer import TransferSession
+
+    session = TransferSession("peer")
+    for xid, x in (mine or {}).items():
+        session.start(xid, x)
+    for xid, s in (serving or {}).items():
+        session.serve(xid, s)
+    return SimpleNamespace(_session=session)
 
 
 def test_progress_messages_that_do_not_fit_the_transfer_are_protocol_errors():

@@ -28,7 +28,8 @@ from ...handle import Op, TransferHandle
 from ...layout import KVLayout
 from ...metadata import PeerMetadata, boot_id
 from ...plan import TransferPlan, transfer_shape
-from ..base import Backend, BackendLink, LocalSide, TransferRequest
+from ...protocol.messages import Goodbye, HelloAck, TransferRequest, encode
+from ..base import Backend, BackendLink, LocalSide
 from . import messages as proto
 from .config import ErrorHandling, Progress, TransferMode, UcxConfig, ucx_config
 from .link import LinkContext, UcxLink
@@ -92,7 +93,7 @@ class UcxBackend(Backend):
             log.warning("dropping a malformed UCX control message (%d B): %s", len(data), exc)
             return
         if kind is Msg.HELLO:
-            self.worker.defer(self._on_hello, h)
+            self.worker.defer(self._on_hello, h, session)
             return
         with self._lock:
             link = self._links.get(session)
@@ -222,9 +223,9 @@ class UcxBackend(Backend):
             raise
         return link
 
-    def _on_hello(self, h: dict) -> None:
+    def _on_hello(self, h: dict, session: str) -> None:
         try:
-            hello = proto.decode_hello(h)
+            hello = proto.decode_hello(h, session)
         except RemoteProtocolError:
             log.warning("dropping a malformed UCX HELLO")
             return
@@ -239,7 +240,7 @@ class UcxBackend(Backend):
         self._register(link, hello.session)
         link.incoming = True  # connect() to this peer reuses it instead of replacing it
         link.ready.set()
-        link.send(Msg.HELLO_ACK, proto.hello_ack_body(ok, None if ok else "no KV layout registered"))
+        link.send(Msg.HELLO_ACK, encode(HelloAck(None if ok else "no KV layout registered")))
 
     def _caller_ready(self) -> Any:
         """GPU memory: an event on the caller's current stream that every access to our blocks
@@ -318,7 +319,7 @@ class UcxBackend(Backend):
                     flushed.set()
 
         for lk in links:
-            lk.send(Msg.BYE, {})
+            lk.send(Msg.BYE, encode(Goodbye()))
             self.worker.ucp.flush(lk.ep_handle, one)
         if links:
             self.worker.wake()

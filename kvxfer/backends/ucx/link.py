@@ -28,13 +28,26 @@ from ...errors import (
     LayoutError,
     PeerLostError,
     RemoteProtocolError,
-    TransferTimeoutError,
     TransportError,
 )
 from ...handle import Op, TransferHandle
 from ...metadata import PeerMetadata
 from ...plan import TransferPlan
-from ..base import BackendLink, LocalSide, TransferRequest, plan_for_responder, remote_error
+from ...protocol.messages import (
+    Done,
+    Goodbye,
+    HelloAck,
+    Notify,
+    Progress,
+    Refusal,
+    Request,
+    StagingRef,
+    TransferRequest,
+    decode,
+    encode,
+)
+from ...protocol.transfer import TransferSession
+from ..base import BackendLink, LocalSide, plan_for_responder
 from . import messages as proto
 from .config import UcxConfig
 from .memory import LocalMemory
@@ -77,16 +90,14 @@ class UcxLink(BackendLink):
         self.ready = threading.Event()
         self.incoming = False  # created by the peer's HELLO (True) or by our connect()
         self.refusal: str | None = None
-        self._closed = False
-        self._lock = threading.Lock()
-        self._mine: dict[int, Xfer] = {}
-        self._serving: dict[int, Serving] = {}
+        # the transfers in flight, both ways, and the rules they follow (its lock is the link's)
+        self._session: TransferSession[Any] = TransferSession(peer.name)  # Xfer initiated, Serving served
         self._rkeys: list[RemoteKey] | None = None
         self._staging_rkeys: dict[bytes, int] = {}
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._session.closed
 
     # -- peer regions -----------------------------------------------------------------------
     def remote_keys(self) -> list[RemoteKey]:
@@ -100,7 +111,7 @@ class UcxLink(BackendLink):
     # -- sending ----------------------------------------------------------------------------
     def send(self, kind: Msg, body: dict[str, Any]) -> None:
         """Send one control message (eager AM). A failed send closes the link."""
-        if self._closed and kind is not Msg.BYE:
+        if self._session.closed and kind is not Msg.BYE:
             return
         self._post_message(kind, proto.encode_message(kind, self.ctx.session, body))
 
@@ -119,9 +130,9 @@ class UcxLink(BackendLink):
         Raises:
             PeerLostError: the link is closed.
         """
-        if self._closed:
+        if self._session.closed:
             raise PeerLostError(f"link to {self.peer.name!r} is closed")
-        self.ctx.worker.defer(self.send, Msg.NOTE, proto.note_body(bytes(payload)))
+        self.ctx.worker.defer(self.send, Msg.NOTE, encode(Notify(bytes(payload))))
 
     # -- initiator --------------------------------------------------------------------------
     def _new_xfer(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle, ready: Any) -> Xfer:
@@ -133,15 +144,14 @@ class UcxLink(BackendLink):
         """Work thread: begin a DIRECT (or empty) transfer this side initiated; a packed one
         begins with :meth:`start_packed`. ``ready``: an event on the caller's stream (GPU
         memory) that every access to our blocks waits for."""
-        if self._closed:
+        if self._session.closed:
             handle.set_failed(PeerLostError(f"link to {self.peer.name!r} is closed"))
             return
         x = self._new_xfer(req, plan, handle, ready)
         if x.marks:
             x.marks("work thread")
-        with self._lock:
-            self._mine[req.xfer_id] = x
         try:
+            self._session.start(req.xfer_id, x)
             if plan.nbytes == 0:
                 self._finish_direct(x, 0)
             else:
@@ -188,7 +198,7 @@ class UcxLink(BackendLink):
         if self._endpoint_failed(status):
             return
         if x.req.notify is not None:
-            self.send(Msg.NOTE, proto.note_body(x.req.notify))
+            self.send(Msg.NOTE, encode(Notify(x.req.notify)))
         self._complete(x)
 
     def start_packed(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle, ready: Any = None) -> None:
@@ -224,16 +234,17 @@ class UcxLink(BackendLink):
         why the request could not go out (``x`` is then not registered), or None."""
         try:
             x.staging = self.ctx.memory.staging().get(x.nbytes)
-            data = proto.encode_message(Msg.REQ, self.ctx.session,
-                                        proto.request_body(x.req, x.staging.address, x.staging.rkey, x.nbytes))
+            ref = StagingRef(x.staging.address, x.staging.rkey, x.nbytes)
+            data = proto.encode_message(Msg.REQ, self.ctx.session, encode(Request(x.req, ref)))
         except Exception as exc:
             return exc if isinstance(exc, KvxferError) else TransportError(f"packed transfer setup failed: {exc!r}")
         if x.marks:
             x.marks("REQ encoded")
-        with self._lock:
-            if self._closed:
-                return PeerLostError(f"link to {self.peer.name!r} is closed")
-            self._mine[x.req.xfer_id] = x
+        with self._session.lock:
+            try:
+                self._session.start(x.req.xfer_id, x)
+            except PeerLostError as exc:
+                return exc
             self._post_message(Msg.REQ, data)
             if then is not None:
                 self.ctx.worker.defer(then, x)
@@ -268,19 +279,18 @@ class UcxLink(BackendLink):
 
     def _abandoned(self, x: Xfer) -> None:
         x.abandoned = True
+        self._session.abandon(x.req.xfer_id, x.deadline)
         if not x.finished and x.landed == x.nbytes:
             self._release(x)
 
     def overdue(self, now: float) -> Xfer | None:
         """Any thread: an abandoned read of ours that the peer has not finished by its deadline."""
-        with self._lock:
-            return next((x for x in self._mine.values() if x.abandoned and x.deadline < now and not x.finished), None)
+        return self._session.overdue(now)
 
     def close_overdue(self, x: Xfer) -> None:
         """Work thread: close the link for :meth:`overdue` read ``x`` (unless it finished meanwhile)."""
         if not x.finished:
-            self.close(PeerLostError(f"peer {self.peer.name!r} did not finish transfer {x.req.xfer_id} by its "
-                                     "timeout (abandoned: our plan failed); link closed"))
+            self.close(self._session.overdue_error(x.req.xfer_id))
 
     def _prepare_packed(self, x: Xfer) -> None:
         """Work thread: our side of a packed transfer whose request is out (see start_packed),
@@ -300,9 +310,9 @@ class UcxLink(BackendLink):
                 return
             # each READY goes out as its piece is staged
             for _, hi in packer.pieces(x.plan, x.staging, x.chunks, gather=True).gather_staged():
-                if x.finished or self._closed:
+                if x.finished or self._session.closed:
                     return
-                self.send(Msg.READY, proto.progress_body(x.req.xfer_id, hi))
+                self.send(Msg.READY, encode(Progress(x.req.xfer_id, hi)))
                 if x.marks:
                     x.marks("READY sent")
         except KvxferError as exc:
@@ -310,8 +320,7 @@ class UcxLink(BackendLink):
 
     def _on_landed(self, xid: int, upto: int) -> None:
         """Packed read: the responder's bytes [0, upto) are in our staging buffer."""
-        with self._lock:
-            x = self._mine.get(xid)
+        x = self._session.initiated(xid)
         if x is None or x.finished:
             return
         if x.req.op is not Op.READ or not x.landed < upto <= x.nbytes:
@@ -342,13 +351,12 @@ class UcxLink(BackendLink):
         if x.marks:
             x.marks("scattered")
         if x.req.notify is not None:
-            self.send(Msg.NOTE, proto.note_body(x.req.notify))
+            self.send(Msg.NOTE, encode(Notify(x.req.notify)))
         self._complete(x)
 
     def _on_done(self, xid: int) -> None:
         """Packed write: the responder has every byte in place."""
-        with self._lock:
-            x = self._mine.get(xid)
+        x = self._session.initiated(xid)
         if x is None or x.finished:
             return
         if x.req.op is not Op.WRITE:
@@ -358,14 +366,13 @@ class UcxLink(BackendLink):
         self._complete(x)
 
     def _on_err(self, xid: int, kind: str, msg: str) -> None:
-        with self._lock:
-            x = self._mine.get(xid)
-        if x is not None:
-            self._fail(x, remote_error(kind, msg))
+        """The peer refused transfer ``xid`` of ours (a refusal of anything else is ignored)."""
+        refused = self._session.on_refusal(Refusal(xid, kind, msg))
+        if refused is not None:
+            self._fail(*refused)
 
     def _release(self, x: Xfer) -> None:
-        with self._lock:
-            self._mine.pop(x.req.xfer_id, None)
+        self._session.finish_initiated(x.req.xfer_id)
         x.finished = True
         if x.staging is not None:
             s, x.staging = x.staging, None
@@ -386,9 +393,9 @@ class UcxLink(BackendLink):
         x.report(exc)
 
     def _on_handle_done(self, x: Xfer, h: TransferHandle) -> None:
-        if isinstance(h.exception(), TransferTimeoutError) and not x.finished:
-            # RMA or the peer's copy may still land: the link is no longer safe to use
-            self.ctx.worker.defer(self.close, PeerLostError(f"link to {self.peer.name!r} closed after a transfer timed out"))
+        err = self._session.on_handle_failed(h.exception(), x.finished)
+        if err is not None:  # RMA or the peer's copy may still land: the link is no longer safe to use
+            self.ctx.worker.defer(self.close, err)
 
     # -- responder --------------------------------------------------------------------------
     def on_request(self, h: dict, arrived: float = 0.0) -> None:
@@ -400,8 +407,11 @@ class UcxLink(BackendLink):
         marks = Marks.start(arrived or time.perf_counter(), log)
         if marks:
             marks("work thread")
-        p = proto.decode_request(h)
-        req, xid, notify, addr, key, nbytes = p.req, p.req.xfer_id, p.req.notify, p.address, p.rkey, p.nbytes
+        p = decode(Request, h)
+        if p.staging is None:
+            raise RemoteProtocolError(f"packed request {p.xfer_id} names no staging buffer")
+        req, xid, notify = p.transfer, p.xfer_id, p.transfer.notify
+        addr, key, nbytes = p.staging.address, p.staging.rkey, p.staging.nbytes
         try:
             plan = plan_for_responder(self.ctx.memory.layout, self.peer, req)
             if marks:
@@ -410,24 +420,27 @@ class UcxLink(BackendLink):
                 raise BlockIdError(f"request says {nbytes} B but its blocks hold {plan.nbytes} B")
         except (BlockIdError, LayoutError) as exc:
             log.info("refusing transfer %d from %r: %s", xid, self.peer.name, exc)
-            self.send(Msg.ERR, proto.err_body(xid, type(exc).__name__, str(exc)))
+            self.send(Msg.ERR, encode(self._session.refuse(xid, exc)))
             return
         if plan.nbytes == 0:  # an initiator moves empty plans without a request
-            self.send(Msg.ERR, proto.err_body(xid, "RemoteProtocolError", "a packed request must move bytes"))
+            self.send(Msg.ERR, encode(self._session.refuse(xid, RemoteProtocolError("a packed request must move bytes"))))
             return
         staging = self.ctx.memory.staging().get(plan.nbytes)
         try:
             rkey = self._staging_rkey(key)
         except UcxCallError as exc:
             self.ctx.memory.staging().put(staging)
-            self.send(Msg.ERR, proto.err_body(xid, "RemoteProtocolError", f"bad staging rkey: {exc}"))
+            self.send(Msg.ERR, encode(self._session.refuse(xid, RemoteProtocolError(f"bad staging rkey: {exc}"))))
             return
         if marks:
             marks("checked")
         s = Serving(xid, req.op, plan, notify, staging, rkey, addr, pieces_of(self.ctx.config, plan),
                      marks=marks)
-        with self._lock:
-            self._serving[xid] = s
+        try:
+            self._session.serve(xid, s)
+        except RemoteProtocolError:  # an id still in flight: the link is dropped
+            self.ctx.memory.staging().put(staging)
+            raise
         packer = self.ctx.memory.packer()
         s.pieces = packer.pieces(plan, staging, s.chunks, gather=req.op is Op.READ)
         if marks:
@@ -435,7 +448,7 @@ class UcxLink(BackendLink):
         if req.op is Op.WRITE:
             return  # READY messages drive it
         for lo, hi in s.pieces.gather_staged():
-            if self._closed:
+            if self._session.closed:
                 return
             if not self._post(True, s, lo, hi, self._put_flushed):
                 return
@@ -463,9 +476,9 @@ class UcxLink(BackendLink):
         goes out from here, a thread hand-off sooner than from the work thread (the last
         piece's is on the transfer's critical path). No link lock: the endpoint cannot be
         closed meanwhile, as closing it waits for the worker this callback runs in."""
-        if status == 0 and not self._closed:
+        if status == 0 and not self._session.closed:
             self._post_message(Msg.LANDED, proto.encode_message(Msg.LANDED, self.ctx.session,
-                                                                proto.progress_body(s.xid, upto)))
+                                                                encode(Progress(s.xid, upto))))
         self.ctx.worker.defer(self._landed, s, upto, status)
 
     def _landed(self, s: Serving, upto: int, status: int) -> None:
@@ -483,8 +496,7 @@ class UcxLink(BackendLink):
 
     def _on_ready(self, xid: int, upto: int) -> None:
         """Packed write, responder: the initiator has staged bytes [0, upto); fetch the new ones."""
-        with self._lock:
-            s = self._serving.get(xid)
+        s = self._session.served(xid)
         if s is None:
             return  # refused or closed meanwhile
         if s.op is not Op.WRITE or not s.ready < upto <= s.plan.nbytes:
@@ -506,12 +518,11 @@ class UcxLink(BackendLink):
             packer.wait(s.token)
             if s.notify is not None:
                 self.ctx.local.deliver_notification(self.peer.name, s.notify)
-            self.send(Msg.DONE, proto.done_body(s.xid))
+            self.send(Msg.DONE, encode(Done(s.xid)))
             self._finish_serving(s)
 
     def _finish_serving(self, s: Serving) -> None:
-        with self._lock:
-            self._serving.pop(s.xid, None)
+        self._session.finish_served(s.xid)
         if s.marks:
             s.marks("served")
             log.debug("served packed %s %d of %d B in %d pieces, ms after the request arrived: %s", s.op.value,
@@ -535,21 +546,28 @@ class UcxLink(BackendLink):
         """Work thread: one validated-envelope control message from this link's peer, which
         the progress thread received at ``arrived`` (``perf_counter``; tracing)."""
         if kind is Msg.HELLO_ACK:
-            self.refusal = proto.decode_hello_ack(h)
+            self.refusal = decode(HelloAck, h).refusal
             self.ready.set()
         elif kind is Msg.REQ:
             self.on_request(h, arrived)
         elif kind is Msg.DONE:
-            self._on_done(proto.decode_done(h))
+            done = decode(Done, h)
+            if not done.yours:
+                raise RemoteProtocolError(f"DONE for transfer {done.xfer_id}, not ours")
+            self._on_done(done.xfer_id)
         elif kind is Msg.LANDED:
-            self._on_landed(*proto.decode_progress(h))
+            p = decode(Progress, h)
+            self._on_landed(p.xfer_id, p.upto)
         elif kind is Msg.READY:
-            self._on_ready(*proto.decode_progress(h))
+            p = decode(Progress, h)
+            self._on_ready(p.xfer_id, p.upto)
         elif kind is Msg.ERR:
-            self._on_err(*proto.decode_err(h))
+            r = decode(Refusal, h)
+            self._on_err(r.xfer_id, r.kind, r.message)
         elif kind is Msg.NOTE:
-            self.ctx.local.deliver_notification(self.peer.name, proto.decode_note(h))
+            self.ctx.local.deliver_notification(self.peer.name, decode(Notify, h).payload)
         elif kind is Msg.BYE:
+            decode(Goodbye, h)
             self.close(PeerLostError(f"peer {self.peer.name!r} closed the connection"))
         else:
             raise RemoteProtocolError(f"unexpected {kind.name} on an established link")
@@ -561,7 +579,7 @@ class UcxLink(BackendLink):
         Runs on the backend's work thread (which closes the endpoint); from any other thread
         it hands over and waits up to ``close_timeout``. Idempotent.
         """
-        if self._closed:
+        if self._session.closed:
             return
         if self.ctx.worker.on_work_thread():
             self._close_now(exc)
@@ -571,12 +589,10 @@ class UcxLink(BackendLink):
         done.wait(self.ctx.config.close_timeout)
 
     def _close_now(self, exc: KvxferError | None) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            mine, self._mine = list(self._mine.values()), {}
-            serving, self._serving = list(self._serving.values()), {}
+        outstanding = self._session.close()
+        if outstanding is None:
+            return
+        mine, serving = outstanding
         err = exc or PeerLostError(f"link to {self.peer.name!r} closed")
         self.ready.set()
         for x in mine:

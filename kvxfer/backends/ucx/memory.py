@@ -1,7 +1,7 @@
 """The UCX backend's local memory: the KV tensors registered with UCX, and the packed path's pool.
 
-Layer: backends/ucx, above :mod:`~kvxfer.backends.ucx.ucp` and
-:mod:`~kvxfer.backends.ucx.packed`. Each registered tensor is mapped once with ``ucp_mem_map``;
+Layer: backends/ucx, above :mod:`~kvxfer.backends.ucx.ucp`, :mod:`~kvxfer.backends.ucx.packed`
+and the shared :mod:`kvxfer.backends.staging`. Each registered tensor is mapped once with ``ucp_mem_map``;
 its packed rkey goes into this connector's endpoint description, and the request parameters
 naming its memory handle are kept for RMA posts. The staging pool and the packer of packed
 transfers are made at first use, once a layout is registered.
@@ -14,7 +14,8 @@ from typing import Any
 
 from ..._tensors import MemoryKind
 from ...layout import KVLayout
-from .packed import Packer, StagingPool
+from ..staging import Packer
+from .packed import StagingPool, staging_pool
 from .ucp import MemoryType, MemRegion, Ucp
 
 __all__ = ["LocalMemory"]
@@ -59,8 +60,8 @@ class LocalMemory:
             with self._lock:
                 if self._pool is None:
                     assert self.layout is not None
-                    self._pool = StagingPool(self._ucp, self._ctx, self.layout.memory, self.layout.device,
-                                             self._staging_cache)
+                    self._pool = staging_pool(self._ucp, self._ctx, self.layout.memory, self.layout.device,
+                                              self._staging_cache)
         return self._pool
 
     def packer(self) -> Packer:
