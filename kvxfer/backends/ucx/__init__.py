@@ -9,15 +9,19 @@ imported at first access, and raises ImportError there when ucxx is missing.
 Modules, each calling only those above it in this list:
 
 - :mod:`~kvxfer.backends.ucx.config`: kvxfer's own settings (``KVXFER_UCX_*``), piece sizes;
-- :mod:`~kvxfer.backends.ucx.messages`: control messages, encoded and checked without I/O;
+- :mod:`~kvxfer.backends.ucx.messages`: the envelope of control messages (their bodies are
+  the shared :mod:`kvxfer.protocol.messages`), checked without I/O;
 - :mod:`~kvxfer.backends.ucx.ucp`: the ctypes binding to libucp;
-- :mod:`~kvxfer.backends.ucx.packed`: registered staging buffers and the gather/scatter
-  around them;
+- :mod:`~kvxfer.backends.ucx.packed`: staging buffers registered for RMA (pools and packing
+  are the shared :mod:`kvxfer.backends.staging`);
 - :mod:`~kvxfer.backends.ucx.memory`: the KV tensors registered with UCX, the staging pool;
 - :mod:`~kvxfer.backends.ucx.worker`: ucxx's context and worker, the progress and work
   threads, endpoints (and the import of ucxx);
 - :mod:`~kvxfer.backends.ucx.transfers`: records of the transfers in flight on a link;
-- :mod:`~kvxfer.backends.ucx.link`: one peer's link, the DIRECT and PACKED transfer paths;
+- :mod:`~kvxfer.backends.ucx.context`: what a link is given of its backend;
+- :mod:`~kvxfer.backends.ucx.responder`: a link's serving of the peer's packed transfers;
+- :mod:`~kvxfer.backends.ucx.link`: one peer's link: the DIRECT and PACKED transfers it
+  starts, the dispatch of the peer's messages, closing;
 - :mod:`~kvxfer.backends.ucx.backend`: the backend: connect and the answer to a peer's HELLO,
   the choice between DIRECT and PACKED, the pid watch, shutdown.
 

@@ -3,7 +3,7 @@
 Layer: backends/ucx, the top of the package (see :mod:`kvxfer.backends.ucx` for how a transfer
 moves and how UCX is configured). The backend owns one :class:`~.worker.Worker` (UCX context,
 worker, threads), one :class:`~.memory.LocalMemory` (registrations, staging) and the links; a
-link is given a :class:`~.link.LinkContext` and uses nothing else of the backend. Importing
+link is given a :class:`~.context.LinkContext` and uses nothing else of the backend. Importing
 this module imports ucxx (ImportError when it is missing).
 """
 
@@ -32,7 +32,8 @@ from ...protocol.messages import Goodbye, HelloAck, TransferRequest, encode
 from ..base import Backend, BackendLink, LocalSide
 from . import messages as proto
 from .config import ErrorHandling, Progress, TransferMode, UcxConfig, ucx_config
-from .link import LinkContext, UcxLink
+from .context import LinkContext
+from .link import UcxLink
 from .memory import LocalMemory
 from .messages import Msg
 from .worker import Worker, import_ucxx
@@ -297,7 +298,7 @@ class UcxBackend(Backend):
             self.worker.defer(link.start, req, plan, handle, ready)
 
     # -- closing -----------------------------------------------------------------------------
-    def forget(self, link: UcxLink) -> None:
+    def forget(self, link: BackendLink) -> None:
         """Stop routing the peer's messages to ``link`` (closed)."""
         with self._lock:
             for k, v in list(self._links.items()):

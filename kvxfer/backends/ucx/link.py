@@ -1,13 +1,17 @@
 """The UCX backend's link: one peer over one endpoint, and the transfers on it.
 
-Layer: backends/ucx, above the worker, memory and packed modules; the backend makes links and
-hands each a :class:`LinkContext`, the only thing of the backend a link uses. Every method runs
-on the work thread unless it says otherwise; the endpoint's completions arrive on the progress
-thread and are handed back with :meth:`~kvxfer.backends.ucx.worker.Worker.defer`. Two messages
-leave from other threads, to save a thread hand-off on a transfer's critical path: REQ from the
-caller's thread (under the link lock, which :meth:`UcxLink._close_now` takes to mark the link
-closed) and a read's LANDED from the progress thread (inside a UCX callback, which closing the
-endpoint waits for). Messages are encoded and checked by :mod:`kvxfer.backends.ucx.messages`;
+Layer: backends/ucx, above the worker, memory and responder modules; the backend makes links
+and hands each a :class:`~.context.LinkContext`, the only thing of the backend a link uses.
+This module is the initiator's half, the dispatch of the peer's messages and closing; the
+responder's half is :mod:`~kvxfer.backends.ucx.responder`. A link's transfers both ways follow
+the shared rules of :class:`~kvxfer.protocol.transfer.TransferSession` (refusals, deadlines of
+abandoned reads, who closes on a timeout). Every method runs on the work thread unless it says
+otherwise; the endpoint's completions arrive on the progress thread and are handed back with
+:meth:`~kvxfer.backends.ucx.worker.Worker.defer`. Two messages leave from other threads, to
+save a thread hand-off on a transfer's critical path: REQ from the caller's thread (under the
+session's lock, which closing the link takes to mark it closed) and a read's LANDED from the
+progress thread (inside a UCX callback, which closing the endpoint waits for). Message bodies
+are :mod:`kvxfer.protocol.messages`, in the envelope of :mod:`kvxfer.backends.ucx.messages`;
 how a transfer moves is told in :mod:`kvxfer.backends.ucx`.
 """
 
@@ -17,15 +21,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ...errors import (
-    BlockIdError,
     KvxferError,
-    LayoutError,
     PeerLostError,
     RemoteProtocolError,
     TransportError,
@@ -47,36 +48,21 @@ from ...protocol.messages import (
     encode,
 )
 from ...protocol.transfer import TransferSession
-from ..base import BackendLink, LocalSide, plan_for_responder
+from ..base import BackendLink
 from . import messages as proto
-from .config import UcxConfig
-from .memory import LocalMemory
+from .context import LinkContext
 from .messages import Msg
+from .responder import PackedResponder
 from .transfers import Marks, Serving, Xfer, lost_error, pieces_of, scatter_landed
 from .ucp import RemoteKey, UcxCallError
-from .worker import Worker
 
-__all__ = ["LinkContext", "UcxLink"]
+__all__ = ["UcxLink"]
 
 log = logging.getLogger(__name__)
 
-_STAGING_RKEYS = 8  # unpacked staging keys kept per link
-
-
-@dataclass(frozen=True, slots=True)
-class LinkContext:
-    """What a link uses of the backend that made it (one per backend, shared by its links)."""
-
-    worker: Worker  # the ucp binding, the work thread (defer), wake-ups, endpoint closing
-    memory: LocalMemory  # our layout and registrations, the staging pool, the packer
-    config: UcxConfig
-    local: LocalSide  # the connector: notifications, link loss
-    session: str  # our session, named in every control message we send
-    forget: Callable[[UcxLink], None]  # the backend stops routing messages to a closed link
-
-
-class UcxLink(BackendLink):
-    """One peer over one UCX endpoint (ours, reused for every transfer to that peer)."""
+class UcxLink(PackedResponder, BackendLink):
+    """One peer over one UCX endpoint (ours, reused for every transfer to that peer): the
+    transfers this side initiates, here; those it serves, in :class:`~.responder.PackedResponder`."""
 
     backend_name = "ucx"
 
@@ -113,9 +99,9 @@ class UcxLink(BackendLink):
         """Send one control message (eager AM). A failed send closes the link."""
         if self._session.closed and kind is not Msg.BYE:
             return
-        self._post_message(kind, proto.encode_message(kind, self.ctx.session, body))
+        self.post_message(kind, proto.encode_message(kind, self.ctx.session, body))
 
-    def _post_message(self, kind: Msg, data: bytes) -> None:
+    def post_message(self, kind: Msg, data: bytes) -> None:
         def sent(status: int, _keep: bytes = data) -> None:
             if status != 0 and kind is not Msg.BYE:
                 self.ep_failed = True
@@ -186,7 +172,7 @@ class UcxLink(BackendLink):
         self.ctx.worker.ucp.flush(self.ep_handle, lambda st: self.ctx.worker.defer(self._finish_direct, x, st))
         self.ctx.worker.wake()
 
-    def _endpoint_failed(self, status: int) -> bool:
+    def endpoint_failed(self, status: int) -> bool:
         """A failed completion ``status`` closes the link (True); 0 is success (False)."""
         if status == 0:
             return False
@@ -195,7 +181,7 @@ class UcxLink(BackendLink):
         return True
 
     def _finish_direct(self, x: Xfer, status: int) -> None:
-        if self._endpoint_failed(status):
+        if self.endpoint_failed(status):
             return
         if x.req.notify is not None:
             self.send(Msg.NOTE, encode(Notify(x.req.notify)))
@@ -245,7 +231,7 @@ class UcxLink(BackendLink):
                 self._session.start(x.req.xfer_id, x)
             except PeerLostError as exc:
                 return exc
-            self._post_message(Msg.REQ, data)
+            self.post_message(Msg.REQ, data)
             if then is not None:
                 self.ctx.worker.defer(then, x)
         if x.marks:
@@ -397,150 +383,6 @@ class UcxLink(BackendLink):
         if err is not None:  # RMA or the peer's copy may still land: the link is no longer safe to use
             self.ctx.worker.defer(self.close, err)
 
-    # -- responder --------------------------------------------------------------------------
-    def on_request(self, h: dict, arrived: float = 0.0) -> None:
-        """Work thread: serve a packed transfer the peer asked for (validated first). A read is
-        gathered piece by piece and each piece put into the initiator's buffer as soon as it is
-        staged (LANDED after each piece's flush); a write is fetched piece by piece as the
-        initiator says READY, and each piece scattered as it arrives (DONE at the end).
-        ``arrived``: when the progress thread received the request (tracing)."""
-        marks = Marks.start(arrived or time.perf_counter(), log)
-        if marks:
-            marks("work thread")
-        p = decode(Request, h)
-        if p.staging is None:
-            raise RemoteProtocolError(f"packed request {p.xfer_id} names no staging buffer")
-        req, xid, notify = p.transfer, p.xfer_id, p.transfer.notify
-        addr, key, nbytes = p.staging.address, p.staging.rkey, p.staging.nbytes
-        try:
-            plan = plan_for_responder(self.ctx.memory.layout, self.peer, req)
-            if marks:
-                marks("planned")
-            if plan.nbytes != nbytes:
-                raise BlockIdError(f"request says {nbytes} B but its blocks hold {plan.nbytes} B")
-        except (BlockIdError, LayoutError) as exc:
-            log.info("refusing transfer %d from %r: %s", xid, self.peer.name, exc)
-            self.send(Msg.ERR, encode(self._session.refuse(xid, exc)))
-            return
-        if plan.nbytes == 0:  # an initiator moves empty plans without a request
-            self.send(Msg.ERR, encode(self._session.refuse(xid, RemoteProtocolError("a packed request must move bytes"))))
-            return
-        staging = self.ctx.memory.staging().get(plan.nbytes)
-        try:
-            rkey = self._staging_rkey(key)
-        except UcxCallError as exc:
-            self.ctx.memory.staging().put(staging)
-            self.send(Msg.ERR, encode(self._session.refuse(xid, RemoteProtocolError(f"bad staging rkey: {exc}"))))
-            return
-        if marks:
-            marks("checked")
-        s = Serving(xid, req.op, plan, notify, staging, rkey, addr, pieces_of(self.ctx.config, plan),
-                     marks=marks)
-        try:
-            self._session.serve(xid, s)
-        except RemoteProtocolError:  # an id still in flight: the link is dropped
-            self.ctx.memory.staging().put(staging)
-            raise
-        packer = self.ctx.memory.packer()
-        s.pieces = packer.pieces(plan, staging, s.chunks, gather=req.op is Op.READ)
-        if marks:
-            marks("pieces prepared")
-        if req.op is Op.WRITE:
-            return  # READY messages drive it
-        for lo, hi in s.pieces.gather_staged():
-            if self._session.closed:
-                return
-            if not self._post(True, s, lo, hi, self._put_flushed):
-                return
-            if marks:
-                marks("put")
-
-    def _post(self, put: bool, s: Serving, lo: int, hi: int, then: Any) -> bool:
-        """Move staged bytes [lo, hi) between the two buffers (put: ours to the initiator's),
-        then ``then(s, hi, status)`` on the progress thread once they are remotely complete."""
-        ucp = self.ctx.worker.ucp
-        if s.staging is None:  # the link closed (its buffer is held)
-            return False
-        try:
-            ucp.post_rma(put, self.ep_handle, [s.staging.address + lo], [s.address + lo], [hi - lo], [s.rkey],
-                         [ucp.request_param(s.staging.memh)])
-        except UcxCallError as exc:
-            self.close(PeerLostError(f"RMA with {self.peer.name!r} failed: {exc}"))
-            return False
-        ucp.flush(self.ep_handle, lambda st: then(s, hi, st))
-        self.ctx.worker.wake()
-        return True
-
-    def _put_flushed(self, s: Serving, upto: int, status: int) -> None:
-        """Progress thread, packed read: bytes [0, upto) are in the initiator's buffer. LANDED
-        goes out from here, a thread hand-off sooner than from the work thread (the last
-        piece's is on the transfer's critical path). No link lock: the endpoint cannot be
-        closed meanwhile, as closing it waits for the worker this callback runs in."""
-        if status == 0 and not self._session.closed:
-            self._post_message(Msg.LANDED, proto.encode_message(Msg.LANDED, self.ctx.session,
-                                                                encode(Progress(s.xid, upto))))
-        self.ctx.worker.defer(self._landed, s, upto, status)
-
-    def _landed(self, s: Serving, upto: int, status: int) -> None:
-        """Packed read, responder: bytes [0, upto) are in the initiator's buffer (LANDED sent)."""
-        if self._endpoint_failed(status):
-            return
-        if s.marks:
-            s.marks("landed")
-        if upto == s.plan.nbytes:
-            self._finish_serving(s)
-
-    def _got_flushed(self, s: Serving, upto: int, status: int) -> None:
-        """Progress thread, packed write: the get of bytes [0, upto) is complete."""
-        self.ctx.worker.defer(self._fetched, s, upto, status)
-
-    def _on_ready(self, xid: int, upto: int) -> None:
-        """Packed write, responder: the initiator has staged bytes [0, upto); fetch the new ones."""
-        s = self._session.served(xid)
-        if s is None:
-            return  # refused or closed meanwhile
-        if s.op is not Op.WRITE or not s.ready < upto <= s.plan.nbytes:
-            raise RemoteProtocolError(f"READY {upto} B for transfer {xid} (had {s.ready} of {s.plan.nbytes} B)")
-        lo, s.ready = s.ready, upto
-        self._post(False, s, lo, upto, self._got_flushed)
-        if s.marks:
-            s.marks("get")
-
-    def _fetched(self, s: Serving, upto: int, status: int) -> None:
-        """Packed write, responder: bytes [0, upto) are in our buffer; scatter the whole pieces."""
-        if self._endpoint_failed(status):
-            return
-        if s.marks:
-            s.marks("fetched")
-        packer = self.ctx.memory.packer()
-        scatter_landed(s, upto)
-        if upto == s.plan.nbytes:
-            packer.wait(s.token)
-            if s.notify is not None:
-                self.ctx.local.deliver_notification(self.peer.name, s.notify)
-            self.send(Msg.DONE, encode(Done(s.xid)))
-            self._finish_serving(s)
-
-    def _finish_serving(self, s: Serving) -> None:
-        self._session.finish_served(s.xid)
-        if s.marks:
-            s.marks("served")
-            log.debug("served packed %s %d of %d B in %d pieces, ms after the request arrived: %s", s.op.value,
-                      s.xid, s.plan.nbytes, len(s.chunks), s.marks)
-        if s.staging is not None:
-            self.ctx.memory.staging().put(s.staging)
-
-    def _staging_rkey(self, packed: bytes) -> int:
-        """The initiator's staging buffer key, unpacked once: its buffers are pooled, so the
-        same few keys come back (unpacking a GPU key maps the peer's memory)."""
-        rkey = self._staging_rkeys.pop(packed, None)
-        if rkey is None:
-            rkey = self.ctx.worker.ucp.rkey_unpack(self.ep_handle, packed)
-            if len(self._staging_rkeys) >= _STAGING_RKEYS:
-                self.ctx.worker.ucp.rkey_destroy(self._staging_rkeys.pop(next(iter(self._staging_rkeys))))
-        self._staging_rkeys[packed] = rkey  # most recently used last
-        return rkey
-
     # -- incoming dispatch -------------------------------------------------------------------
     def on_message(self, kind: Msg, h: dict, arrived: float = 0.0) -> None:
         """Work thread: one validated-envelope control message from this link's peer, which
@@ -613,7 +455,7 @@ class UcxLink(BackendLink):
     def _hold_staging(self, cut: list[Xfer | Serving]) -> None:
         """The staging buffers of transfers cut off by the close: the peer, or an RMA of ours
         still in flight, may yet write them, so they are held until the connector closes
-        (:meth:`StagingPool.hold`), not reused or freed."""
+        (:meth:`~kvxfer.backends.staging.SizePool.hold`), not reused or freed."""
         held = [t.staging for t in cut if t.staging is not None]
         if not held:
             return
