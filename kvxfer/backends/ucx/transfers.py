@@ -16,7 +16,7 @@ from typing import Any
 from ...errors import KvxferError, PeerLostError
 from ...handle import Op, TransferHandle
 from ...plan import TransferPlan
-from ..base import TransferRequest
+from ...protocol.messages import TransferRequest
 from .config import piece_bytes, piece_edge, piece_first
 from .packed import Staging
 from .ucp import status_name
