@@ -60,6 +60,7 @@ __all__ = ["UcxLink"]
 
 log = logging.getLogger(__name__)
 
+
 class UcxLink(PackedResponder, BackendLink):
     """One peer over one UCX endpoint (ours, reused for every transfer to that peer): the
     transfers this side initiates, here; those it serves, in :class:`~.responder.PackedResponder`."""
@@ -76,8 +77,9 @@ class UcxLink(PackedResponder, BackendLink):
         self.ready = threading.Event()
         self.incoming = False  # created by the peer's HELLO (True) or by our connect()
         self.refusal: str | None = None
-        # the transfers in flight, both ways, and the rules they follow (its lock is the link's)
-        self._session: TransferSession[Any] = TransferSession(peer.name)  # Xfer initiated, Serving served
+        # the transfers in flight (an Xfer for each we initiated, a Serving for each we serve) and
+        # the rules they follow; its lock is the link's
+        self._session: TransferSession[Any] = TransferSession(peer.name)
         self._rkeys: list[RemoteKey] | None = None
         self._staging_rkeys: dict[bytes, int] = {}
 
@@ -102,6 +104,8 @@ class UcxLink(PackedResponder, BackendLink):
         self.post_message(kind, proto.encode_message(kind, self.ctx.session, body))
 
     def post_message(self, kind: Msg, data: bytes) -> None:
+        """Post one encoded control message (any thread). A failed send closes the link."""
+
         def sent(status: int, _keep: bytes = data) -> None:
             if status != 0 and kind is not Msg.BYE:
                 self.ep_failed = True

@@ -43,6 +43,7 @@ class PackedResponder:
     _session: TransferSession[Any]
     _staging_rkeys: dict[bytes, int]
 
+    # provided by UcxLink
     def send(self, kind: Msg, body: dict[str, Any]) -> None:
         raise NotImplementedError
 
