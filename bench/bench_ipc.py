@@ -91,9 +91,8 @@ def connect_consumer(conn, name: str):
 def _consumer(conn, device: int, names: list[str], iters: int, res: dict) -> None:
     import cupy as cp
 
-    from kvxfer.backends import _cuda_ipc_handles as ipc
+    from kvxfer.backends.cuda_ipc import handles as ipc
     from kvxfer.backends.base import TransferRequest, plan_for_initiator
-    from kvxfer.backends.cuda_ipc import backend_of
     from kvxfer.handle import Op
     from kvxfer.plan import as_block_ids
 
@@ -102,7 +101,7 @@ def _consumer(conn, device: int, names: list[str], iters: int, res: dict) -> Non
     out: dict = {}
     for name in names:
         wl, c, peer, ts, big_handle = connect_consumer(conn, name)
-        be = backend_of(c)
+        be = c.backend("cuda_ipc")
         src, dst = wl.block_ids()
         r: dict = {"bytes": wl.nbytes, "pieces": int(wl.layers * wl.moved * (2 if wl.block_dim == 1 else 1))}
         if name == "small":

@@ -43,7 +43,7 @@ def _breakdown(c, be, peer, src, dst, device: int) -> dict:
     import cupy as cp
 
     from kvxfer.backends.base import TransferRequest, plan_for_initiator
-    from kvxfer.backends.cuda_ipc import _check_pairs_within
+    from kvxfer.backends.cuda_ipc.endpoint import check_pairs_within as _check_pairs_within
     from kvxfer.handle import Op, TransferHandle
     from kvxfer.ops.pairs import resolve_block_pairs
     from kvxfer.plan import as_block_ids
@@ -78,7 +78,7 @@ def _breakdown(c, be, peer, src, dst, device: int) -> dict:
 def _in_situ(c, be, peer, src, dst, waited: bool, n: int = 400) -> dict:
     """Each stage of ``write()`` timed where it runs, inside real writes (completion thread
     and all), by wrapping the functions it calls; p50 in us, plus the whole ``write()``."""
-    import kvxfer.backends.cuda_ipc as ipc_mod
+    import kvxfer.backends.cuda_ipc.backend as ipc_mod
     import kvxfer.connector as conn_mod
     import kvxfer.ops.pairs as pairs_mod
 
@@ -99,7 +99,7 @@ def _in_situ(c, be, peer, src, dst, waited: bool, n: int = 400) -> dict:
 
     undo = [wrap(conn_mod, "plan_for_initiator", "plan"), wrap(conn_mod, "TransferHandle", "handle"),
             wrap(c._watchdog, "add", "watchdog"), wrap(be, "submit", "submit"),
-            wrap(ipc_mod, "_check_pairs_within", "bounds_check_each"), wrap(be, "_launch", "launch_total"),
+            wrap(ipc_mod, "check_pairs_within", "bounds_check_each"), wrap(be, "_launch", "launch_total"),
             wrap(pairs_mod, "resolve_block_pairs", "resolve"), wrap(be, "_wait_for_caller", "wait_for_caller"),
             wrap(pairs_mod.PairsLaunch, "enqueue", "enqueue"), wrap(be._order, "add", "order_add")]
     total = []
@@ -126,13 +126,12 @@ def _in_situ(c, be, peer, src, dst, waited: bool, n: int = 400) -> dict:
 def _consumer(conn, device: int, res: dict) -> None:
     import cupy as cp
 
-    from kvxfer.backends.cuda_ipc import backend_of
     from kvxfer.ops.pairs import copy_block_pairs
     from kvxfer.plan import plan_transfer
 
     cp.cuda.Device(device).use()
     wl, c, peer, ts, _ = connect_consumer(conn, "small")
-    be = backend_of(c)
+    be = c.backend("cuda_ipc")
     src, dst = wl.block_ids()
     out: dict = {}
     for _ in range(50):
@@ -178,7 +177,7 @@ def _consumer(conn, device: int, res: dict) -> None:
     out["in_situ_unwaited_p50_us"] = _in_situ(c, be, peer, src, dst, False)
     # the same with blocking-sync completion events (the completion thread sleeps in the driver
     # instead of spinning while this thread launches)
-    import kvxfer.backends.cuda_ipc as ipc_mod
+    import kvxfer.backends.cuda_ipc.backend as ipc_mod
 
     ipc_mod._EVENT_DISABLE_TIMING = 0x03
     be._free_events.clear()

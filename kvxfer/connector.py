@@ -383,6 +383,18 @@ class Connector:
         """Names of the backends running on this connector."""
         return list(self._backends)
 
+    def backend(self, name: str) -> Backend:
+        """The running backend called ``name`` (one of :attr:`backends`), for diagnostics such
+        as cuda_ipc's kernel times; transfers go through :meth:`read` and :meth:`write`.
+
+        Raises:
+            BackendUnavailableError: no backend of that name runs on this connector.
+        """
+        b = self._backends.get(name)
+        if b is None:
+            raise BackendUnavailableError(f"connector {self.name!r} runs no {name} backend (it runs {sorted(self._backends)})")
+        return b
+
     # -- registry (request matching) -------------------------------------------------------
     @property
     def requests(self) -> Any:

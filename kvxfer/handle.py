@@ -21,7 +21,7 @@ __all__ = ["TransferStatus", "TransferStats", "TransferHandle", "Op", "HandleDri
 
 class HandleDriver(Protocol):
     """A backend's way to finish a transfer on the thread that waits for it (cuda_ipc's small
-    transfers), set on the handle by the backend."""
+    transfers), given to the handle with :meth:`TransferHandle.set_driver`."""
 
     def drive(self, timeout: float | None) -> None:
         """Called by :meth:`TransferHandle.wait` before it blocks: finish the transfer here if
@@ -85,8 +85,7 @@ class TransferHandle:
         self._t0 = time.perf_counter()
         self._t1: float | None = None
         self._callbacks: list[Callable[[TransferHandle], None]] = []
-        #: set by a backend that can finish this transfer on the waiting thread (HandleDriver)
-        self._driver: HandleDriver | None = None
+        self._driver: HandleDriver | None = None  # see set_driver
 
     # -- caller API ---------------------------------------------------------------------
     @property
@@ -147,6 +146,13 @@ class TransferHandle:
             self._driver.watch()
 
     # -- backend API --------------------------------------------------------------------
+    def set_driver(self, driver: HandleDriver) -> None:
+        """Let ``driver`` finish this transfer on the thread that waits for it: :meth:`wait`
+        calls ``driver.drive(timeout)`` before it blocks, and adding a done callback calls
+        ``driver.watch()`` (the backend must then finish it by itself). Set by the backend
+        right after submitting, before the handle is returned to the caller."""
+        self._driver = driver
+
     def _finish(self, exc: KvxferError | None) -> bool:
         with self._lock:
             if self._status is not TransferStatus.PENDING:

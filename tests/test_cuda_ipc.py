@@ -72,7 +72,6 @@ class _State:
         self.views: list = []  # cupy uint16 views of the tensors
         self.block_dim = 1
         self.peers: list = []
-        self.links: list = []
         self.pending: list = []
 
     def u16(self, t):
@@ -115,9 +114,7 @@ class _State:
         return self.conn.metadata()
 
     def close_conn(self):
-        for link in self.links:
-            link.close()
-        self.links, self.peers, self.pending = [], [], []
+        self.peers, self.pending = [], []
         if self.conn is not None:
             self.conn.close()
         self.conn = None
@@ -178,9 +175,7 @@ def _spin(cp, stream_ptr: int, seconds: float) -> None:
 def _agent_main(conn, device: int, env: dict) -> None:
     os.environ.update(env)
     st = _State(device)
-    from kvxfer.backends import _cuda_ipc_handles as ipc
-    from kvxfer.backends.cuda_ipc import backend_of
-    from kvxfer.handle import Op
+    from kvxfer.backends.cuda_ipc import handles as ipc
     from kvxfer.metadata import PeerMetadata
 
     while True:
@@ -239,17 +234,16 @@ def _agent_main(conn, device: int, env: dict) -> None:
                 time.sleep(0.2)
                 out = ipc.open_handle_count()
             elif cmd == "reshard_read":
-                from kvxfer.reshard import BlockFormat, HeadOrder
+                from kvxfer.reshard import BlockFormat, HeadOrder, HeadReshard
 
                 md, src, dst, heads, H = args
-                be = backend_of(st.conn)
-                link = be.connect_metadata(md)
-                st.links.append(link)
+                peer = st.conn.connect(md, allow_layout_change=True)
+                st.peers.append(peer)
                 shp = st.views[0].shape  # [2, NB, BS, h, D]
                 sf = BlockFormat(HeadOrder.NHD, shp[2], H, shp[4], 2)
                 df = BlockFormat(HeadOrder.NHD, shp[2], shp[3], shp[4], 2)
-                h = be.transfer_resharded(link, Op.READ, sf, df, src, dst, src_heads=heads, notify=b"heads")
-                out = h.wait(30).nbytes
+                h = st.conn.read(peer, src, dst, reshard=HeadReshard(sf, df, heads), notify=b"heads", timeout=60)
+                out = (h.wait(30).nbytes, peer.backend)
             elif cmd == "endpoint_error":
                 out = PeerMetadata.from_bytes(st.conn.metadata()).backends.get("cuda_ipc", {}).get("err")
             elif cmd == "try_setup":
@@ -376,7 +370,8 @@ def test_heterogeneous_tp_two_consumers_each_pull_half_the_heads():
             c("setup", f"cons{rank}", (2, NB, BS, H // 2, D), 1, L, "torch", POISON_SALT, "cuda_ipc")
             dst = rng.permutation(NB)[:64]
             heads = (rank * H // 2, (rank + 1) * H // 2)
-            c("reshard_read", md_p, src, dst, heads, H)
+            _, via = c("reshard_read", md_p, src, dst, heads, H)
+            assert via == "cuda_ipc"
             assert prod("note", 10.0) == b"heads"
             assert c("verify", (2, NB, BS, H, D), PRODUCER_SALT, src, dst, None, heads) == []
     finally:
@@ -476,7 +471,7 @@ def _peer_with_endpoint(ep: dict):
 
 
 def test_endpoint_validation_refuses_malformed_and_out_of_allocation_tensors():
-    from kvxfer.backends.cuda_ipc import ENDPOINT_VERSION, _parse_endpoint
+    from kvxfer.backends.cuda_ipc.endpoint import ENDPOINT_VERSION, parse_endpoint as _parse_endpoint
     from kvxfer.errors import BackendUnavailableError, TransportError
 
     good = {"v": ENDPOINT_VERSION, "bus": "0000:01:00.0", "dev": 0, "h": [b"x" * 64], "z": [1 << 20],
@@ -492,7 +487,7 @@ def test_endpoint_validation_refuses_malformed_and_out_of_allocation_tensors():
 
 
 def test_jobs_are_checked_against_registered_spans():
-    from kvxfer.backends.cuda_ipc import _check_within
+    from kvxfer.backends.cuda_ipc.endpoint import check_jobs_within as _check_within
     from kvxfer.errors import BlockIdError
     from kvxfer.plan import JOB_DTYPE
 

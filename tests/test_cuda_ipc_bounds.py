@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from kvxfer import BlockIdError, KVLayout, plan_transfer
-from kvxfer.backends.cuda_ipc import _check_pairs_within
+from kvxfer.backends.cuda_ipc.endpoint import check_pairs_within as _check_pairs_within
 from kvpeers import LayoutSpec
 
 

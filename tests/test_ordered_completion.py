@@ -5,8 +5,8 @@ import random
 import threading
 import time
 
-from kvxfer.backends._completion_thread import CompletionThread
-from kvxfer.backends._ordered_completion import OrderedCompletion
+from kvxfer.backends.cuda_ipc.completion import CompletionThread
+from kvxfer.backends.cuda_ipc.ordered import OrderedCompletion
 
 
 class _FnDriver:
@@ -74,12 +74,12 @@ def test_wait_lets_the_backend_finish_the_transfer_on_the_waiting_thread():
         seen.append((threading.current_thread(), timeout))
         h.set_done()
 
-    h._driver = _FnDriver(driver)
+    h.set_driver(_FnDriver(driver))
     assert h.wait(2.0).nbytes == 64
     assert seen == [(threading.current_thread(), 2.0)]
     # a driver that gives up or fails leaves the ordinary wait in charge
     h2 = TransferHandle(Op.READ, "peer", 8, "cuda_ipc", np.zeros(0, dtype=np.int64))
-    h2._driver = _FnDriver(lambda timeout: (_ for _ in ()).throw(RuntimeError("query failed")))
+    h2.set_driver(_FnDriver(lambda timeout: (_ for _ in ()).throw(RuntimeError("query failed"))))
     threading.Timer(0.05, h2.set_done).start()
     assert h2.wait(5.0).nbytes == 8
 
@@ -194,7 +194,8 @@ def test_a_done_callback_on_a_driven_handle_asks_the_backend_to_finish_it_alone(
     from kvxfer.handle import Op, TransferHandle
 
     h = TransferHandle(Op.WRITE, "peer", 64, "cuda_ipc", np.zeros(0, dtype=np.int64))
-    drv = h._driver = _FnDriver(lambda timeout: None)
+    drv = _FnDriver(lambda timeout: None)
+    h.set_driver(drv)
     got = []
     h.add_done_callback(got.append)
     assert drv.watched == 1 and got == []

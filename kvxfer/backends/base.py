@@ -24,6 +24,7 @@ __all__ = [
     "Backend",
     "BackendKind",
     "BackendLink",
+    "LinkOwner",
     "LocalSide",
     "TransferRequest",
     "plan_for_initiator",
@@ -103,6 +104,15 @@ class BackendLink(ABC):
     @abstractmethod
     def close(self, exc: KvxferError | None = None) -> None:
         """Close the link; pending transfers fail with ``exc`` (PeerLostError by default)."""
+
+
+class LinkOwner(Protocol):
+    """What a link asks of the backend that made it (each backend's links may ask more)."""
+
+    local: LocalSide
+
+    def forget(self, link: Any) -> None:
+        """The link closed: stop listing it."""
 
 
 class Backend(ABC):

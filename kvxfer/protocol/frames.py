@@ -41,7 +41,7 @@ DEFAULT_MAX_PAYLOAD = 1 << 30
 class FrameType(IntEnum):
     """Every frame type kvxfer sends."""
 
-    # data path (backends/tcp.py)
+    # data path (backends/tcp/; the messages of protocol/messages.py)
     HELLO = 1
     HELLO_ACK = 2
     XFER_REQUEST = 3

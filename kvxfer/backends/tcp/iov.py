@@ -1,6 +1,6 @@
 """Scatter/gather socket I/O over iovec arrays, with the GIL released.
 
-Layer: backends (tcp). A chunk of a plan's stream is a list of (address, length) runs kept in a
+Layer: backends, tcp package. A chunk of a plan's stream is a list of (address, length) runs kept in a
 numpy ``(n, 2)`` uint64 array laid out as ``struct iovec``; ``readv``/``writev`` through ctypes
 move it in as few system calls as the kernel allows, without creating a Python object per run.
 """
@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from ..errors import PeerLostError
+from ...errors import PeerLostError
 
 __all__ = ["readv_full", "writev_full", "IOV_MAX"]
 

@@ -1,11 +1,13 @@
-"""TCP backend: plain sockets, framed msgpack headers, payloads received straight into place.
+"""One TCP peer link: a control connection, ``streams`` data connections, the transfers on them.
 
-Layer: backends. Each peer link has one control connection (requests, completions, errors,
-notifications) and ``streams`` data connections that carry DATA frames: a chunk of a plan's
-stream, sent with ``sendmsg`` from the source views and received with ``recvmsg_into`` into the
-destination views (no intermediate copy for host memory). Every id a peer names is validated
-against our own layout before a byte is touched; malformed frames drop the link with a logged
-reason while the listener keeps serving other peers.
+Layer: backends, tcp package. The control connection carries requests, completions, refusals
+and notifications (:mod:`kvxfer.protocol.messages`, one frame each); the data connections
+carry DATA frames: a chunk of a plan's stream, sent with ``writev`` from the source views and
+received with ``readv`` into the destination views (no intermediate copy for host memory; GPU
+memory is staged, :mod:`kvxfer.backends.staging`). Which transfers are outstanding and what
+each answer or timeout does to them is the :class:`~kvxfer.protocol.transfer.TransferSession`'s.
+A link with no data connections is a *control channel* (see
+:meth:`~kvxfer.backends.tcp.TcpBackend.connect_control`).
 """
 
 from __future__ import annotations
@@ -16,70 +18,44 @@ import logging
 import queue
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 
-from ..config import MAX_DATA_FRAME, TcpConfig
-from ..errors import (
+from ...config import MAX_DATA_FRAME, TcpConfig
+from ...errors import (
+    BlockIdError,
     KvxferError,
     LayoutError,
-    BlockIdError,
     PeerLostError,
     ProtocolError,
     RemoteProtocolError,
-    TransferTimeoutError,
     TransportError,
 )
-from ..handle import Op, TransferHandle
-from ..metadata import PeerMetadata
-from ..plan import TransferPlan
-from ..protocol.frames import FRAME_PREFIX_SIZE, FrameType, decode_header, encode_frame, parse_prefix
-from ..protocol.messages import Done, Goodbye, HelloAck, Notify, Refusal, Request, decode, encode
-from ..protocol.transfer import TransferSession
-from ._iov import readv_full, writev_full
-from .base import Backend, BackendLink, LocalSide, TransferRequest, plan_for_responder
-from .staging import StreamSide, chunk_bounds, stream_side
+from ...handle import Op, TransferHandle
+from ...metadata import PeerMetadata
+from ...plan import TransferPlan
+from ...protocol.frames import FRAME_PREFIX_SIZE, FrameType, encode_frame
+from ...protocol.messages import Done, Goodbye, Notify, Refusal, Request, decode, encode
+from ...protocol.transfer import TransferSession
+from ..base import BackendLink, LinkOwner, TransferRequest, plan_for_responder
+from ..staging import StreamSide, chunk_bounds, stream_side
+from .iov import readv_full, writev_full
+from .sockets import FLAG_FROM_INITIATOR, discard, read_frame_header
 
-__all__ = ["TcpBackend", "TcpLink"]
+__all__ = ["TcpLink", "TcpLinkOwner"]
 
 log = logging.getLogger(__name__)
 
-FLAG_FROM_INITIATOR = 1
-_DISCARD = memoryview(bytearray(1 << 20))
+
+class TcpLinkOwner(LinkOwner, Protocol):
+    """What a TCP link asks of its backend: its configuration, besides what every link asks."""
+
+    config: TcpConfig
 
 
-def parse_host_port(addr: str) -> tuple[str, int]:
-    """'host:port' -> (host, port); ConfigError-free ValueError on bad input."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"address {addr!r} is not host:port")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-# --------------------------------------------------------------------------------------------
-# wire helpers (blocking sockets)
-# --------------------------------------------------------------------------------------------
-def _recv_exact_into(sock: socket.socket, view: memoryview) -> None:
-    while view.nbytes:
-        n = sock.recv_into(view)
-        if n == 0:
-            raise PeerLostError("connection closed by peer")
-        view = view[n:]
-
-
-def _read_frame_header(sock: socket.socket, prefix_buf: memoryview, max_payload: int):
-    _recv_exact_into(sock, prefix_buf)
-    prefix = parse_prefix(prefix_buf, max_payload)
-    hbuf = bytearray(prefix.header_len)
-    _recv_exact_into(sock, memoryview(hbuf))
-    return prefix, decode_header(hbuf)
-
-
-# --------------------------------------------------------------------------------------------
-# per-transfer state
-# --------------------------------------------------------------------------------------------
 @dataclass(slots=True)
 class _Xfer:
     """A transfer on a link, from either side's view."""
@@ -101,7 +77,8 @@ class TcpLink(BackendLink):
 
     backend_name = "tcp"
 
-    def __init__(self, backend: TcpBackend, peer: PeerMetadata, ctrl: socket.socket, initiator: bool):
+    def __init__(self, backend: TcpLinkOwner, peer: PeerMetadata, ctrl: socket.socket, initiator: bool,
+                 on_close: Callable[[KvxferError], None] | None = None):
         self.backend = backend
         self.peer = peer
         self.initiator = initiator
@@ -113,9 +90,11 @@ class TcpLink(BackendLink):
         self._lock = self._session.lock
         self._threads: list[threading.Thread] = []
         self._rr = itertools.count()
+        self._on_close = on_close
 
     # -- setup ------------------------------------------------------------------------------
     def add_data_socket(self, sock: socket.socket) -> None:
+        """Carry DATA frames over ``sock`` too (handshaken: HELLO with a data channel)."""
         with self._lock:
             idx = len(self._data)
             self._data.append(sock)
@@ -125,6 +104,7 @@ class TcpLink(BackendLink):
         self._spawn(self._data_sender, sock, q, name=f"kvxfer-tcp-tx{idx}-{self.peer.name}")
 
     def start(self) -> None:
+        """Start reading the control connection."""
         self._spawn(self._ctrl_reader, name=f"kvxfer-tcp-ctrl-{self.peer.name}")
 
     def _spawn(self, fn, *args, name: str) -> None:
@@ -152,6 +132,8 @@ class TcpLink(BackendLink):
         return self._session.closed
 
     def close(self, exc: KvxferError | None = None, *, goodbye: bool = False) -> None:
+        """Close the link: pending transfers of ours fail with ``exc`` (PeerLostError by
+        default); ``goodbye`` tells the peer first. Calls the ``on_close`` hook once. Idempotent."""
         outstanding = self._session.close()
         if outstanding is None:
             return
@@ -177,8 +159,10 @@ class TcpLink(BackendLink):
             s.close()
         for side in sides:
             side.close()
-        self.backend._forget(self)
+        self.backend.forget(self)
         self.backend.local.link_lost(self, err)
+        if self._on_close is not None:
+            self._on_close(err)
 
     # -- sending ----------------------------------------------------------------------------
     def _send_ctrl(self, ftype: FrameType, header: dict) -> None:
@@ -227,6 +211,11 @@ class TcpLink(BackendLink):
                 x.side.after_send(a, b)
 
     def submit(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle) -> None:
+        """Start ``req`` (planned as ``plan``); ``handle`` completes when its bytes are in place.
+
+        Raises:
+            PeerLostError: the link is closed, or its control connection broke.
+        """
         side_name = "src" if req.op is Op.WRITE else "dst"
         side = stream_side(plan, side_name, self.backend.local.layout, self.backend.config)
         x = _Xfer(req.xfer_id, True, req.op, plan, side, sending=req.op is Op.WRITE, handle=handle, notify=req.notify)
@@ -252,7 +241,7 @@ class TcpLink(BackendLink):
     def _ctrl_reader(self) -> None:
         prefix_buf = memoryview(bytearray(FRAME_PREFIX_SIZE))
         while not self.closed:
-            prefix, h = _read_frame_header(self._ctrl, prefix_buf, max_payload=0)
+            prefix, h = read_frame_header(self._ctrl, prefix_buf, max_payload=0)
             t = prefix.type
             if t is FrameType.XFER_REQUEST:
                 self._on_request(h)
@@ -320,7 +309,7 @@ class TcpLink(BackendLink):
         prefix_buf = memoryview(bytearray(FRAME_PREFIX_SIZE))
         max_payload = MAX_DATA_FRAME  # a protocol limit, not our own chunk size: peers may differ
         while not self.closed:
-            prefix, h = _read_frame_header(sock, prefix_buf, max_payload)
+            prefix, h = read_frame_header(sock, prefix_buf, max_payload)
             if prefix.type is not FrameType.DATA:
                 raise RemoteProtocolError(f"unexpected {prefix.type.name} frame on a data connection")
             xid, off = h.get("x"), h.get("o")
@@ -329,7 +318,7 @@ class TcpLink(BackendLink):
             n = prefix.payload_len
             x = self._find_incoming(xid, bool(prefix.flags & FLAG_FROM_INITIATOR))
             if x is None or x.sending or x.finished:
-                self._discard(sock, n)
+                discard(sock, n)
                 continue
             if off < 0 or off + n > x.plan.nbytes:
                 raise RemoteProtocolError(f"DATA [{off}, {off + n}) outside transfer {xid} of {x.plan.nbytes} B")
@@ -343,12 +332,6 @@ class TcpLink(BackendLink):
                     x.finished = True
             if complete:
                 self._complete_receive(x)
-
-    def _discard(self, sock: socket.socket, n: int) -> None:
-        while n:
-            k = min(n, _DISCARD.nbytes)
-            _recv_exact_into(sock, _DISCARD[:k])
-            n -= k
 
     def _fail_local(self, x: _Xfer, exc: KvxferError) -> None:
         """This side cannot go on with ``x`` (staging failed): fail it and close the link, since
@@ -379,167 +362,9 @@ class TcpLink(BackendLink):
             self._send_ctrl(FrameType.XFER_DONE, encode(Done(x.xfer_id, yours=True)))
 
     def send_notification(self, payload: bytes) -> None:
+        """Deliver ``payload`` to the peer's notification queue (after what was sent before).
+
+        Raises:
+            PeerLostError: the control connection is broken (the link is then closed).
+        """
         self._send_ctrl(FrameType.NOTIFY, encode(Notify(payload)))
-
-
-# --------------------------------------------------------------------------------------------
-# the backend: listener, handshake, links
-# --------------------------------------------------------------------------------------------
-class TcpBackend(Backend):
-    """Moves plans over TCP sockets; serves peers that connect to its listening port."""
-
-    name = "tcp"
-
-    def __init__(self, local: LocalSide, listen: str, config: TcpConfig):
-        self.local = local
-        self.config = config
-        host, port = parse_host_port(listen)
-        self._lsock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=128)
-        self.host, self.port = self._lsock.getsockname()[:2]
-        self._links: set[TcpLink] = set()
-        self._pending_links: dict[str, TcpLink] = {}
-        self._lock = threading.Lock()
-        self._closed = False
-        self._link_ids = itertools.count()
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="kvxfer-tcp-accept", daemon=True)
-        self._accept_thread.start()
-
-    def endpoint(self) -> dict[str, Any]:
-        host = self.config.advertise or self.host
-        if host in ("0.0.0.0", "::"):
-            host = socket.gethostbyname(socket.gethostname())
-        return {"host": host, "port": self.port, "streams": self.config.streams}
-
-    def can_reach(self, peer: PeerMetadata) -> bool:
-        return "tcp" in peer.backends
-
-    # -- outgoing ----------------------------------------------------------------------------
-    def _open(self, peer: PeerMetadata, channel: int, timeout: float, link_id: str,
-              meta: bytes | None = None) -> socket.socket:
-        ep = peer.backends["tcp"]
-        host, port = ep.get("host"), ep.get("port")
-        if not isinstance(host, str) or type(port) is not int:
-            raise TransportError(f"peer {peer.name!r} advertises a malformed tcp endpoint")
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except TimeoutError:
-            raise TransferTimeoutError(f"connecting to {peer.name!r} at {host}:{port} timed out after {timeout} s") from None
-        except OSError as exc:
-            raise PeerLostError(f"cannot connect to {peer.name!r} at {host}:{port}: {exc}") from None
-        # the handshake's socket errors are the peer's loss too; the socket never leaks
-        try:
-            self._tune(sock)
-            if meta is None:
-                meta = self.local.local_metadata().to_bytes()
-            sock.sendall(encode_frame(FrameType.HELLO, {"session": link_id, "ch": channel, "meta": meta}))
-            prefix, h = _read_frame_header(sock, memoryview(bytearray(FRAME_PREFIX_SIZE)), 0)
-            if prefix.type is not FrameType.HELLO_ACK:
-                raise RemoteProtocolError(f"expected HELLO_ACK from {peer.name!r}, got {prefix.type.name}")
-            ack = decode(HelloAck, h)
-            if ack.refusal is not None:
-                raise TransportError(f"peer {peer.name!r} refused the connection: {ack.refusal}")
-            sock.settimeout(None)
-        except BaseException as exc:
-            sock.close()
-            if isinstance(exc, TimeoutError):
-                raise TransferTimeoutError(f"handshake with {peer.name!r} at {host}:{port} timed out after {timeout} s") from None
-            if isinstance(exc, OSError):
-                raise PeerLostError(f"handshake with {peer.name!r} at {host}:{port} failed: {exc}") from None
-            raise
-        return sock
-
-    def new_link_id(self) -> str:
-        """A session id for one link: the peer groups that link's connections by it."""
-        return f"{self.local.session}/{next(self._link_ids)}"
-
-    def connect(self, peer: PeerMetadata, timeout: float) -> TcpLink:
-        # each link has its own id, so that concurrent connects to one peer never mix connections
-        link_id = self.new_link_id()
-        meta = self.local.local_metadata().to_bytes()  # once for all of this link's connections
-        ctrl = self._open(peer, 0, timeout, link_id, meta)
-        link = TcpLink(self, peer, ctrl, initiator=True)
-        try:
-            for ch in range(1, self.config.streams + 1):
-                link.add_data_socket(self._open(peer, ch, timeout, link_id, meta))
-        except BaseException:
-            link.close()
-            raise
-        with self._lock:
-            self._links.add(link)
-        link.start()
-        return link
-
-    def submit(self, link: BackendLink, req: TransferRequest, plan: TransferPlan, handle: TransferHandle) -> None:
-        assert isinstance(link, TcpLink)
-        link.submit(req, plan, handle)
-
-    # -- incoming ----------------------------------------------------------------------------
-    def _tune(self, sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.config.socket_buffer:
-            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-                sock.setsockopt(socket.SOL_SOCKET, opt, self.config.socket_buffer)
-
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                sock, addr = self._lsock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handshake, args=(sock, addr), name="kvxfer-tcp-hello", daemon=True).start()
-
-    def _handshake(self, sock: socket.socket, addr: Any) -> None:
-        try:
-            sock.settimeout(self.config.handshake_timeout)
-            self._tune(sock)
-            prefix, h = _read_frame_header(sock, memoryview(bytearray(FRAME_PREFIX_SIZE)), 0)
-            if prefix.type is not FrameType.HELLO:
-                raise RemoteProtocolError(f"expected HELLO, got {prefix.type.name}")
-            session, ch, meta = h.get("session"), h.get("ch"), h.get("meta")
-            if not isinstance(session, str) or type(ch) is not int or not isinstance(meta, bytes):
-                raise RemoteProtocolError("malformed HELLO")
-            if not 0 <= ch <= 64:
-                raise RemoteProtocolError(f"HELLO names data channel {ch}; at most 64 are allowed")
-            peer = PeerMetadata.from_bytes(meta)
-            sock.settimeout(None)
-            with self._lock:
-                if ch == 0:
-                    link = TcpLink(self, peer, sock, initiator=False)
-                    self._pending_links[session] = link
-                    self._links.add(link)
-                else:
-                    link = self._pending_links.get(session)
-            if link is None:
-                raise RemoteProtocolError(f"data connection for unknown session {session!r}")
-            sock.sendall(encode_frame(FrameType.HELLO_ACK, encode(HelloAck())))
-            if ch == 0:
-                link.start()
-            else:
-                link.add_data_socket(sock)
-        except (KvxferError, OSError, TimeoutError) as exc:
-            log.warning("dropping connection from %s: %s", addr, exc)
-            try:
-                sock.close()
-            except OSError:
-                pass
-
-    def _forget(self, link: TcpLink) -> None:
-        with self._lock:
-            self._links.discard(link)
-            for k, v in list(self._pending_links.items()):
-                if v is link:
-                    del self._pending_links[k]
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._lsock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._lsock.close()
-        with self._lock:
-            links = list(self._links)
-        for link in links:
-            link.close(PeerLostError("connector closed"), goodbye=True)

@@ -1,6 +1,6 @@
 """Finish queued GPU work in submission order, from whichever thread sees it complete first.
 
-Layer: backends (used by cuda_ipc.py), no CUDA import. Work queued on one CUDA stream completes
+Layer: backends, cuda_ipc package, no CUDA import. Work queued on one CUDA stream completes
 in order, so once a work item is complete, every earlier one is too. The completion thread
 settles items as their events complete; a caller waiting on a handle may settle its own item
 (and the earlier ones) as soon as it sees the event complete, saving two thread hand-offs on a

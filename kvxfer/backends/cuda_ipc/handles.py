@@ -1,6 +1,6 @@
 """CUDA IPC memory handles: export a layout's allocations, open a peer's, close them again.
 
-Layer: backends (internals of :mod:`kvxfer.backends.cuda_ipc`). Talks to the CUDA runtime
+Layer: backends, cuda_ipc package. Talks to the CUDA runtime
 through CuPy and to ``libcuda`` through ctypes (``cuMemGetAddressRange``, which CuPy does not
 wrap). CuPy is imported inside functions only, so importing this module touches no GPU.
 
@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BackendUnavailableError, TransportError
+from ...errors import BackendUnavailableError, TransportError
 
 __all__ = [
     "ExportedMemory",

@@ -1,8 +1,8 @@
 """The thread that finishes one stream's queued work in order, without waking for driven items.
 
-Layer: backends (used by cuda_ipc.py), no CUDA import: the device calls are passed in.
+Layer: backends, cuda_ipc package, no CUDA import: the device calls are passed in.
 
-Every item is first added to an :class:`~kvxfer.backends._ordered_completion.OrderedCompletion`
+Every item is first added to an :class:`~kvxfer.backends.cuda_ipc.ordered.OrderedCompletion`
 in stream order, then submitted here. An *eager* item wakes the thread, which blocks until it
 is complete (``sync``) and settles it. A *driven* item is a small transfer whose caller is
 expected to wait on its handle and settle it on its own thread; waking this thread for it
@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from ._ordered_completion import OrderedCompletion
+from .ordered import OrderedCompletion
 
 __all__ = ["CompletionThread"]
 
