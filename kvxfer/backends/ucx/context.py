@@ -19,7 +19,8 @@ __all__ = ["LinkContext"]
 
 @dataclass(frozen=True, slots=True)
 class LinkContext:
-    """What a link uses of the backend that made it (one per backend, shared by its links)."""
+    """What a link uses of the backend that made it (one per backend, shared by its links): a
+    :class:`~kvxfer.backends.base.LinkOwner` (``local``, ``forget``) with UCX's parts."""
 
     worker: Worker  # the ucp binding, the work thread (defer), wake-ups, endpoint closing
     memory: LocalMemory  # our layout and registrations, the staging pool, the packer

@@ -90,14 +90,14 @@ class MemoryType(IntEnum):
 
 
 # -- structures (ucp.h) ------------------------------------------------------------------
-class _MemMapParams(C.Structure):
+class _MemMapParams(C.Structure):  # ucp_mem_map_params_t
     _fields_ = [
-        ("field_mask", C.c_uint64),
+        ("field_mask", C.c_uint64),  # which of the fields below are set (_MM_* bits)
         ("address", C.c_void_p),
         ("length", C.c_size_t),
         ("flags", C.c_uint),
         ("prot", C.c_uint),
-        ("memory_type", C.c_int),
+        ("memory_type", C.c_int),  # ucs_memory_type_t
         ("exported_memh_buffer", C.c_void_p),
     ]
 
