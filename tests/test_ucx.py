@@ -526,20 +526,32 @@ with kvxfer.Connector("a", backend="ucx") as a, kvxfer.Connector("b", backend="u
     p = a.connect(b.metadata())
     a.write(p, [1, 2], [5, 6]).wait(10)
     print(p.backend, all((d[:, 5:7] == s[:, 1:3]).all() for s, d in zip(src, dst)))
+import os
+print(os.environ.get("UCX_MEMTYPE_CACHE"))
 """
+
+
+def _default_run(**extra: str):
+    import subprocess
+    import sys
+
+    # this process imported ucxx itself (which set UCX_ variables): the child starts without any
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UCX_", "KVXFER_"))}
+    env.update(PYTHONPATH=os.pathsep.join(sys.path), **extra)
+    out = subprocess.run([sys.executable, "-c", _DEFAULT_RUN], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-2] == "ucx True", out.stdout
+    return out
 
 
 def test_a_default_run_prints_no_ucx_warning():
     # ucxx's import sets UCX_MEMTYPE_CACHE, which UCX 1.19+ reports as unused in every process
-    # (on stdout, UCX's default log file): kvxfer unsets what this UCX does not read. This
-    # process imported ucxx itself, so the child gets the environment without any UCX_ variable.
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("UCX_", "KVXFER_"))}
-    env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    out = subprocess.run([sys.executable, "-c", _DEFAULT_RUN], capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[-1] == "ucx True", out.stdout
+    # (on stdout, UCX's default log file): kvxfer unsets what this UCX does not read
+    out = _default_run()
     warnings = [line for line in (out.stdout + out.stderr).splitlines() if "UCX  WARN" in line]
     assert not warnings, warnings
+
+
+def test_a_ucx_variable_the_user_set_is_left_alone():
+    out = _default_run(UCX_MEMTYPE_CACHE="n")
+    assert out.stdout.splitlines()[-1] == "n", out.stdout
