@@ -49,7 +49,7 @@ def _trace_setup():
         import logging
 
         logging.basicConfig(level=logging.WARNING, format="%(process)d %(message)s")
-        logging.getLogger("kvxfer.backends.ucx_link").setLevel(logging.DEBUG)
+        logging.getLogger("kvxfer.backends.ucx.link").setLevel(logging.DEBUG)
 
 
 def _serve(conn, env, geom, seed, device):
@@ -84,7 +84,7 @@ def _mismatch(c, got, want) -> dict:
         be = next(x for x in c._backends.values() if type(x).__name__ == "UcxBackend")
         stream = b"".join(want)
         staged = []
-        for st in (be._pool._free if be._pool is not None else []):
+        for st in (be.memory._pool._free if be.memory._pool is not None else []):
             arr = st.array[: len(stream)]
             data = (arr.get() if hasattr(arr, "get") else arr).tobytes()
             staged.append("stream" if data == stream else f"differs at {next(i for i in range(0, len(stream), 4096) if data[i:i + 4096] != stream[i:i + 4096])}")

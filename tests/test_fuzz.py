@@ -483,7 +483,7 @@ def test_registry_frame_decoder(data: bytes) -> None:
 # --------------------------------------------------------------------------------------------
 def _ucx() -> Any:
     try:
-        from kvxfer.backends import ucx
+        from kvxfer.backends.ucx import backend as ucx
     except ImportError as exc:
         pytest.skip(f"ucxx not importable: {exc}")
     return ucx
@@ -498,14 +498,13 @@ def _refuse_staging() -> Any:
 
 
 def _stub_ucx_link(peer: PeerMetadata = META) -> Any:
-    backend = SimpleNamespace(
-        layout=LAYOUT,
+    ctx = SimpleNamespace(
+        memory=SimpleNamespace(layout=LAYOUT, staging=_refuse_staging),
         local=SimpleNamespace(deliver_notification=lambda *a: None),
-        staging=_refuse_staging,
-        ucp=SimpleNamespace(rkey_unpack=lambda ep, packed: 1),
+        worker=SimpleNamespace(ucp=SimpleNamespace(rkey_unpack=lambda ep, packed: 1)),
     )
     link = SimpleNamespace(
-        backend=backend, peer=peer, ep_handle=0, _lock=threading.Lock(), _mine={}, _serving={}, _rkeys=None,
+        ctx=ctx, peer=peer, ep_handle=0, _session=TransferSession("peer"), _rkeys=None,
         ready=threading.Event(), refusal=None,
         send=lambda kind, body: None, close=lambda exc=None: None,
         _on_done=lambda xid: None, _on_err=lambda xid, k, m: None, _on_landed=lambda xid, upto: None,
@@ -521,7 +520,6 @@ def test_ucx_control_messages(data: bytes) -> None:
     ucx = _ucx()
     src = Src(data)
     valid = {**_valid_request(src), "a": 4096, "k": b"rkey", "b": 0, "ok": True, "m": "msg"}
-    valid["sb"], valid["db"] = valid.pop("s"), valid.pop("d")
     kind = ucx.Msg(src.int(1, len(ucx.Msg)))
     h = src.mutated(valid) if src.int(0, 3) else valid
     try:
@@ -539,9 +537,10 @@ def test_ucx_active_message_envelope(data: bytes) -> None:
     if src.bool():
         raw = src.bytes(64)
     else:
-        raw = msgpack.packb(src.mutated({"v": 1, "t": 3, "s": "sess", "x": 1}), use_bin_type=True)
+        raw = msgpack.packb(src.mutated({"v": 2, "t": 3, "s": "sess", "m": {"x": 1}}), use_bin_type=True)
         raw = raw if src.bool() else src.damaged(raw)
-    backend = SimpleNamespace(_lock=threading.Lock(), _links={}, defer=lambda fn, *a: None, _on_hello=None)
+    backend = SimpleNamespace(_lock=threading.Lock(), _links={}, worker=SimpleNamespace(defer=lambda fn, *a: None),
+                              _on_hello=None)
     ucx.UcxBackend._on_am(backend, raw, 0)
 
 

@@ -68,7 +68,7 @@ def test_transfer_request_round_trip_and_validation():
 @pytest.mark.parametrize("ids, width", [([1, 2, 65535], 2), ([0, 65536], 4), ([7, (1 << 32) - 1], 4),
                                         ([3, 1 << 32], 8), ([-1, 5], 8), ([], 2)])
 def test_request_ids_travel_in_the_narrowest_width_that_holds_them(ids, width):
-    from kvxfer.backends import ucx_protocol as up
+    from kvxfer.protocol.messages import StagingRef
 
     src = np.array(ids, dtype=np.int64)
     dst = src[::-1].copy()
@@ -78,10 +78,11 @@ def test_request_ids_travel_in_the_narrowest_width_that_holds_them(ids, width):
     back = request_from_wire(msgpack.unpackb(msgpack.packb(h), raw=False))
     assert back.src_blocks.dtype == np.int64 and back.src_blocks.tolist() == ids
     assert back.dst_blocks.tolist() == ids[::-1] and back.layers.tolist() == [1, 0]
-    body = up.request_body(req, 4096, b"key", 64)
+    body = encode(Request(req, StagingRef(4096, b"key", 64)))  # UCX's packed request
     assert body["iw"] == width
-    p = up.decode_request(msgpack.unpackb(msgpack.packb(body), raw=False))
-    assert p.req.src_blocks.tolist() == ids and p.req.dst_blocks.tolist() == ids[::-1]
+    p = decode(Request, msgpack.unpackb(msgpack.packb(body), raw=False))
+    assert p.transfer.src_blocks.tolist() == ids and p.transfer.dst_blocks.tolist() == ids[::-1]
+    assert p.staging == StagingRef(4096, b"key", 64)
     # an old peer's request (no width) is int64; a width we never send, or bytes that don't
     # divide into it, are refused
     legacy = {**h, "s": src.astype("<i8").tobytes(), "d": dst.astype("<i8").tobytes(),
@@ -92,7 +93,7 @@ def test_request_ids_travel_in_the_narrowest_width_that_holds_them(ids, width):
         with pytest.raises(RemoteProtocolError):
             request_from_wire(bad)
     with pytest.raises(RemoteProtocolError, match="'iw'"):
-        up.decode_request({**body, "iw": 16})
+        decode(Request, {**body, "iw": 16})
 
 
 @pytest.mark.parametrize("blob", [b"", b"\xc1", msgpack.packb({"v": 1}), msgpack.packb([1]), msgpack.packb({"v": 7})])
@@ -102,18 +103,19 @@ def test_malformed_metadata(blob):
 
 
 def test_ucx_progress_messages_are_checked():
-    from kvxfer.backends import ucx_protocol as up
+    from kvxfer.backends.ucx import messages as up
+    from kvxfer.protocol.messages import Progress
 
-    raw = up.encode_message(up.Msg.LANDED, "sess", up.progress_body(7, 4096))
+    raw = up.encode_message(up.Msg.LANDED, "sess", encode(Progress(7, 4096)))
     kind, session, h = up.decode_envelope(raw)
-    assert (kind, session, up.decode_progress(h)) == (up.Msg.LANDED, "sess", (7, 4096))
+    assert (kind, session, decode(Progress, h)) == (up.Msg.LANDED, "sess", Progress(7, 4096))
     for bad in ({"x": 7}, {"x": "7", "b": 1}, {"x": 7, "b": -1}, {"x": 7, "b": 1.5}):
-        with pytest.raises(RemoteProtocolError, match="LANDED/READY"):
-            up.decode_progress(bad)
+        with pytest.raises(RemoteProtocolError, match="malformed progress"):
+            decode(Progress, bad)
 
 
 def test_ucx_piece_size_aims_at_four_pieces_within_bounds():
-    from kvxfer.backends.ucx_config import MIN_PIECE, piece_bytes, ucx_config
+    from kvxfer.backends.ucx.config import MIN_PIECE, piece_bytes, ucx_config
 
     cfg = ucx_config()
     assert piece_bytes(cfg, 1 << 30) == 256 << 20  # 1 GiB: four pieces of 256 MiB
@@ -123,7 +125,7 @@ def test_ucx_piece_size_aims_at_four_pieces_within_bounds():
 
 
 def test_ucx_first_piece_outlasts_the_host_work_and_the_last_stays_small():
-    from kvxfer.backends.ucx_config import FIRST_PIECE, MIN_PIECE, piece_bytes, piece_edge, piece_first, ucx_config
+    from kvxfer.backends.ucx.config import FIRST_PIECE, MIN_PIECE, piece_bytes, piece_edge, piece_first, ucx_config
     from kvxfer.plan import _piece_cuts
 
     cfg = ucx_config()
@@ -143,8 +145,8 @@ def test_ucx_early_decision_from_a_prefix_of_the_ids_is_the_exact_ones(memory):
 
     from kvxfer import KVLayout
     from kvxfer._tensors import MemoryKind
-    from kvxfer.backends.ucx import UcxBackend
-    from kvxfer.backends.ucx_config import TransferMode, ucx_config
+    from kvxfer.backends.ucx.backend import UcxBackend
+    from kvxfer.backends.ucx.config import TransferMode, ucx_config
     from kvxfer.plan import transfer_shape
 
     rng = np.random.default_rng(3)
@@ -163,7 +165,7 @@ def test_ucx_early_decision_from_a_prefix_of_the_ids_is_the_exact_ones(memory):
                 d = rng.choice(2048, n, replace=False) if trial > 1 else np.arange(n) + (2048 - n)
                 nbytes, nruns = transfer_shape(g, g, s, d)
                 exact = UcxBackend._packs(be, nbytes, nruns)
-                # the packing rules as documented (ucx_config / docs/ucx.md)
+                # the packing rules as documented (ucx/config.py / docs/ucx.md)
                 if cfg.mode is not TransferMode.AUTO:
                     rule = cfg.mode is TransferMode.PACKED
                 else:

@@ -1,8 +1,9 @@
 """A small typed ctypes binding to libucp: memory registration, remote keys, RMA, flush and
 active messages, on top of the context, worker and endpoint handles that ucxx owns.
 
-Layer: backends (private to the UCX backend: ucx.py, ucx_link.py, ucx_staging.py). ucxx's Python API has endpoints, tags, active messages
-and a progress thread but no one-sided RMA; the functions below live in the same ``libucp``
+Layer: backends/ucx, the bottom of the UCX backend (used by its worker, memory, packed and link
+modules). ucxx's Python API has endpoints, tags, active messages and a progress thread but no
+one-sided RMA; the functions below live in the same ``libucp``
 that ucxx loads (through the ``libucx`` wheel, or a system UCX when
 ``RAPIDS_LIBUCX_PREFER_SYSTEM_LIBRARY=true``), so we call them on ucxx's own handles.
 
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
-from ..errors import BackendUnavailableError, TransportError
+from ...errors import BackendUnavailableError, TransportError
 
 __all__ = ["Ucp", "MemoryType", "MemRegion", "RemoteKey", "Status", "UcxCallError", "load"]
 
@@ -89,14 +90,14 @@ class MemoryType(IntEnum):
 
 
 # -- structures (ucp.h) ------------------------------------------------------------------
-class _MemMapParams(C.Structure):
+class _MemMapParams(C.Structure):  # ucp_mem_map_params_t
     _fields_ = [
-        ("field_mask", C.c_uint64),
+        ("field_mask", C.c_uint64),  # which of the fields below are set (_MM_* bits)
         ("address", C.c_void_p),
         ("length", C.c_size_t),
         ("flags", C.c_uint),
         ("prot", C.c_uint),
-        ("memory_type", C.c_int),
+        ("memory_type", C.c_int),  # ucs_memory_type_t
         ("exported_memh_buffer", C.c_void_p),
     ]
 
@@ -154,6 +155,29 @@ class _WorkerAttr(C.Structure):
 
 _UCS_ERR_LAST = -100
 
+_PRINT_CONFIG, _PRINT_HIDDEN = 1 << 0, 1 << 3  # ucs_config_print_flags_t
+
+
+def _printed(write: Callable[[int], None]) -> str:
+    """What ``write(FILE *)`` prints, through a libc memory stream."""
+    libc = C.CDLL(None)
+    libc.open_memstream.restype = C.c_void_p
+    libc.open_memstream.argtypes = [C.POINTER(C.c_void_p), C.POINTER(C.c_size_t)]
+    libc.fclose.argtypes = [C.c_void_p]
+    libc.free.argtypes = [C.c_void_p]
+    buf, size = C.c_void_p(), C.c_size_t()
+    stream = libc.open_memstream(C.byref(buf), C.byref(size))
+    if not stream:
+        raise OSError(C.get_errno(), "open_memstream failed")
+    try:
+        write(stream)
+    finally:
+        libc.fclose(stream)  # sets buf and size
+    try:
+        return C.string_at(buf, size.value).decode(errors="replace") if buf.value else ""
+    finally:
+        libc.free(buf)
+
 
 def _ptr_status(ptr: int | None) -> int | None:
     """Decode a ``ucs_status_ptr_t``: None = done, negative = error, else a request."""
@@ -186,6 +210,9 @@ class Ucp:
         self._proto("ucp_worker_query", C.c_int, [P, C.POINTER(_WorkerAttr)])
         self._proto("ucp_worker_set_am_recv_handler", C.c_int, [P, C.POINTER(_AmHandlerParam)])
         self._proto("ucp_am_send_nbx", P, [P, C.c_uint, P, S, P, S, C.POINTER(_RequestParam)])
+        self._proto("ucp_config_read", C.c_int, [C.c_char_p, C.c_char_p, C.POINTER(P)])
+        self._proto("ucp_config_print", None, [P, P, C.c_char_p, C.c_int])
+        self._proto("ucp_config_release", None, [P])
         # completions: one C callback for every flush and send; user_data keys this table
         self._pending: dict[int, Callable[[int], None]] = {}
         self._keys = itertools.count(1)
@@ -267,6 +294,24 @@ class Ucp:
         if st:
             raise UcxCallError("ucp_worker_set_am_recv_handler", st)
         return cb
+
+    # -- configuration --------------------------------------------------------------------
+    def context_variables(self) -> frozenset[str]:
+        """The ``UCX_*`` variables this UCX's context configuration reads (hidden ones included;
+        deprecated names, which UCX reports as unused, are not listed).
+
+        Raises:
+            UcxCallError: ``ucp_config_read`` failed.
+        """
+        cfg = C.c_void_p()
+        st = self.lib.ucp_config_read(None, None, C.byref(cfg))
+        if st:
+            raise UcxCallError("ucp_config_read", st)
+        try:
+            text = _printed(lambda stream: self.lib.ucp_config_print(cfg, stream, None, _PRINT_CONFIG | _PRINT_HIDDEN))
+        finally:
+            self.lib.ucp_config_release(cfg)
+        return frozenset(line.split("=", 1)[0] for line in text.splitlines() if line.startswith("UCX_") and "=" in line)
 
     # -- memory ---------------------------------------------------------------------------
     def mem_map(self, context: int, address: int, length: int, memory_type: MemoryType) -> int:

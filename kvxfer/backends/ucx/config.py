@@ -1,6 +1,6 @@
 """UCX backend settings: a frozen config read from ``KVXFER_UCX_*`` variables.
 
-Layer: backends (configuration of ucx.py). Precedence as everywhere in kvxfer: an explicit
+Layer: backends/ucx (configuration; imports no ucxx). Precedence as everywhere in kvxfer: an explicit
 argument, then the ``KVXFER_UCX_<FIELD>`` variable (read by :func:`kvxfer.config.from_env`),
 then the default. UCX's own ``UCX_*`` variables (transports, devices) are read by UCX itself;
 see ``docs/ucx.md``.
@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from ..config import from_env
-from ..errors import ConfigError
-from ..plan import RAMP
+from ...config import from_env
+from ...errors import ConfigError
+from ...plan import RAMP
 
 __all__ = ["ErrorHandling", "Progress", "TransferMode", "UcxConfig", "piece_bytes", "piece_edge", "piece_first",
            "ucx_config"]

@@ -1,85 +1,47 @@
-"""UCX backend: one-sided RMA on registered KV memory, through ucxx and a small libucp binding.
+"""The UCX backend: connect and the answer to a peer's HELLO, DIRECT or PACKED, the pid watch.
 
-Layer: backends. ucxx gives the UCX context, the worker, its progress thread and endpoints;
-:mod:`kvxfer.backends._ucp` adds what ucxx's Python API lacks: ``ucp_mem_map``/rkeys,
-``ucp_get_nbx``/``ucp_put_nbx``, ``ucp_ep_flush_nbx`` and active messages (AM).
-
-This module is the backend: context, worker, progress and work threads, registration of the
-KV tensors, connect and the answer to a peer's HELLO, the pid watch, shutdown. The rest:
-
-- :mod:`kvxfer.backends.ucx_link`: one peer's link and the DIRECT and PACKED transfer paths
-  (how a transfer moves is told there);
-- :mod:`kvxfer.backends.ucx_staging`: registered staging buffers and the packer;
-- :mod:`kvxfer.backends.ucx_protocol`: control messages, encoded and checked without I/O;
-- :mod:`kvxfer.backends.ucx_config`: kvxfer's own settings (``KVXFER_UCX_*``).
-
-AUTO picks PACKED when a plan has at least ``pack_min_ranges`` ranges averaging under
-``pack_below`` bytes (see ``bench/bench_ucx.py`` for the crossover), else DIRECT.
-
-Control messages arrive on the progress thread (:meth:`UcxBackend._on_am`) and are handed to
-the work thread; malformed ones are dropped with a logged reason. A lost peer (UCX endpoint
-error, or for error-handling-free same-host links a vanished pid) fails every pending handle
-with PeerLostError.
-
-UCX configuration (docs)
-------------------------
-UCX reads its own ``UCX_*`` variables when the backend starts (one UCX context per connector):
-
-- ``UCX_TLS``: transports. ``tcp`` (anywhere), ``sm`` or ``posix,cma``/``sysv`` (same host,
-  shared memory), ``cuda_copy,cuda_ipc`` (GPU memory; cuda_ipc between GPUs of one host),
-  ``rc,ud`` or ``ib`` (InfiniBand/RoCE verbs). Typical: ``UCX_TLS=tcp,sm,cuda_copy,cuda_ipc``
-  on one host, ``UCX_TLS=rc,sm,cuda_copy,cuda_ipc`` across an IB fabric.
-- ``UCX_NET_DEVICES``: which NICs, e.g. ``mlx5_0:1`` or ``eth0``; default: all.
-- ``UCX_TCP_CM_REUSEADDR``, ``UCX_KEEPALIVE_INTERVAL`` (peer-failure detection period),
-  ``UCX_RNDV_THRESH``, ``UCX_LOG_LEVEL=info`` (print the transports each endpoint uses).
-- PyPI's ``libucx`` has tcp, shared memory, cuda_copy and cuda_ipc but NO verbs. For
-  InfiniBand/RoCE install a system UCX (>= 1.15, built with verbs and CUDA) and set
-  ``RAPIDS_LIBUCX_PREFER_SYSTEM_LIBRARY=true`` so that ``libucx`` loads it.
-- Shared-memory transports have no UCX peer-failure handler. With error handling on (the
-  default), UCX 1.21 therefore moves even same-host traffic over tcp when tcp is allowed.
-  With ``UCX_TLS=sm`` alone, endpoints are created WITHOUT error handling
-  (``KVXFER_UCX_ERROR_HANDLING=auto``) and a same-host peer is watched by pid: a peer that
-  dies while idle fails the link cleanly, but a peer that dies while an RMA is in flight makes
-  UCX abort this process (UCX treats transport errors as fatal without error handling). Use
-  sm-only only where both processes live and die together.
+Layer: backends/ucx, the top of the package (see :mod:`kvxfer.backends.ucx` for how a transfer
+moves and how UCX is configured). The backend owns one :class:`~.worker.Worker` (UCX context,
+worker, threads), one :class:`~.memory.LocalMemory` (registrations, staging) and the links; a
+link is given a :class:`~.context.LinkContext` and uses nothing else of the backend. Importing
+this module imports ucxx (ImportError when it is missing).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any
 
-from .._tensors import MemoryKind
-from ..errors import (
-    BackendUnavailableError,
+from ..._tensors import MemoryKind
+from ...errors import (
     KvxferError,
     PeerLostError,
     RemoteProtocolError,
     TransferTimeoutError,
     TransportError,
 )
-from ..handle import Op, TransferHandle
-from ..layout import KVLayout
-from ..metadata import PeerMetadata, boot_id
-from ..plan import TransferPlan, transfer_shape
-from .base import Backend, BackendLink, LocalSide, TransferRequest
-from .ucx_config import ErrorHandling, Progress, TransferMode, UcxConfig, ucx_config
+from ...handle import Op, TransferHandle
+from ...layout import KVLayout
+from ...metadata import PeerMetadata, boot_id
+from ...plan import TransferPlan, transfer_shape
+from ...protocol.messages import Goodbye, HelloAck, TransferRequest, encode
+from ..base import Backend, BackendLink, LocalSide
+from . import messages as proto
+from .config import ErrorHandling, Progress, TransferMode, UcxConfig, ucx_config
+from .context import LinkContext
+from .link import UcxLink
+from .memory import LocalMemory
+from .messages import Msg
+from .worker import Worker, import_ucxx
 
 try:  # ucxx is optional: the Connector treats ImportError as "ucx not available"
-    import ucxx._lib.libucxx as _ucxx
+    import_ucxx()
 except Exception as _exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"ucxx is not importable: {_exc!r}") from None
-
-from . import _ucp
-from . import ucx_protocol as proto
-from .ucx_link import UcxLink
-from .ucx_protocol import Msg
-from .ucx_staging import Packer, StagingPool
 
 __all__ = ["Msg", "UcxBackend", "UcxLink"]
 
@@ -98,82 +60,31 @@ class UcxBackend(Backend):
     def __init__(self, local: LocalSide, config: UcxConfig | None = None):
         self.local = local
         self.config = config or ucx_config()
-        self.ucp = _ucp.load()
         self.session = f"{os.getpid():x}-{id(self):x}-{os.urandom(4).hex()}"
-        try:
-            feats = (_ucxx.Feature.AM, _ucxx.Feature.RMA, _ucxx.Feature.WAKEUP)
-            self._ctx = _ucxx.UCXContext({}, feature_flags=feats)
-            self._worker = _ucxx.UCXWorker(self._ctx)
-        except Exception as exc:
-            raise BackendUnavailableError(f"UCX could not start: {exc!r}") from None
-        self._ctx_h = int(self._ctx.handle)
-        self._worker_h = int(self._worker.handle)
-        self._address = self._worker.address.tobytes()
-        self._old_eps: list[Any] = []
         self._links: dict[str, UcxLink] = {}
-        self._by_ep: dict[int, UcxLink] = {}
         self._lock = threading.Lock()
         self._closed = False
-        self._regions: list[_ucp.MemRegion] = []
-        self.tensor_params: list[Any] = []
         self.layout: KVLayout | None = None
-        self._pool: StagingPool | None = None
-        self._packer: Packer | None = None
-        self._work: queue.SimpleQueue = queue.SimpleQueue()
-        self._am_cb = self.ucp.set_am_handler(self._worker_h, proto.AM_ID, self._on_am)
-        self._polling = self._wants_polling(local.layout)
-        self._worker.start_progress_thread(polling_mode=self._polling, epoll_timeout=self.config.wakeup_ms)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work_loop, name="kvxfer-ucx-work", daemon=True)
-        self._thread.start()
+        self.worker = Worker(self._on_am, polling=self._wants_polling(local.layout), wakeup_ms=self.config.wakeup_ms)
+        self.memory = LocalMemory(self.worker.ucp, self.worker.context, self.config.staging_cache)
+        self._link_ctx = LinkContext(self.worker, self.memory, self.config, local, self.session, self.forget)
         self._watch = threading.Thread(target=self._watch_loop, name="kvxfer-ucx-watch", daemon=True)
         self._watch.start()
-        self._finalizer = weakref.finalize(self, UcxBackend._shutdown, self._worker, self._stop, self._work)
-
-    # -- plumbing ----------------------------------------------------------------------------
-    def wake(self) -> None:
-        """Wake the progress thread after posting from another thread (a busy-polling one never
-        sleeps: no signal, one system call less on every post)."""
-        if not self._polling:
-            self.ucp.signal(self._worker_h)
-
-    def defer(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` on the work thread (never on the progress thread)."""
-        self._work.put((fn, args))
-
-    def _work_loop(self) -> None:
-        while True:
-            item = self._work.get()
-            if item is None:
-                return
-            fn, args = item
-            try:
-                fn(*args)
-            except RemoteProtocolError as exc:
-                # the link is an argument, or the object whose bound method this is (link.on_message)
-                link = next((a for a in (*args, getattr(fn, "__self__", None)) if isinstance(a, UcxLink)), None)
-                log.warning("dropping link to %r: %s", getattr(getattr(link, "peer", None), "name", "?"), exc)
-                if link is not None:
-                    link.close(PeerLostError(f"link to {link.peer.name!r} dropped: {exc}"))
-            except KvxferError as exc:
-                log.warning("UCX work item failed: %s", exc)
-            except Exception:
-                log.exception("unexpected error in the UCX work thread")
 
     def _watch_loop(self) -> None:
         # every liveness_interval: abandoned reads past their deadline (UcxLink.overdue), and
         # same-host peers on links without UCX error handling: is their process still there?
-        while not self._stop.wait(self.config.liveness_interval):
+        while not self.worker.stopping.wait(self.config.liveness_interval):
             with self._lock:
                 links = list(self._links.values())
             now = time.monotonic()
             for lk in links:
                 x = lk.overdue(now)
                 if x is not None:
-                    self.defer(lk.close_overdue, x)
+                    self.worker.defer(lk.close_overdue, x)
                 if not lk.error_handling and lk.peer.boot_id == boot_id() and not _pid_alive(lk.peer.pid):
                     lk.ep_failed = True  # closing an endpoint to a dead peer without error handling may abort
-                    self.defer(lk.close, PeerLostError(f"peer {lk.peer.name!r} (pid {lk.peer.pid}) is gone"))
+                    self.worker.defer(lk.close, PeerLostError(f"peer {lk.peer.name!r} (pid {lk.peer.pid}) is gone"))
 
     # -- active messages (progress thread) ---------------------------------------------------
     def _on_am(self, data: bytes, reply_ep: int) -> None:
@@ -183,26 +94,26 @@ class UcxBackend(Backend):
             log.warning("dropping a malformed UCX control message (%d B): %s", len(data), exc)
             return
         if kind is Msg.HELLO:
-            self.defer(self._on_hello, h)
+            self.worker.defer(self._on_hello, h, session)
             return
         with self._lock:
             link = self._links.get(session)
         if link is None:
             log.info("dropping %s from unknown session %r", kind.name, session)
             return
-        self.defer(link.on_message, kind, h, time.perf_counter())
+        self.worker.defer(link.on_message, kind, h, time.perf_counter())
 
     # -- Backend interface -------------------------------------------------------------------
     def endpoint(self) -> dict[str, Any]:
         return {
-            "addr": self._address,
+            "addr": self.worker.address,
             "session": self.session,
-            "regions": [[r.address, r.length, r.rkey] for r in self._regions],
+            "regions": self.memory.described(),
         }
 
     def can_reach(self, peer: PeerMetadata) -> bool:
         ep = peer.backends.get("ucx")
-        return isinstance(ep, dict) and isinstance(ep.get("addr"), bytes) and bool(ep.get("regions")) and bool(self._regions)
+        return isinstance(ep, dict) and isinstance(ep.get("addr"), bytes) and bool(ep.get("regions")) and bool(self.memory.regions)
 
     def _wants_polling(self, layout: KVLayout | None) -> bool:
         mode = self.config.progress
@@ -211,37 +122,15 @@ class UcxBackend(Backend):
         return mode is Progress.POLL
 
     def on_layout_registered(self, layout: KVLayout) -> None:
-        if self._wants_polling(layout) and not self._polling:
+        if self._wants_polling(layout):
             # AUTO with GPU memory: restart the progress thread busy-polling (before any peer,
             # which is why a layout is registered before connect)
-            self._worker.stop_progress_thread()
-            self._worker.start_progress_thread(polling_mode=True, epoll_timeout=self.config.wakeup_ms)
-            self._polling = True
-        mt = _ucp.MemoryType.HOST if layout.memory is MemoryKind.HOST else _ucp.MemoryType.CUDA
-        for addr, t in zip(layout.addrs.tolist(), layout.geometry.tensors):
-            memh = self.ucp.mem_map(self._ctx_h, int(addr), t.span, mt)
-            self._regions.append(_ucp.MemRegion(int(addr), t.span, memh, self.ucp.rkey_pack(self._ctx_h, memh)))
-            self.tensor_params.append(self.ucp.request_param(memh))
+            self.worker.poll()
+        self.memory.register(layout)
         self.layout = layout
 
-    def staging(self) -> StagingPool:
-        """The registered staging buffers (made at first use, from any thread)."""
-        if self._pool is None:
-            with self._lock:
-                if self._pool is None:
-                    assert self.layout is not None
-                    self._pool = StagingPool(self.ucp, self._ctx_h, self.layout.memory, self.layout.device,
-                                             self.config.staging_cache)
-        return self._pool
-
-    def packer(self) -> Packer:
-        if self._packer is None:
-            assert self.layout is not None
-            self._packer = Packer(self.layout)
-        return self._packer
-
     def choose_packed(self, plan: TransferPlan) -> bool:
-        """Whether ``plan`` moves packed (see :class:`~kvxfer.backends.ucx_config.TransferMode`)."""
+        """Whether ``plan`` moves packed (see :class:`~kvxfer.backends.ucx.config.TransferMode`)."""
         return self._packs(plan.nbytes, plan.nruns)
 
     def _packs(self, nbytes: int, nruns: int) -> bool:
@@ -274,7 +163,6 @@ class UcxBackend(Backend):
 
     def _make_ep(self, addr: bytes, peer: PeerMetadata) -> tuple[Any, bool]:
         mode = self.config.error_handling
-        ua = _ucxx.UCXAddress.create_from_buffer(addr)
         same_host = peer.boot_id == boot_id()
         gpu_both = (self.layout is not None and self.layout.memory is MemoryKind.CUDA
                     and peer.geometry is not None and peer.geometry.memory is MemoryKind.CUDA)
@@ -284,13 +172,13 @@ class UcxBackend(Backend):
             mode = ErrorHandling.NONE
         if mode is not ErrorHandling.NONE:
             try:
-                return _ucxx.UCXEndpoint.create_from_worker_address(self._worker, ua, True), True
+                return self.worker.endpoint(addr, True), True
             except Exception as exc:
                 if mode is ErrorHandling.PEER or not same_host:
                     raise PeerLostError(f"UCX cannot reach {peer.name!r} with error handling on: {exc!r}") from None
                 log.info("UCX reaches %r only without error handling (shared memory?); watching its pid", peer.name)
         try:
-            return _ucxx.UCXEndpoint.create_from_worker_address(self._worker, ua, False), False
+            return self.worker.endpoint(addr, False), False
         except Exception as exc:
             raise PeerLostError(f"UCX cannot reach {peer.name!r}: {exc!r}") from None
 
@@ -298,7 +186,6 @@ class UcxBackend(Backend):
         with self._lock:
             old = self._links.get(session)
             self._links[session] = link
-            self._by_ep[link.ep_handle] = link
         if old is not None:
             old.close(PeerLostError(f"peer {link.peer.name!r} reconnected"))
         if link.error_handling:
@@ -308,7 +195,7 @@ class UcxBackend(Backend):
         link = ref()
         if link is not None and not link.closed:
             link.ep_failed = True
-            self.defer(link.close, PeerLostError(f"UCX endpoint to {link.peer.name!r} failed (peer lost)"))
+            self.worker.defer(link.close, PeerLostError(f"UCX endpoint to {link.peer.name!r} failed (peer lost)"))
 
     def connect(self, peer: PeerMetadata, timeout: float) -> UcxLink:
         ep_desc = peer.backends.get("ucx") or {}
@@ -322,10 +209,10 @@ class UcxBackend(Backend):
             # endpoint would replace it on the peer's side and fail whatever is pending on it)
             return existing
         ep, eh = self._make_ep(addr, peer)
-        link = UcxLink(self, peer, ep, eh)
+        link = UcxLink(self._link_ctx, peer, ep, eh)
         self._register(link, session)
         try:
-            self.defer(link.hello, self.local.local_metadata().to_bytes(), self._address)
+            self.worker.defer(link.hello, self.local.local_metadata().to_bytes(), self.worker.address)
             if not link.ready.wait(timeout):
                 raise TransferTimeoutError(f"no UCX handshake answer from {peer.name!r} within {timeout} s")
             if link.closed:
@@ -337,9 +224,9 @@ class UcxBackend(Backend):
             raise
         return link
 
-    def _on_hello(self, h: dict) -> None:
+    def _on_hello(self, h: dict, session: str) -> None:
         try:
-            hello = proto.decode_hello(h)
+            hello = proto.decode_hello(h, session)
         except RemoteProtocolError:
             log.warning("dropping a malformed UCX HELLO")
             return
@@ -350,18 +237,18 @@ class UcxBackend(Backend):
         except KvxferError as exc:
             log.warning("dropping a UCX HELLO: %s", exc)
             return
-        link = UcxLink(self, peer, ep, eh)
+        link = UcxLink(self._link_ctx, peer, ep, eh)
         self._register(link, hello.session)
         link.incoming = True  # connect() to this peer reuses it instead of replacing it
         link.ready.set()
-        link.send(Msg.HELLO_ACK, proto.hello_ack_body(ok, None if ok else "no KV layout registered"))
+        link.send(Msg.HELLO_ACK, encode(HelloAck(None if ok else "no KV layout registered")))
 
     def _caller_ready(self) -> Any:
         """GPU memory: an event on the caller's current stream that every access to our blocks
         waits for (call on the caller's thread); None for host memory."""
         if self.layout is None or self.layout.memory is not MemoryKind.CUDA:
             return None
-        from ..ops.cuda import caller_ready_event
+        from ...ops.cuda import caller_ready_event
 
         return caller_ready_event(self.layout)
 
@@ -408,40 +295,15 @@ class UcxBackend(Backend):
         if plan.nbytes and self.choose_packed(plan):
             link.start_packed(req, plan, handle, ready)
         else:
-            self.defer(link.start, req, plan, handle, ready)
+            self.worker.defer(link.start, req, plan, handle, ready)
 
     # -- closing -----------------------------------------------------------------------------
-    def forget(self, link: UcxLink) -> None:
+    def forget(self, link: BackendLink) -> None:
+        """Stop routing the peer's messages to ``link`` (closed)."""
         with self._lock:
             for k, v in list(self._links.items()):
                 if v is link:
                     del self._links[k]
-            self._by_ep.pop(link.ep_handle, None)
-
-    def close_endpoint(self, ep: Any, failed: bool) -> None:
-        """Close a link's endpoint (work thread). A failed endpoint is being torn down by
-        ucxx's own error path on the progress thread: closing it again races that (and
-        crashed in testing), so it is only kept referenced until the worker stops."""
-        self._old_eps.append(ep)
-        try:
-            if failed or not ep.alive:
-                return
-            ep.remove_close_callback()
-            ep.close()
-        except Exception as exc:
-            log.debug("closing a UCX endpoint: %r", exc)
-
-    @staticmethod
-    def _shutdown(worker: Any, stop: threading.Event, work: queue.SimpleQueue) -> None:
-        stop.set()
-        work.put(None)
-        try:
-            worker.stop_progress_thread()
-        except Exception:
-            log.debug("stopping the UCX progress thread", exc_info=True)
-
-    def on_work_thread(self) -> bool:
-        return threading.current_thread() is self._thread or not self._thread.is_alive()
 
     def _close_links(self, done: threading.Event) -> None:
         # work thread: say BYE, let it leave (bounded), then close every link
@@ -458,10 +320,10 @@ class UcxBackend(Backend):
                     flushed.set()
 
         for lk in links:
-            lk.send(Msg.BYE, {})
-            self.ucp.flush(lk.ep_handle, one)
+            lk.send(Msg.BYE, encode(Goodbye()))
+            self.worker.ucp.flush(lk.ep_handle, one)
         if links:
-            self.wake()
+            self.worker.wake()
             flushed.wait(min(0.5, self.config.close_timeout))
         for lk in links:
             lk.close(PeerLostError("connector closed"))
@@ -473,17 +335,12 @@ class UcxBackend(Backend):
             return
         self._closed = True
         done = threading.Event()
-        self.defer(self._close_links, done)
+        self.worker.defer(self._close_links, done)
         done.wait(2 * self.config.close_timeout)
-        self._finalizer()
-        self._thread.join(self.config.close_timeout)
+        self.worker.shutdown(self.config.close_timeout)
         self._watch.join(self.config.close_timeout)
-        self._old_eps.clear()
-        if self._pool is not None:
-            self._pool.close()
-        for r in self._regions:
-            self.ucp.mem_unmap(self._ctx_h, r.memh)
-        self._regions = []
+        self.worker.release_endpoints()
+        self.memory.close()
 
 
 def _pid_alive(pid: int) -> bool:
