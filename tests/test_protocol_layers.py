@@ -9,10 +9,6 @@ from pathlib import Path
 import kvxfer
 
 ROOT = Path(kvxfer.__file__).parent
-# circles whose owners are taking them apart (issue 22); nothing may be added to this list
-KNOWN_CIRCLES = {
-    frozenset({"kvxfer.ops.cuda", "kvxfer.ops.pairs"}),
-}
 
 
 def _modules() -> dict[str, Path]:
@@ -92,7 +88,7 @@ def _circles(g: dict[str, dict[str, list[str]]]) -> list[frozenset[str]]:
 
 def test_no_new_import_circle():
     found = set(_circles(_graph()))
-    assert found <= KNOWN_CIRCLES, f"import circles: {[sorted(c) for c in found - KNOWN_CIRCLES]}"
+    assert not found, f"import circles: {[sorted(c) for c in found]}"
 
 
 def test_the_walk_sees_a_circle():
