@@ -107,15 +107,14 @@ def run_pair(backend, mode, geom, moved, iters, device_pair=None, depth=1):
     os.environ.update({k: v for k, v in env.items() if k.startswith("KVXFER")})
     reset = os.environ.get("BENCH_RESET", "")  # diagnostics: start each pair from cleared caches / pool
     if "caches" in reset:
-        import kvxfer.ops.cuda as _oc
         import kvxfer.ops.pairs as _op
+        import kvxfer.ops.runtime as _rt
         import kvxfer.plan as _pl
 
         _op._TEMPLATES.clear()
         _pl._PAIRS_BY_ID.clear()
         _pl._segment_pairs.cache_clear()
-        _oc._states.clear()
-        _oc._streams.clear()
+        _rt.reset()
     if "pool" in reset and device_pair is not None:
         import cupy as _cp
 

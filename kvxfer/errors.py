@@ -74,7 +74,7 @@ class RemoteTransferError(TransportError):
 
 
 class KernelCompileError(KvxferError):
-    """A CUDA kernel in csrc/ failed to compile or load."""
+    """A CUDA kernel of kvxfer/csrc/ failed to compile or load."""
 
 
 class BackendUnavailableError(KvxferError):

@@ -7,7 +7,7 @@ peers compute the same plan from the same inputs, so the order of bytes on the w
 A job copies ``src_count`` runs of ``src_run`` bytes (``src_stride`` apart, from ``src_off`` in
 source tensor ``src_t``) to ``dst_count`` runs of ``dst_run`` bytes in destination tensor
 ``dst_t``; both sides hold the same number of bytes. Offsets are relative to each tensor's first
-byte; this is the two-level strided descriptor that the CUDA kernels in csrc/ consume.
+byte; this is the two-level strided descriptor that the CUDA kernels in kvxfer/csrc/ consume.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ try:
 
     _UCXX_ERR = None
 except Exception as exc:  # pragma: no cover - environment dependent
-    _UCXX_ERR = f"ucxx is not importable here ({exc!r}); pip install ucxx-cu13"
+    _UCXX_ERR = f"ucxx is not importable here ({exc!r}); pip install kvxfer[cuda13] (or [cuda12])"
 
 pytestmark = pytest.mark.skipif(_UCXX_ERR is not None, reason=_UCXX_ERR or "")
 

@@ -197,7 +197,7 @@ def backend_status(kind: BackendKind, memory: MemoryKind) -> str | None:
         return None
     if kind is BackendKind.UCX:
         if importlib.util.find_spec("ucxx") is None:
-            return "ucxx is not installed (pip install kvxfer[ucx])"
+            return "ucxx is not installed (pip install kvxfer[cuda13] or kvxfer[cuda12])"
         if importlib.util.find_spec("kvxfer.backends.ucx") is None:
             return "this kvxfer has no UCX backend module (kvxfer.backends.ucx)"
         return None

@@ -69,7 +69,7 @@ def _cupy() -> Any:
     try:
         import cupy
     except ImportError as exc:
-        raise BackendUnavailableError(f"the cuda_ipc backend needs CuPy (pip install cupy-cuda13x): {exc}") from None
+        raise BackendUnavailableError(f"the cuda_ipc backend needs CuPy (pip install kvxfer[cuda13] or kvxfer[cuda12]): {exc}") from None
     return cupy
 
 
