@@ -2,7 +2,7 @@
 
 - :mod:`.base`: the interface (Backend, BackendLink, LocalSide, LinkOwner) and planning.
 - :mod:`.staging`: stream views, buffer pools and packing, shared by the backends that stage.
-- :mod:`.tcp`, :mod:`.cuda_ipc`: one package per backend; UCX is ``ucx*.py`` and ``_ucp.py``.
+- :mod:`.tcp`, :mod:`.cuda_ipc`, :mod:`.ucx`: one package per backend.
 
 The messages a transfer's two sides exchange, and the rules of a link's transfers, are the
 sans-I/O :mod:`kvxfer.protocol`.

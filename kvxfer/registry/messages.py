@@ -6,7 +6,7 @@ Nothing here touches a socket.
 * A client sends ``REG_REQUEST`` frames whose msgpack header is ``{"id": n, "op": <Op>, ...fields}``.
 * The server answers each with one ``REG_REPLY`` frame ``{"id": n, "r": <ResultKind>, ...fields}``;
   replies to waiting operations (pull, await-expect) may come out of order.
-* The server pushes ``REG_EVENT`` frames ``{"ev": <EventKind>, ...fields}`` to a connector that
+* The server pushes ``REG_EVENT`` frames (a :class:`RequestEvent`: ``request_id``, ``kind``, ``role``, ``reason``) to a connector that
   produced or consumed a request, e.g. to say that the request is finished.
 
 Every field that comes from the wire is type- and range-checked here; anything else is a
