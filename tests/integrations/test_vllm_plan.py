@@ -31,21 +31,25 @@ def test_import_kvxfer_does_not_import_the_integration() -> None:
 
 
 def test_step_plan_round_trip() -> None:
-    plan = StepPlan(loads=(LoadSpec("r1", "x1", (3, 4, 5)), LoadSpec("r4", "x4", (8, 9), skip=1)),
-                    publishes=(PublishSpec("r2", "x2", (7,), 30.0),),
-                    pushes=(PushSpec("r3", "x3", (1, 2)),))
+    plan = StepPlan(loads=(LoadSpec("r1", "x1", (3, 4, 5)), LoadSpec("r4", "x4", (8, 9), skip=1, group=1),
+                           LoadSpec("r5", "x5", (6,), group=2, refuse="dtype differs")),
+                    publishes=(PublishSpec("r2", "x2", (7,), 30.0, 1),),
+                    pushes=(PushSpec("r3", "x3", (1, 2), 2),))
     assert StepPlan.from_bytes(plan.to_bytes()) == plan
     assert not StepPlan() and StepPlan.from_bytes(StepPlan().to_bytes()) == StepPlan()
 
 
 @pytest.mark.parametrize("raw", [
-    msgpack.packb([1, [], [], []]),                     # another version
-    msgpack.packb([2, [["r", "k", [-1], 0]], [], []]),  # negative block id
-    msgpack.packb([2, [["r", 5, [1], 0]], [], []]),     # key not a string
-    msgpack.packb([2, [["r", "k", [1], 2]], [], []]),   # skips more blocks than it names
-    msgpack.packb([2, [["r", "k", [1], -1]], [], []]),  # negative skip
-    msgpack.packb([2, [["r", "k", [1]]], [], []]),      # skip missing
-    msgpack.packb([2, [], []]),                         # truncated
+    msgpack.packb([2, [], [], []]),                             # another version
+    msgpack.packb([3, [["r", "k", [-1], 0, 0, ""]], [], []]),  # negative block id
+    msgpack.packb([3, [["r", 5, [1], 0, 0, ""]], [], []]),     # key not a string
+    msgpack.packb([3, [["r", "k", [1], 2, 0, ""]], [], []]),   # skips more blocks than it names
+    msgpack.packb([3, [["r", "k", [1], -1, 0, ""]], [], []]),  # negative skip
+    msgpack.packb([3, [["r", "k", [1], 0, -1, ""]], [], []]),  # negative group
+    msgpack.packb([3, [["r", "k", [1], 0, 0, 7]], [], []]),    # refusal not a string
+    msgpack.packb([3, [["r", "k", [1], 0]], [], []]),          # group and refusal missing
+    msgpack.packb([3, [], [["r", "k", [1], 1.0]], []]),        # publication without its group
+    msgpack.packb([3, [], []]),                                 # truncated
     b"\xc1",                                            # not msgpack
 ])
 def test_step_plan_refuses_malformed(raw: bytes) -> None:

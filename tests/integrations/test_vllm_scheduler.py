@@ -9,11 +9,19 @@ import pytest
 
 pytest.importorskip("vllm", reason="the scheduler side imports vLLM (scripts/test_vllm.sh installs it)")
 
+from kvxfer.integrations.vllm.compat import EngineSpec  # noqa: E402
 from kvxfer.integrations.vllm.config import TransferMode, TransferRole, VllmConnectorConfig  # noqa: E402
+from kvxfer.integrations.vllm.groups import GroupInfo, GroupKind  # noqa: E402
 from kvxfer.integrations.vllm.metadata import PARAM_ID, PARAM_REMOTE_PREFILL  # noqa: E402
 from kvxfer.integrations.vllm.scheduler import SchedulerSide  # noqa: E402
 
 BS = 16
+GROUPS = (GroupInfo(0, GroupKind.FULL, BS, 0, ("l0",), 1024),)
+SPEC = EngineSpec("m", "torch.float16", "auto", "NHD", tuple(tuple(g.describe()) for g in GROUPS))
+
+
+def _side(mode=TransferMode.PULL, groups=GROUPS):
+    return SchedulerSide(VllmConnectorConfig(mode=mode), TransferRole.CONSUMER, groups, SPEC, lambda rid: ())
 
 
 def _request(rid: str, prompt_tokens: int):
@@ -37,7 +45,7 @@ def _plan_load(side: SchedulerSide, req, local_hit_tokens: int, block_ids):
     (TransferMode.PUSH, 3 * BS, 0),          # the producer writes every block in push mode
 ])
 def test_a_local_prefix_hit_is_skipped_by_the_load(mode, hit_tokens, skip):
-    side = SchedulerSide(VllmConnectorConfig(mode=mode), TransferRole.CONSUMER, BS, lambda rid: [])
+    side = _side(mode)
     req = _request("r1", 5 * BS + 3)  # 6 prompt blocks, the last one partial
     count, is_async, loads = _plan_load(side, req, hit_tokens, range(100, 108))
     assert (count, is_async) == (5 * BS + 3 - hit_tokens, True)
@@ -46,7 +54,7 @@ def test_a_local_prefix_hit_is_skipped_by_the_load(mode, hit_tokens, skip):
 
 
 def test_a_hit_noted_for_an_abandoned_request_is_forgotten():
-    side = SchedulerSide(VllmConnectorConfig(), TransferRole.CONSUMER, BS, lambda rid: [])
+    side = _side()
     req = _request("r2", 4 * BS)
     side.get_num_new_matched_tokens(req, 2 * BS)
     side.request_finished(req, [])

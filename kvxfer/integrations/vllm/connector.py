@@ -3,7 +3,13 @@
 Layer: engine integration. vLLM builds one instance in the scheduler process (role SCHEDULER)
 and one in each worker (role WORKER). This class only forwards: scheduler hooks to
 :class:`~.scheduler.SchedulerSide`, worker hooks to :class:`~.worker.WorkerSide`; the step
-plan crosses between them as msgpack bytes (:class:`KvxferConnectorMetadata`).
+plan crosses between them as msgpack bytes (:class:`KvxferConnectorMetadata`). It reads vLLM's
+``KVCacheConfig`` into kvxfer's terms: one :class:`~.groups.GroupInfo` per KV-cache group that
+transfers, and per group the layer views to register (layers that vLLM leaves without a view,
+such as Mamba states, get one built from their ``KVCacheTensor`` placement).
+
+It implements ``SupportsHMA``: vLLM keeps its hybrid KV-cache manager on with kvxfer, and hands
+every group's block ids to ``request_finished_all_groups``.
 """
 
 from __future__ import annotations
@@ -15,17 +21,22 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 
+from ...errors import LayoutError
+from .compat import EngineSpec
 from .config import TransferMode, TransferRole, VllmConnectorConfig
+from .groups import GroupInfo, GroupKind
 from .metadata import StepPlan
 from .scheduler import SchedulerSide
-from .stats import KvxferStats
+from .stats import KvxferPromMetrics, KvxferStats
 from .worker import WorkerSide
 
 if TYPE_CHECKING:
     import torch
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import PromMetric, PromMetricT
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -55,7 +66,77 @@ def _tp_rank() -> int:
         return 0
 
 
-class KvxferConnector(KVConnectorBase_V1):
+def group_infos(kv_cache_config: KVCacheConfig) -> tuple[GroupInfo, ...]:
+    """kvxfer's view of vLLM's KV-cache groups that take part in transfers.
+
+    Raises:
+        LayoutError: a group's spec is of a kind kvxfer cannot move.
+    """
+    from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec, SlidingWindowSpec, UniformTypeKVCacheSpecs
+
+    out = []
+    for gi in kv_cache_config.transfer_group_ids:
+        group = kv_cache_config.kv_cache_groups[gi]
+        spec = group.kv_cache_spec
+        if isinstance(spec, UniformTypeKVCacheSpecs):
+            spec = next(iter(spec.kv_cache_specs.values()))
+        if isinstance(spec, SlidingWindowSpec):
+            kind, window = GroupKind.SLIDING, int(spec.sliding_window)
+        elif isinstance(spec, MambaSpec):
+            kind, window = GroupKind.STATE, 0
+        elif isinstance(spec, AttentionSpec):
+            kind, window = GroupKind.FULL, 0
+        else:
+            raise LayoutError(f"KV-cache group {gi} has a {type(spec).__name__}; kvxfer moves attention "
+                              "(full, sliding window, MLA) and Mamba-state groups")
+        out.append(GroupInfo(gi, kind, int(spec.block_size), window, tuple(group.layer_names),
+                             int(spec.page_size_bytes)))
+    return tuple(out)
+
+
+def group_views(kv_caches: dict[str, torch.Tensor], kv_cache_config: KVCacheConfig,
+                groups: tuple[GroupInfo, ...]) -> dict[int, dict[str, torch.Tensor]]:
+    """Per group, its layers' views with the block index first.
+
+    A layer that vLLM gave only its raw backing buffer (a 1-D int8 tensor: Mamba states and
+    other specs without layer views) is viewed as ``[num_blocks, page_bytes]`` bytes at its
+    ``KVCacheTensor`` placement (``offset + l * layer_stride + b * block_stride``).
+
+    Raises:
+        LayoutError: a group's layer has no KV cache, or no placement for a raw buffer.
+    """
+    placement = {}
+    for tensor in kv_cache_config.kv_cache_tensors:
+        for li, name in enumerate(tensor.layers):
+            placement[name] = (tensor, li)
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for g in groups:
+        views = out[g.index] = {}
+        for layer in g.layers:
+            t = kv_caches.get(layer)
+            if t is None:
+                raise LayoutError(f"layer {layer!r} of KV-cache group {g.index} has no KV cache")
+            if t.dim() == 1:
+                if layer not in placement:
+                    raise LayoutError(f"layer {layer!r} has a raw KV buffer and no KVCacheTensor placement")
+                tensor, li = placement[layer]
+                t = t.as_strided((kv_cache_config.num_blocks_of(tensor), g.page_bytes), (tensor.block_stride, 1),
+                                 t.storage_offset() + tensor.offset + li * tensor.layer_stride)
+            views[layer] = t
+    return out
+
+
+def engine_spec(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None,
+                groups: tuple[GroupInfo, ...]) -> EngineSpec:
+    """This engine's :class:`~.compat.EngineSpec` (what a peer's must equal)."""
+    mc, cc = vllm_config.model_config, vllm_config.cache_config
+    layout = (kv_cache_config.kv_cache_layout if kv_cache_config is not None else None) or cc.kv_cache_layout
+    return EngineSpec(model=str(mc.model) if mc is not None else "", dtype=str(mc.dtype) if mc is not None else "",
+                      kv_cache_dtype=str(cc.cache_dtype), layout=str(layout or "auto"),
+                      groups=tuple(tuple(g.describe()) for g in groups))
+
+
+class KvxferConnector(KVConnectorBase_V1, SupportsHMA):
     """kvxfer as a vLLM KV connector; configure it with ``kv_connector_extra_config``
     (see :class:`~.config.VllmConnectorConfig`)."""
 
@@ -66,19 +147,21 @@ class KvxferConnector(KVConnectorBase_V1):
         transfer_role = TransferRole.from_kv_role(ktc.kv_role)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        if kv_cache_config is None:
+            raise ValueError("KvxferConnector needs vLLM's KVCacheConfig")
+        self._groups = group_infos(kv_cache_config)
         if role is KVConnectorRole.SCHEDULER:
-            self._scheduler = SchedulerSide(self._config, transfer_role, vllm_config.cache_config.block_size,
+            self._scheduler = SchedulerSide(self._config, transfer_role, self._groups,
+                                            engine_spec(vllm_config, kv_cache_config, self._groups),
                                             self._block_ids_of)
         else:
-            if kv_cache_config is None:
-                raise ValueError("KvxferConnector's worker side needs the KVCacheConfig")
             rank = _tp_rank()
             self._worker = WorkerSide(self._config, transfer_role, f"vllm-{ktc.engine_id}-tp{rank}",
                                       kv_cache_config.num_blocks, rank)
 
-    def _block_ids_of(self, req_id: str) -> list[int]:
+    def _block_ids_of(self, req_id: str) -> tuple[list[int], ...]:
         assert self._kv_cache_manager is not None, "vLLM binds the KV cache manager before scheduling"
-        return self._kv_cache_manager.get_block_ids(req_id)[0]
+        return self._kv_cache_manager.get_block_ids(req_id)
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
@@ -89,6 +172,11 @@ class KvxferConnector(KVConnectorBase_V1):
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvxferStats:
         return KvxferStats.from_data(data)
 
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type[PromMetric], type[PromMetricT]],
+                           labelnames: list[str], per_engine_labelvalues: dict[int, list[object]]) -> KvxferPromMetrics:
+        return KvxferPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     # -- worker side -------------------------------------------------------------------
     @property
     def worker(self) -> WorkerSide:
@@ -96,7 +184,8 @@ class KvxferConnector(KVConnectorBase_V1):
         return self._worker
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self.worker.register_kv_caches(kv_caches)
+        assert self._kv_cache_config is not None
+        self.worker.register_kv_caches(group_views(kv_caches, self._kv_cache_config, self._groups))
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
@@ -154,4 +243,9 @@ class KvxferConnector(KVConnectorBase_V1):
         return KvxferConnectorMetadata(self.scheduler.build_connector_meta(scheduler_output).to_bytes())
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        # vLLM calls this only with one KV-cache group (the hybrid manager off)
+        return self.scheduler.request_finished(request, (block_ids,))
+
+    def request_finished_all_groups(self, request: Request,
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler.request_finished(request, block_ids)
