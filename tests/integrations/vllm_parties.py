@@ -121,6 +121,8 @@ class Engine:
                        KVCacheTensor(size=size, layers=list(other), layer_stride=page * NUM_BLOCKS, block_stride=page)]
         self.kv_cache_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=tensors, kv_cache_groups=groups)
         self.page_bytes = page
+        # bytes of a block that hold data (a Mamba page is padded; vLLM's views cover the state only)
+        self.content = [getattr(g.kv_cache_spec, "real_page_size_bytes", page) for g in groups]
         # layer -> (group, byte offset of block 0, bytes between blocks), from the placement alone
         self.placement = {name: (gi, t.offset + li * t.layer_stride, t.block_stride)
                           for t in tensors for li, name in enumerate(t.layers)
@@ -142,7 +144,7 @@ class Engine:
         self.recvd: list[str] = []
         self.load_errors: set[int] = set()
         self.stats: Any = None
-        self.prom_observed: list[dict[str, Any]] = []
+        self.prom_pending: Any = None                # stats not yet fed to Prometheus
 
     @property
     def connector_class(self) -> str:
@@ -175,7 +177,8 @@ class Engine:
     def block_bytes(self, blocks: list[int], group: int = 0) -> bytes:
         """Bytes of ``blocks`` in every layer of ``group``, layers outer, blocks inner (null blocks skipped)."""
         names = [n for n in self.layers if self.placement[n][0] == group]
-        return b"".join(self.page(n, b).numpy().tobytes() for n in names for b in blocks if b)
+        size = self.content[group]
+        return b"".join(self.page(n, b)[:size].numpy().tobytes() for n in names for b in blocks if b)
 
     def free_blocks(self) -> int:
         return self.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
@@ -212,6 +215,8 @@ class Engine:
         self.load_errors |= errors
         if stats is not None:
             self.stats = stats if self.stats is None else self.stats.aggregate(stats)
+            fresh = type(stats).from_data(stats.data)
+            self.prom_pending = fresh if self.prom_pending is None else self.prom_pending.aggregate(fresh)
         mro = ModelRunnerOutput(
             req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=[[7] for _ in req_ids],
@@ -249,11 +254,11 @@ def _prom_samples(eng: Engine) -> dict[str, float]:
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
 
     global _PROM
-    if eng.stats is None:
-        return {}
     if _PROM is None:  # registered once per process (Prometheus refuses a metric name twice)
         _PROM = KVConnectorProm(eng.vllm_config, ["model_name", "engine"], {0: ["m", "0"]})
-    _PROM.observe(eng.stats.data, 0)  # cumulative: the samples sum every observed load's stats
+    if eng.prom_pending is not None:  # each step's stats observed once, as vLLM's logger does
+        _PROM.observe(eng.prom_pending.data, 0)
+        eng.prom_pending = None
     out = {}
     for metric in REGISTRY.collect():
         if metric.name.startswith("vllm:kvxfer"):

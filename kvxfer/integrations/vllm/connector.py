@@ -21,6 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
     SupportsHMA,
 )
 
@@ -89,8 +90,9 @@ def group_infos(kv_cache_config: KVCacheConfig) -> tuple[GroupInfo, ...]:
         else:
             raise LayoutError(f"KV-cache group {gi} has a {type(spec).__name__}; kvxfer moves attention "
                               "(full, sliding window, MLA) and Mamba-state groups")
-        out.append(GroupInfo(gi, kind, int(spec.block_size), window, tuple(group.layer_names),
-                             int(spec.page_size_bytes)))
+        # the bytes a block holds (a Mamba page may be padded past its state)
+        page = int(getattr(spec, "real_page_size_bytes", spec.page_size_bytes))
+        out.append(GroupInfo(gi, kind, int(spec.block_size), window, tuple(group.layer_names), page))
     return tuple(out)
 
 
@@ -150,6 +152,7 @@ class KvxferConnector(KVConnectorBase_V1, SupportsHMA):
         if kv_cache_config is None:
             raise ValueError("KvxferConnector needs vLLM's KVCacheConfig")
         self._groups = group_infos(kv_cache_config)
+        self._multi_group = len(kv_cache_config.kv_cache_groups) > 1
         if role is KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerSide(self._config, transfer_role, self._groups,
                                             engine_spec(vllm_config, kv_cache_config, self._groups),
@@ -214,8 +217,17 @@ class KvxferConnector(KVConnectorBase_V1, SupportsHMA):
         sending, recving = self.worker.get_finished(finished_req_ids)
         return sending or None, recving or None
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        sending, recving = self.worker.get_finished(finished_req_ids)
+        failed = self.worker.take_failed_loads()
+        # vLLM 0.33 maps block-level load errors back to requests only with one KV-cache group
+        # (a block id is unique within a group); with several it takes whole failed requests
+        return KVConnectorTransferResults(finished_sending=sending, finished_recving=recving,
+                                          failed_recving=failed if self._multi_group else set())
+
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return self.worker.get_block_ids_with_load_errors()
+        errors = self.worker.get_block_ids_with_load_errors()
+        return set() if self._multi_group else errors
 
     def get_kv_connector_stats(self) -> KvxferStats | None:
         if self._worker is None:

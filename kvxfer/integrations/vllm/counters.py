@@ -6,6 +6,10 @@ steps) and feeds it to Prometheus.
 
 The dict: ``{"backends": {BACKEND: {COUNTER: n, ...}}, "seconds": [[BACKEND, s], ...]}``, with
 the counters of :data:`COUNTERS` and one duration per finished transfer (loads and pushes).
+``BACKEND`` is the data path that moved the bytes (``tcp``, ``cuda_ipc``, ``ucx``), or
+``registry`` for a transfer that failed before any data path was chosen (never published,
+cancelled, expired, refused by the compatibility check). A producer's sends in pull mode count
+under the configured ``backend`` setting (possibly ``auto``): the consumer chose the path.
 """
 
 from __future__ import annotations

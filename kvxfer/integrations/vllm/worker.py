@@ -133,7 +133,8 @@ class WorkerSide:
         self._engine_finished: set[str] = set()          # req ids vLLM has finished (may be reported)
         self._load_errors: set[int] = set()
         self._counters = TransferCounters()
-        self._failures: list[tuple[str, str]] = []
+        self._failed_loads: set[str] = set()             # req ids whose load failed in part or whole
+        self._failures: list[tuple[str, int, tuple[int, ...], str]] = []
 
     # -- setup -------------------------------------------------------------------------
     def register_kv_caches(self, group_views: Mapping[int, Mapping[str, Any]]) -> None:
@@ -194,12 +195,13 @@ class WorkerSide:
         return f"{key}#g{group}#tp{self._rank}"
 
     @property
-    def recent_failures(self) -> list[tuple[str, str]]:
-        """(request id, why) of the latest failed loads and sends, oldest first."""
+    def recent_failures(self) -> list[tuple[str, int, tuple[int, ...], str]]:
+        """(request id, KV-cache group, blocks not loaded, why) of the latest failed loads and
+        sends (a send names no blocks), oldest first."""
         return list(self._failures)
 
-    def _failed(self, rid: str, why: str) -> None:
-        self._failures.append((rid, why))
+    def _failed(self, rid: str, why: str, group: int = -1, blocks: tuple[int, ...] = ()) -> None:
+        self._failures.append((rid, group, blocks, why))
         del self._failures[:-self.MAX_FAILURES_KEPT]
 
     # -- per step ----------------------------------------------------------------------
@@ -285,11 +287,16 @@ class WorkerSide:
             except KvxferError as exc:
                 # nobody can read them: this group's part is over at once
                 log.warning("kvxfer: could not publish %s group %d (%s)", pub.req_id, pub.group, exc)
-                self._failed(pub.req_id, f"publish: {type(exc).__name__}: {exc}")
-                self._counters.add(self._config.backend, sends=1, send_failures=1)
+                self._failed(pub.req_id, f"publish: {type(exc).__name__}: {exc}", pub.group)
+                self._counters.add("registry", sends=1, send_failures=1)
                 self._send_ended(pub.req_id)
                 continue
             self._sends[(pub.group, key)] = pub.req_id
+
+    def _send_backend(self, group: int) -> str:
+        # a producer in pull mode does not see which data path the consumer's read took:
+        # its sends count under the configured choice (``auto`` included)
+        return self._config.backend
 
     def _send_ended(self, rid: str) -> None:
         left = self._send_parts.get(rid, 1) - 1
@@ -308,13 +315,13 @@ class WorkerSide:
                 if rid is None:
                     continue
                 self._pushes.pop((rid, g), None)
-                backend = self._config.backend
+                backend = self._send_backend(g)
                 if fin.kind is EventKind.CONSUMED:
                     self._counters.add(backend, sends=1)
                 else:
                     expired = int(fin.kind is EventKind.EXPIRED)
                     self._counters.add(backend, sends=1, send_failures=1, expired=expired)
-                    self._failed(rid, f"{fin.kind.value}: {fin.reason}")
+                    self._failed(rid, f"{fin.kind.value}: {fin.reason}", g)
                     log.warning("kvxfer: transfer of %s ended %s: %s", fin.request_id, fin.kind.value, fin.reason)
                 self._send_ended(rid)
         for (rid, g), st in list(self._pushes.items()):
@@ -326,8 +333,8 @@ class WorkerSide:
                 del self._pushes[(rid, g)]
                 if self._sends.pop((g, st.key), None) is not None:
                     self._send_ended(rid)
-                self._counters.add(failed[0].backend or self._config.backend, sends=1, send_failures=1)
-                self._failed(rid, f"push: {failed[0].exception()}")
+                self._counters.add(failed[0].backend or "registry", sends=1, send_failures=1)
+                self._failed(rid, f"push: {failed[0].exception()}", g)
                 log.warning("kvxfer: push of %s failed: %s", rid, failed[0].exception())
             elif st.last_sent and handles and all(h.done() for h in handles):
                 for h in handles:  # counted once: the list is emptied under the lock
@@ -365,13 +372,14 @@ class WorkerSide:
             return
         if h is None:
             why, bad = p.refuse, set(p.blocks)
-            backend = self._config.backend
+            backend = "registry"
         else:
             why, bad = f"{type(exc).__name__}: {exc}", {int(b) for b in h.failed_blocks}
-            backend = h.backend or self._config.backend
+            backend = h.backend or "registry"
         self._counters.add(backend, load_failures=1)
         self._load_errors |= bad
-        self._failed(rid, why)
+        self._failed_loads.add(rid)
+        self._failed(rid, why, p.group, tuple(sorted(bad)))
         log.warning("kvxfer: load of %s group %d failed (%d blocks not loaded): %s", rid, p.group, len(bad), why)
 
     def _cancel(self, group: int, key: str) -> None:
@@ -384,6 +392,12 @@ class WorkerSide:
         """Blocks that loads which failed since the last call did not bring (the failed
         groups' blocks only; a group that arrived is not reported)."""
         out, self._load_errors = self._load_errors, set()
+        return out
+
+    def take_failed_loads(self) -> set[str]:
+        """Requests whose load failed (in any group) since the last call; each is also in
+        the ``recving`` set of :meth:`get_finished` of the same or an earlier call."""
+        out, self._failed_loads = self._failed_loads, set()
         return out
 
     def take_counters(self) -> TransferCounters | None:
