@@ -26,7 +26,7 @@ from .errors import (
 from .handle import Op, TransferHandle, TransferStats, TransferStatus
 from .layout import KVLayout, LayoutGeometry, Segment, TensorGeometry
 from .plan import TransferPlan, plan_transfer
-from .reshard import BlockFormat, HeadOrder, HeadReshard, tp_head_range
+from .reshard import BlockFormat, HeadOrder, HeadReshard, HeadSource, tp_consumers, tp_head_range, tp_kv_heads, tp_sources
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "ConnectorConfig",
     "HeadOrder",
     "HeadReshard",
+    "HeadSource",
     "KVLayout",
     "KernelCompileError",
     "KvxferError",
@@ -65,5 +66,8 @@ __all__ = [
     "TransferTimeoutError",
     "TransportError",
     "plan_transfer",
+    "tp_consumers",
     "tp_head_range",
+    "tp_kv_heads",
+    "tp_sources",
 ]

@@ -15,7 +15,7 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from .layout import KVLayout
 from .metadata import PeerMetadata, boot_id
 from .plan import as_block_ids
 from .reshard import HeadReshard
+
+if TYPE_CHECKING:
+    from .registry.agent import ReshardSpec
 
 __all__ = ["Connector", "Peer", "Notification", "BACKEND_NAMES"]
 
@@ -401,23 +404,27 @@ class Connector:
                                        lease_s=self.config.registry_lease)
         return self._agent
 
-    def publish(self, request_id: str, blocks: Sequence[int], *, ttl: float = 60.0) -> None:
-        """Producer: announce that ``request_id``'s KV sits in ``blocks`` (see registry agent)."""
-        self.requests.publish(request_id, blocks, ttl=ttl)
+    def publish(self, request_id: str, blocks: Sequence[int], *, ttl: float = 60.0, consumers: int = 1) -> None:
+        """Producer: announce that ``request_id``'s KV sits in ``blocks``, for ``consumers``
+        consumers to pull (see registry agent)."""
+        self.requests.publish(request_id, blocks, ttl=ttl, consumers=consumers)
 
-    def pull(self, request_id: str, dst_blocks: Sequence[int], *, timeout: float = 60.0, skip: int = 0) -> TransferHandle:
+    def pull(self, request_id: str, dst_blocks: Sequence[int], *, timeout: float = 60.0, skip: int = 0,
+             reshard: ReshardSpec = None, layers: Sequence[int | str] | None = None) -> TransferHandle:
         """Consumer: wait for ``request_id``'s publication and read its blocks into ``dst_blocks``
-        (all but the first ``skip``, which this side already holds: a local prefix-cache hit)."""
-        return self.requests.pull(request_id, dst_blocks, timeout=timeout, skip=skip)
+        (all but the first ``skip``, which this side already holds: a local prefix-cache hit),
+        with an optional ``reshard`` and ``layers`` subset (see registry agent)."""
+        return self.requests.pull(request_id, dst_blocks, timeout=timeout, skip=skip, reshard=reshard, layers=layers)
 
     def expect(self, request_id: str, dst_blocks: Sequence[int], *, timeout: float = 60.0) -> TransferHandle:
         """Consumer, push mode: ask the producer to write ``request_id`` into ``dst_blocks``."""
         return self.requests.expect(request_id, dst_blocks, timeout=timeout)
 
     def push(self, request_id: str, src_blocks: Sequence[int], *, layers: Sequence[int | str] | None = None,
-             last: bool = True, timeout: float = 60.0) -> TransferHandle:
-        """Producer, push mode: write ``layers`` of ``src_blocks`` to the expecting consumer."""
-        return self.requests.push(request_id, src_blocks, layers=layers, last=last, timeout=timeout)
+             last: bool = True, timeout: float = 60.0, reshard: ReshardSpec = None) -> TransferHandle:
+        """Producer, push mode: write ``layers`` of ``src_blocks`` to the expecting consumer
+        (with an optional ``reshard``, see registry agent)."""
+        return self.requests.push(request_id, src_blocks, layers=layers, last=last, timeout=timeout, reshard=reshard)
 
     # -- life cycle --------------------------------------------------------------------------
     def _check_open(self) -> None:

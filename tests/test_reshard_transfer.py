@@ -75,3 +75,72 @@ def test_reshard_wire_round_trip_and_malformed():
                 [["nhd", 1, 1, 1, 1], ["nhd", 1, 1, 1, 1], [1], 0], [["nhd", 0, 1, 1, 1], ["nhd", 1, 1, 1, 1], None, 0]):
         with pytest.raises(kvxfer.LayoutError):
             HeadReshard.from_wire(bad)
+
+
+def _tokens_nhd(cache: np.ndarray, blocks, start: int, n: int) -> np.ndarray:
+    """[2, n, heads, D] of tokens at slots start..start+n of the blocks' concatenation."""
+    return cache[:, list(blocks)].reshape(2, -1, *cache.shape[3:])[:, start:start + n]
+
+
+@pytest.mark.parametrize("bs_src,bs_dst", [(16, 64), (64, 16)])
+@pytest.mark.parametrize("op", ["read", "write"])
+def test_block_size_change_with_a_head_slice_over_tcp(bs_src, bs_dst, op):
+    """Token-mapped reshard between connectors: lists of different lengths, a source start mid-block,
+    TP 1 -> 2 heads, partial last blocks; bytes outside the mapped tokens stay untouched."""
+    rng = np.random.default_rng(bs_src)
+    prod = [rng.integers(0, 2**16, (2, 24, bs_src, H, D), dtype=np.uint16) for _ in range(3)]
+    cons = [np.full((2, 20, bs_dst, H // 2, D), 0xBEEF, np.uint16) for _ in range(3)]
+    before = [u.copy() for u in cons]
+    n, s_start, d_start = 150, 5, 3  # token t: source slot 5 + t, destination slot 3 + t
+    src = rng.permutation(24)[: -(-(s_start + n) // bs_src)]
+    dst = rng.permutation(20)[: -(-(d_start + n) // bs_dst)]
+    h0, h1 = tp_head_range(H, 1, 2)
+    rs = HeadReshard(BlockFormat(HeadOrder.NHD, bs_src, H, D, 2), BlockFormat(HeadOrder.NHD, bs_dst, H // 2, D, 2),
+                     (h0, h1), 0, num_tokens=n, src_start=s_start, dst_start=d_start)
+    with Connector("p", backend="tcp") as p, Connector("c", backend="tcp") as c:
+        p.register(prod, block_dim=1)
+        c.register(cons, block_dim=1)
+        if op == "read":
+            peer = c.connect(p.metadata(), allow_layout_change=True)
+            h = c.read(peer, src, dst, reshard=rs)
+        else:
+            peer = p.connect(c.metadata(), allow_layout_change=True)
+            h = p.write(peer, src, dst, reshard=rs)
+        h.wait(10)
+        assert h.nbytes == 3 * 2 * n * (H // 2) * D * 2
+    for t, u, b in zip(prod, cons, before):
+        want = b.copy()
+        flat = want[:, dst].reshape(2, -1, H // 2, D)
+        flat[:, d_start:d_start + n] = _tokens_nhd(t, src, s_start, n)[:, :, h0:h1]
+        want[:, dst] = flat.reshape(2, len(dst), bs_dst, H // 2, D)
+        assert np.array_equal(u, want)
+
+
+def test_token_reshard_errors_reach_the_caller_and_the_wire_parser():
+    rng = np.random.default_rng(0)
+    prod = [rng.integers(0, 2**16, (2, 8, 16, H, D), dtype=np.uint16) for _ in range(3)]
+    cons = [np.zeros((2, 8, 64, H, D), np.uint16) for _ in range(3)]
+    f16, f64 = BlockFormat(HeadOrder.NHD, 16, H, D, 2), BlockFormat(HeadOrder.NHD, 64, H, D, 2)
+    with Connector("p", backend="tcp") as p, Connector("c", backend="tcp") as c:
+        p.register(prod, block_dim=1)
+        c.register(cons, block_dim=1)
+        peer = c.connect(p.metadata(), allow_layout_change=True)
+        with pytest.raises(kvxfer.BlockIdError, match="cover exactly 5 blocks"):
+            c.read(peer, [0, 1, 2, 3], [0, 1], reshard=HeadReshard(f16, f64, num_tokens=70))
+        with pytest.raises(kvxfer.BlockIdError, match="out of range"):
+            c.read(peer, [0, 1, 2, 9, 4], [0, 1], reshard=HeadReshard(f16, f64, num_tokens=70))
+        with pytest.raises(kvxfer.BlockIdError, match="duplicates"):
+            c.read(peer, [0, 1, 2, 3, 4, 5, 6, 7], [1, 1], reshard=HeadReshard(f16, f64, num_tokens=128))
+        with pytest.raises(kvxfer.BlockIdError, match="first block"):
+            c.read(peer, [0, 1], [0], reshard=HeadReshard(f16, f64, num_tokens=10, src_start=16))
+        c.read(peer, [3, 4, 5], [6], reshard=HeadReshard(f16, f64, num_tokens=40, src_start=4, dst_start=2)).wait(10)
+        for t, u in zip(prod, cons):
+            assert np.array_equal(u[:, 6, 2:42], t[:, [3, 4, 5]].reshape(2, 48, H, D)[:, 4:44])
+            assert not u[:, 6, :2].any() and not u[:, 6, 42:].any()
+    rs = HeadReshard(f16, f64, (2, 6), 1, num_tokens=40, src_start=4, dst_start=2)
+    assert HeadReshard.from_wire(rs.to_wire()) == rs
+    assert len(HeadReshard(f16, f64).to_wire()) == 4  # block-mapped form unchanged
+    good = rs.to_wire()
+    for bad in (good[:5], good[:6] + [-1], good[:4] + [True, 0, 0], good[:4] + [1.5, 0, 0], good[:4] + [1 << 41, 0, 0]):
+        with pytest.raises(kvxfer.LayoutError):
+            HeadReshard.from_wire(bad)

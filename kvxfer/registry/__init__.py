@@ -6,10 +6,11 @@ same semantics on Redis. :func:`connect_registry` picks by URL; :class:`RequestA
 Connector uses for publish/pull/expect/push. Importing this package starts nothing.
 """
 
-from .agent import FinishedRequest, RequestAgent, RequestHandle
+from .agent import FinishedRequest, RequestAgent, RequestHandle, ReshardSpec
 from .base import AsyncRegistry, LinkState, parse_registry_url
 from .client import AsyncServerClient, RegistryClient, connect_registry, connect_registry_async
 from .core import CoreConfig, RegistryCore
+from .keys import publication_key
 from .errors import (AlreadyClaimedError, DuplicateRequestError, InvalidRequestError, NameTakenError, NotAPartyError,
                      RegistryAuthError, RegistryTimeoutError, RegistryUnavailableError, RequestFailedError,
                      UnknownConnectorError, UnknownRequestError)
@@ -21,6 +22,7 @@ __all__ = [
     "DuplicateRequestError", "EventKind", "Expectation", "FinishedRequest", "InvalidRequestError", "LinkState",
     "Mode", "NameTakenError", "NotAPartyError", "RegistryAuthError", "RegistryClient", "RegistryCore",
     "RegistryServer", "RegistryTimeoutError", "RegistryUnavailableError", "RequestAgent", "RequestEvent",
-    "RequestFailedError", "RequestHandle", "RequestInfo", "RequestState", "Role", "ServerConfig",
+    "RequestFailedError", "RequestHandle", "ReshardSpec", "RequestInfo", "RequestState", "Role", "ServerConfig",
     "UnknownConnectorError", "UnknownRequestError", "connect_registry", "connect_registry_async", "parse_registry_url",
+    "publication_key",
 ]

@@ -5,7 +5,9 @@ server's own clock, so expiry never depends on client clocks. Keys (prefix ``P``
 
 * ``P c:<name>``   hash instance, metadata, lease (ms); PEXPIRE as a backstop
 * ``P leases``     zset name -> lease end (ms)
-* ``P r:<id>``     hash mode, state, producer, consumer, blocks (msgpack), ttl (ms); PEXPIRE backstop
+* ``P r:<id>``     hash mode, state, producer, consumer, blocks (msgpack), ttl (ms); PEXPIRE backstop;
+  in pull mode also need (consumers to confirm), nclaim, ndone and ``k:<consumer>`` = 0
+  (claimed) or 1 (confirmed) per claimant; ``consumer`` is the first claimant
 * ``P ttls``       zset request id -> TTL end (ms)
 * ``P cr:<name>``  set of request ids the connector is a party of
 * ``P wp:<id>``, ``P we:<id>``  sets of connectors waiting for a publication / an expectation
@@ -37,9 +39,20 @@ local function wake(setkey, rid)
   redis.call('DEL', setkey)
   for _, n in ipairs(names) do push(n, cmsgpack.pack({wake = rid})) end
 end
+local function claimants(r)
+  local out = {}
+  local all = redis.call('HGETALL', r)
+  for i = 1, #all, 2 do
+    local k = all[i]
+    if string.sub(k, 1, 2) == 'k:' and all[i + 1] == '0' then out[#out + 1] = string.sub(k, 3) end
+  end
+  return out
+end
 local function finish(rid, kind, reason)
   local r = P .. 'r:' .. rid
-  local f = redis.call('HMGET', r, 'producer', 'consumer')
+  local f = redis.call('HMGET', r, 'producer', 'consumer', 'mode')
+  local others = {}
+  if f[3] == 'pull' then others = claimants(r) elseif f[2] and f[2] ~= '' then others = {f[2]} end
   redis.call('DEL', r)
   local code = 'request_failed'
   if kind == 'consumed' then code = 'already_claimed' end
@@ -49,10 +62,24 @@ local function finish(rid, kind, reason)
     redis.call('SREM', P .. 'cr:' .. f[1], rid)
     event(f[1], rid, kind, 'producer', reason)
   end
-  if f[2] and f[2] ~= '' then
-    redis.call('SREM', P .. 'cr:' .. f[2], rid)
-    event(f[2], rid, kind, 'consumer', reason)
+  for _, c in ipairs(others) do
+    redis.call('SREM', P .. 'cr:' .. c, rid)
+    event(c, rid, kind, 'consumer', reason)
   end
+end
+-- the role of party in request hash r, or nil and an error reply
+local function role_of(r, rid, party, f)
+  if party == f.producer then return 'producer' end
+  if f.mode == 'pull' then
+    local k = redis.call('HGET', r, 'k:' .. party)
+    if k == '0' then return 'consumer' end
+    if k == '1' then
+      return nil, {'not_a_party', "consumer '" .. party .. "' already confirmed request '" .. rid .. "'; it is no longer a party"}
+    end
+  elseif party == f.consumer then
+    return 'consumer'
+  end
+  return nil, {'not_a_party', "'" .. party .. "' is not a party of request '" .. rid .. "'"}
 end
 local function drop(name, reason)
   redis.call('ZREM', P .. 'leases', name)
@@ -126,9 +153,10 @@ if not meta then return not_registered(ARGV[2]) end
 return {'ok', meta}
 """
 
-# ARGV: P, rid, party, blocks, ttl_ms, mode, state, waiters-prefix
+# ARGV: P, rid, party, blocks, ttl_ms, mode, state, waiters-prefix, consumers
 _CREATE = r"""
 local rid, party, blocks, ttl, mode, state, wprefix = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8]
+local need = tonumber(ARGV[9] or '1')
 if not live(party) then return not_registered(party) end
 local r = P .. 'r:' .. rid
 if redis.call('EXISTS', r) == 1 then
@@ -138,7 +166,7 @@ local producer, consumer = party, ''
 if mode == 'push' then producer, consumer = '', party end
 redis.call('DEL', P .. 't:' .. rid)
 redis.call('HSET', r, 'mode', mode, 'state', state, 'producer', producer, 'consumer', consumer,
-           'blocks', blocks, 'ttl', ttl)
+           'blocks', blocks, 'ttl', ttl, 'need', need, 'nclaim', 0, 'ndone', 0)
 redis.call('PEXPIRE', r, 2 * ttl + 60000)
 redis.call('ZADD', P .. 'ttls', now + ttl, rid)
 redis.call('SADD', P .. 'cr:' .. party, rid)
@@ -165,6 +193,10 @@ local f = redis.call('HMGET', r, 'mode', 'state', 'producer', 'consumer', 'block
 if f[1] ~= mode then
   return {'not_a_party', "request '" .. rid .. "' is in " .. f[1] .. " mode"}
 end
+local pull = mode == 'pull'
+if pull and redis.call('HEXISTS', r, 'k:' .. party) == 1 then
+  return {'already_claimed', "request '" .. rid .. "' was already claimed by '" .. party .. "' itself (each consumer claims a publication once)"}
+end
 if f[2] ~= want then
   local who = f[4]
   if mode == 'push' then who = f[3] end
@@ -176,7 +208,14 @@ if not meta then
   finish(rid, 'failed', "connector '" .. peer .. "' lost before request '" .. rid .. "' was taken")
   return {'request_failed', "connector '" .. peer .. "' of request '" .. rid .. "' is gone"}
 end
-redis.call('HSET', r, 'state', new, mine, party)
+if pull then
+  local n = redis.call('HINCRBY', r, 'nclaim', 1)
+  redis.call('HSET', r, 'k:' .. party, '0')
+  if f[4] == '' then redis.call('HSET', r, 'consumer', party) end
+  if n >= tonumber(redis.call('HGET', r, 'need') or '1') then redis.call('HSET', r, 'state', new) end
+else
+  redis.call('HSET', r, 'state', new, mine, party)
+end
 redis.call('SADD', P .. 'cr:' .. party, rid)
 extend(rid, r, now)
 return {'ok', peer, f[5], meta}
@@ -190,17 +229,27 @@ local f = redis.call('HMGET', r, 'mode', 'state', 'producer', 'consumer')
 if not f[1] then
   return {'unknown_request', "request '" .. rid .. "' is not in the registry (never published, finished, expired or cancelled)"}
 end
-local role
-if party == f[3] then role = 'producer' elseif party == f[4] then role = 'consumer' else
-  return {'not_a_party', "'" .. party .. "' is not a party of request '" .. rid .. "'"}
-end
+local role, err = role_of(r, rid, party, {mode = f[1], producer = f[3], consumer = f[4]})
+if not role then return err end
 if ok ~= '1' then
   if reason == '' then reason = 'no reason given' end
   finish(rid, 'failed', role .. " '" .. party .. "' failed request '" .. rid .. "': " .. reason)
   return {'ok'}
 end
 local state = f[2]
-if role == 'consumer' and (state == 'claimed' or state == 'pushing' or state == 'delivered') then
+if role == 'consumer' and f[1] == 'pull' then
+  local need = tonumber(redis.call('HGET', r, 'need') or '1')
+  local done = tonumber(redis.call('HGET', r, 'ndone') or '0') + 1
+  if done >= need then
+    local tail = ''
+    if need > 1 then tail = ' (the last of ' .. need .. ' consumers)' end
+    finish(rid, 'consumed', "consumer '" .. party .. "' has request '" .. rid .. "'" .. tail)
+  else
+    redis.call('HSET', r, 'k:' .. party, '1', 'ndone', done)
+    redis.call('SREM', P .. 'cr:' .. party, rid)
+    event(party, rid, 'consumed', 'consumer', "consumer '" .. party .. "' has request '" .. rid .. "' (" .. done .. " of " .. need .. " consumers)")
+  end
+elseif role == 'consumer' and (state == 'pushing' or state == 'delivered') then
   finish(rid, 'consumed', "consumer '" .. party .. "' has request '" .. rid .. "'")
 elseif role == 'producer' and state == 'pushing' then
   redis.call('HSET', r, 'state', 'delivered')
@@ -214,25 +263,24 @@ return {'ok'}
 
 _CANCEL = r"""
 local rid, party, reason = ARGV[2], ARGV[3], ARGV[4]
-local f = redis.call('HMGET', P .. 'r:' .. rid, 'producer', 'consumer')
+local r = P .. 'r:' .. rid
+local f = redis.call('HMGET', r, 'producer', 'consumer', 'mode')
 if not f[1] then
   return {'unknown_request', "request '" .. rid .. "' is not in the registry (never published, finished, expired or cancelled)"}
 end
-local role
-if party == f[1] then role = 'producer' elseif party == f[2] then role = 'consumer' else
-  return {'not_a_party', "'" .. party .. "' is not a party of request '" .. rid .. "'"}
-end
+local role, err = role_of(r, rid, party, {mode = f[3], producer = f[1], consumer = f[2]})
+if not role then return err end
 if reason == '' then reason = 'no reason given' end
 finish(rid, 'cancelled', role .. " '" .. party .. "' cancelled request '" .. rid .. "': " .. reason)
 return {'ok'}
 """
 
 _QUERY = r"""
-local f = redis.call('HMGET', P .. 'r:' .. ARGV[2], 'mode', 'state', 'producer', 'consumer')
+local f = redis.call('HMGET', P .. 'r:' .. ARGV[2], 'mode', 'state', 'producer', 'consumer', 'need', 'nclaim', 'ndone')
 if not f[1] then
   return {'unknown_request', "request '" .. ARGV[2] .. "' is not in the registry (never published, finished, expired or cancelled)"}
 end
-return {'ok', f[1], f[2], f[3], f[4]}
+return {'ok', f[1], f[2], f[3], f[4], f[5] or '1', f[6] or '0', f[7] or '0'}
 """
 
 _UNWAIT = r"""

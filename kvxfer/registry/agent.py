@@ -13,6 +13,15 @@ thread pool, so the caller's thread never blocks and every wait has a timeout.
   group, ``last=True`` on the final one) takes the expectation, writes those layers, and after
   the last write completes its side; the consumer is told DELIVERED, confirms, and the producer
   is told CONSUMED.
+* Several consumers of one publication (``publish(..., consumers=n)``: decode ranks of a wider
+  tensor-parallel group reading one prefill rank's blocks): each pulls it once; the producer is
+  told CONSUMED once all have confirmed, or the first failure, cancellation or expiry, once.
+* Layout changes: ``pull``/``push`` take ``reshard=`` (a :class:`~kvxfer.reshard.HeadReshard`,
+  or a function of the peer's :class:`~kvxfer.metadata.PeerMetadata` returning one) and
+  ``layers=``; the peer is then connected with ``allow_layout_change`` and the Connector's
+  planner checks the block lists (which may differ in length where the reshard maps tokens).
+  One key per producer rank and KV-cache group (:func:`~kvxfer.registry.keys.publication_key`)
+  lets a consumer pull from several producer connectors into one destination, concurrently.
 * A party that is lost (lease expired), a TTL that runs out, a cancellation: every handle on
   that request fails with :class:`RequestFailedError` naming the reason. In push mode the
   consumer does not wait for the lease of a producer whose data link drops: its ``expect``
@@ -32,22 +41,28 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
 from ..errors import ConfigError, KvxferError, PeerLostError, RegistryError, TransferTimeoutError
 from ..handle import Op, TransferHandle, TransferStats
 from ..metadata import PeerMetadata
+from ..reshard import HeadReshard
 from .base import DEFAULT_LEASE_S, AsyncRegistry, LinkState
 from .client import RegistryClient
-from .errors import RegistryTimeoutError, RequestFailedError, UnknownRequestError
-from .messages import EventKind, Mode, RequestEvent, RequestState, Role
+from .errors import NotAPartyError, RegistryTimeoutError, RequestFailedError, UnknownRequestError
+from .messages import MAX_CONSUMERS, EventKind, Mode, RequestEvent, RequestState, Role
 
-__all__ = ["RequestAgent", "RequestHandle", "FinishedRequest"]
+__all__ = ["RequestAgent", "RequestHandle", "FinishedRequest", "ReshardSpec"]
+
+ReshardSpec = Union[HeadReshard, Callable[[PeerMetadata], Union[HeadReshard, None]], None]
+"""What ``pull``/``push`` take as ``reshard=``: a reshard, a function of the peer's metadata (the
+producer's on a pull, the consumer's on a push) returning one (or None: no layout change), or
+None."""
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +137,7 @@ class _Ended:
 class _Publication:
     blocks: tuple[int, ...]
     ttl_s: float
+    consumers: int = 1
 
 
 class _PushState:
@@ -178,16 +194,35 @@ class RequestAgent:
             self._registered_meta = meta
 
     # -- producer, pull mode ------------------------------------------------------------
-    def publish(self, request_id: str, blocks: Sequence[int], *, ttl: float = 60.0) -> None:
-        """Announce that ``request_id``'s KV sits in ``blocks`` for ``ttl`` seconds.
+    def publish(self, request_id: str, blocks: Sequence[int], *, ttl: float = 60.0, consumers: int = 1) -> None:
+        """Announce that ``request_id``'s KV sits in ``blocks`` for ``ttl`` seconds, for
+        ``consumers`` distinct consumers (connectors) to pull, each once.
 
-        Raises: DuplicateRequestError, InvalidRequestError, RegistryUnavailableError.
+        :meth:`finished` reports the request once: CONSUMED when every consumer has confirmed,
+        else the first FAILED (a consumer failed or gave up, a party was lost), CANCELLED or
+        EXPIRED (the TTL ran out, e.g. before every consumer came; each claim renews it).
+
+        Raises: ConfigError (``consumers`` not in 1..MAX_CONSUMERS), DuplicateRequestError,
+        InvalidRequestError, RegistryUnavailableError.
         """
+        if isinstance(consumers, bool) or not isinstance(consumers, (int, np.integer)) \
+                or not 1 <= consumers <= MAX_CONSUMERS:
+            raise ConfigError(f"consumers={consumers!r}; expected an int in 1..{MAX_CONSUMERS} "
+                              "(the consumer ranks that read this publication)")
         self._ensure_registered()
         ids = tuple(int(b) for b in np.asarray(blocks, dtype=np.int64).ravel())
-        self._client.publish(request_id, ids, ttl)
+        self._client.publish(request_id, ids, ttl, int(consumers))
         with self._lock:
-            self._published[request_id] = _Publication(ids, ttl)
+            self._published[request_id] = _Publication(ids, ttl, int(consumers))
+
+    def lookup(self, name: str) -> bytes:
+        """The directory metadata of connector ``name`` (e.g. a prefill rank): the bytes that
+        ``Connector.connect`` takes; :meth:`PeerMetadata.from_bytes` reads its layout.
+
+        Raises: UnknownConnectorError (not registered, or its lease expired),
+        RegistryUnavailableError.
+        """
+        return self._client.lookup(name)
 
     def finished(self) -> list[FinishedRequest]:
         """Requests this connector produced that ended since the last call (never blocks)."""
@@ -206,35 +241,56 @@ class RequestAgent:
             raise TransferTimeoutError(f"no request finished within {timeout} s") from None
 
     # -- consumer, pull mode ------------------------------------------------------------
-    def pull(self, request_id: str, dst_blocks: Sequence[int], *, timeout: float = 60.0, skip: int = 0) -> RequestHandle:
+    def pull(self, request_id: str, dst_blocks: Sequence[int], *, timeout: float = 60.0, skip: int = 0,
+             reshard: ReshardSpec = None, layers: Sequence[int | str] | None = None) -> RequestHandle:
         """Wait (in the background) for ``request_id``'s publication, read it into ``dst_blocks``.
 
         ``skip``: the first ``skip`` blocks are already here (a local prefix-cache hit for the
         same tokens): only the publication's blocks after them are read, into
         ``dst_blocks[skip:]``; ``dst_blocks`` still names one block per published block.
 
+        ``reshard``: the layout change of this read (see :data:`ReshardSpec`; a function gets
+        the producer's metadata once the publication is claimed, so it can size the change
+        from the producer's layout). With a reshard the registry leaves the block lists to it:
+        they may differ in length where it maps token ranges (``HeadReshard.num_tokens``:
+        block sizes may differ), and ``skip`` drops the first ``skip`` blocks of both lists, so
+        it must be 0 for a token-mapped reshard (whose ``src_start``/``dst_start`` skip a
+        cached prefix, mid-block if need be). ``layers``: only these
+        registered tensors (positions or names): one KV-cache group of a hybrid model, its
+        blocks published under its own key.
+
         Returns a handle at once; its ``stats`` time the whole wait from this call, its
-        ``transfer_stats`` the read alone. It fails with RegistryTimeoutError (not published
-        in time), AlreadyClaimedError (another consumer won), RequestFailedError (producer lost,
-        request expired or cancelled), or the transfer's own error (PeerLostError ...).
+        ``transfer_stats`` the read alone (with ``layers`` or ``reshard``, ``nbytes`` becomes
+        the read's own once it is planned). It fails with RegistryTimeoutError (not published
+        in time), AlreadyClaimedError (taken by as many consumers as it was published for, or
+        by this connector already), RequestFailedError (producer lost, request expired or
+        cancelled, unequal block lists without a reshard), or the transfer's own error
+        (PeerLostError, LayoutError or BlockIdError from the reshard's plan ...).
 
         Raises:
-            ConfigError: ``skip`` is not in ``0..len(dst_blocks)``.
+            ConfigError: ``skip`` is not in ``0..len(dst_blocks)``, or ``skip`` with a
+                token-mapped reshard.
+            LayoutError: ``layers`` names tensors this connector did not register.
         """
         self._ensure_registered()
         dst = np.asarray(dst_blocks, dtype=np.int64).ravel()
         if not 0 <= int(skip) <= dst.size:
             raise ConfigError(f"skip={skip}; expected 0..{dst.size} (the blocks already held, of {dst.size})")
         skip = int(skip)
+        if isinstance(reshard, HeadReshard):
+            _check_skip(reshard, skip)
+        self._check_layers(layers)
         handle = self._new_handle(request_id, Mode.PULL, Op.READ, dst[skip:])
+        lay = None if layers is None else list(layers)
         with self._lock:
             self._waiting[request_id] = handle
         handle.add_done_callback(lambda h: self._forget_waiting(request_id, h))
-        self._client.submit(lambda impl: self._pull_task(impl, request_id, dst, timeout, handle, skip))
+        self._client.submit(lambda impl: self._pull_task(impl, request_id, dst, timeout, handle, skip, reshard, lay))
         return handle
 
     async def _pull_task(self, impl: AsyncRegistry, rid: str, dst: np.ndarray, timeout: float,
-                         handle: RequestHandle, skip: int = 0) -> None:
+                         handle: RequestHandle, skip: int = 0, reshard: ReshardSpec = None,
+                         layers: list | None = None) -> None:
         claimed = False
         try:
             claim = await impl.pull(rid, timeout)
@@ -242,12 +298,18 @@ class RequestAgent:
             if handle.done():  # failed meanwhile (cancel, close)
                 await self._complete(impl, rid, False, "consumer gave up")
                 return
-            if len(claim.blocks) != len(dst):
+            rs = _resolve_reshard(reshard, claim.metadata)
+            if rs is None and len(claim.blocks) != len(dst):
                 raise RequestFailedError(f"request {rid!r}: producer published {len(claim.blocks)} blocks, "
                                          f"consumer asked for {len(dst)}")
+            if rs is not None:
+                _check_skip(rs, skip)
             handle.peer_name = claim.producer
-            peer = await self._in_pool(self._peer, claim.producer, claim.metadata)
-            inner = await self._in_pool(self._connector.read, peer, list(claim.blocks[skip:]), dst[skip:])
+            peer = await self._in_pool(self._peer, claim.producer, claim.metadata, rs is not None)
+            inner = await self._in_pool(self._connector.read, peer, list(claim.blocks[skip:]), dst[skip:],
+                                        layers=layers, reshard=rs)
+            if rs is not None or layers is not None:
+                handle.nbytes = inner.nbytes
             handle.backend = inner.backend
             loop = asyncio.get_running_loop()
             inner.add_done_callback(lambda h: loop.call_soon_threadsafe(self._spawn_finish, impl, rid, h, handle))
@@ -307,8 +369,11 @@ class RequestAgent:
 
     # -- producer, push mode ------------------------------------------------------------
     def push(self, request_id: str, src_blocks: Sequence[int], *, layers: Sequence[int | str] | None = None,
-             last: bool = True, timeout: float = 60.0) -> RequestHandle:
+             last: bool = True, timeout: float = 60.0, reshard: ReshardSpec = None) -> RequestHandle:
         """Write ``layers`` (default: all) of ``src_blocks`` into the expecting consumer's blocks.
+
+        ``reshard`` (see :data:`ReshardSpec`; a function gets the consumer's metadata): the
+        layout change of this write; the block lists are then the reshard's to check.
 
         Call once per layer group; ``last=True`` on the final call completes the producer's side
         once every write of the request is done. Returns a handle at once (``transfer_stats``:
@@ -320,11 +385,12 @@ class RequestAgent:
         src = np.asarray(src_blocks, dtype=np.int64).ravel()
         handle = self._new_handle(request_id, Mode.PUSH, Op.WRITE, src)
         lay = None if layers is None else list(layers)
-        self._client.submit(lambda impl: self._push_task(impl, request_id, src, lay, last, timeout, handle))
+        self._check_layers(layers)
+        self._client.submit(lambda impl: self._push_task(impl, request_id, src, lay, last, timeout, handle, reshard))
         return handle
 
     async def _push_task(self, impl: AsyncRegistry, rid: str, src: np.ndarray, layers: list | None, last: bool,
-                         timeout: float, handle: RequestHandle) -> None:
+                         timeout: float, handle: RequestHandle, reshard: ReshardSpec = None) -> None:
         state = self._pushes.get(rid)
         if state is None:
             ended = self._ended.get(rid)
@@ -342,12 +408,16 @@ class RequestAgent:
         try:
             exp = await asyncio.shield(state.expectation)
             taken = True
-            if len(exp.dst_blocks) != len(src):
+            rs = _resolve_reshard(reshard, exp.metadata)
+            if rs is None and len(exp.dst_blocks) != len(src):
                 raise RequestFailedError(f"request {rid!r}: consumer expects {len(exp.dst_blocks)} blocks, "
                                          f"producer pushes {len(src)}")
             handle.peer_name = exp.consumer
-            peer = await self._in_pool(self._peer, exp.consumer, exp.metadata)
-            inner = await self._in_pool(self._connector.write, peer, src, list(exp.dst_blocks), layers=layers)
+            peer = await self._in_pool(self._peer, exp.consumer, exp.metadata, rs is not None)
+            inner = await self._in_pool(self._connector.write, peer, src, list(exp.dst_blocks), layers=layers,
+                                        reshard=rs)
+            if rs is not None:
+                handle.nbytes = inner.nbytes
             handle.backend = inner.backend
             loop = asyncio.get_running_loop()
             inner.add_done_callback(lambda h: loop.call_soon_threadsafe(self._on_write_done, impl, rid, h, handle))
@@ -401,13 +471,26 @@ class RequestAgent:
     def cancel(self, request_id: str, reason: str = "cancelled by the caller") -> None:
         """Cancel a request this connector is a party of; its handles here fail.
 
-        Raises: UnknownRequestError, NotAPartyError, RegistryUnavailableError.
+        The request ends for every party still in it: the producer is told CANCELLED once, even
+        when other consumers of the publication are still reading (they fail too). A pull of
+        this connector that has not claimed the publication yet fails here without an error;
+        should its claim still come, it reports the pull failed, and the producer is told
+        FAILED once (so it frees its blocks now rather than at the TTL).
+
+        Raises: UnknownRequestError, NotAPartyError (neither for a pull waiting here),
+        RegistryUnavailableError.
         """
         with self._lock:
             self._published.pop(request_id, None)
             handle = self._waiting.pop(request_id, None)
         try:
             self._client.cancel(request_id, reason)
+        except (UnknownRequestError, NotAPartyError):
+            # A pull that has not claimed the publication yet: nothing of it is in the registry.
+            # If its claim still comes, the pull reports it failed ("consumer gave up"), which
+            # ends the request for its producer (FAILED, once) and every other consumer.
+            if handle is None or handle.mode is not Mode.PULL:
+                raise
         finally:
             if handle is not None:
                 handle.set_failed(RequestFailedError(f"request {request_id!r} cancelled here: {reason}"))
@@ -438,14 +521,21 @@ class RequestAgent:
     async def _in_pool(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
-    def _peer(self, name: str, metadata: bytes) -> Any:
+    def _check_layers(self, layers: Sequence[int | str] | None) -> None:
+        layout = getattr(self._connector, "layout", None)
+        if layers is not None and layout is not None:
+            layout.resolve_layers(list(layers))  # raises LayoutError naming the unknown layer
+
+    def _peer(self, name: str, metadata: bytes, allow_layout_change: bool = False) -> Any:
         # One connect at a time: concurrent connects to one peer (several layer groups pushed
         # at once) would open parallel links, and a transfer on a replaced link never finishes.
+        # A peer connected for a reshard serves plain transfers too: the planner checks each.
         key = (name, metadata)
         with self._connect_lock:
             peer = self._peers.get(key)
             if peer is None or peer.closed:
-                peer = self._connector.connect(metadata)
+                peer = (self._connector.connect(metadata, allow_layout_change=True) if allow_layout_change
+                        else self._connector.connect(metadata))
                 self._peers[key] = peer
             return peer
 
@@ -536,9 +626,27 @@ class RequestAgent:
                 await self._impl.query(rid)
             except UnknownRequestError:
                 try:
-                    await self._impl.publish(rid, pub.blocks, pub.ttl_s)
+                    await self._impl.publish(rid, pub.blocks, pub.ttl_s, pub.consumers)
                     log.info("kvxfer agent %s: published %r again after reconnecting", self._connector.name, rid)
                 except RegistryError as exc:
                     log.warning("kvxfer agent %s: could not publish %r again: %s", self._connector.name, rid, exc)
             except RegistryError:
                 pass
+
+
+def _resolve_reshard(reshard: ReshardSpec, metadata: bytes) -> HeadReshard | None:
+    """The reshard of one transfer, from the caller's spec and the peer's directory metadata."""
+    if reshard is None or isinstance(reshard, HeadReshard):
+        return reshard
+    rs = reshard(PeerMetadata.from_bytes(metadata))
+    if rs is not None and not isinstance(rs, HeadReshard):
+        raise ConfigError(f"the reshard function returned {type(rs).__name__}; expected a HeadReshard or None")
+    return rs
+
+
+def _check_skip(reshard: HeadReshard, skip: int) -> None:
+    if skip and (reshard.maps_tokens
+                 or reshard.src_format.block_size != reshard.dst_format.block_size):
+        raise ConfigError(f"skip={skip} with a token-mapped reshard (block size {reshard.src_format.block_size} "
+                          f"-> {reshard.dst_format.block_size}); expected skip=0: the reshard's src_start / "
+                          "dst_start skip a cached prefix")

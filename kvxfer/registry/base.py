@@ -136,15 +136,19 @@ class AsyncRegistry(abc.ABC):
         """Metadata of connector ``name``. Raises: UnknownConnectorError, RegistryUnavailableError."""
 
     @abc.abstractmethod
-    async def publish(self, request_id: str, blocks: Sequence[int], ttl_s: float) -> None:
-        """Pull mode, producer. Raises: DuplicateRequestError, UnknownConnectorError (not
-        registered), InvalidRequestError, RegistryUnavailableError."""
+    async def publish(self, request_id: str, blocks: Sequence[int], ttl_s: float, consumers: int = 1) -> None:
+        """Pull mode, producer: ``blocks`` for ``consumers`` distinct consumers, each claiming
+        once; CONSUMED (to the producer) once all have confirmed. Raises:
+        DuplicateRequestError, UnknownConnectorError (not registered), InvalidRequestError
+        (ttl, or ``consumers`` outside 1..MAX_CONSUMERS), RegistryUnavailableError."""
 
     @abc.abstractmethod
     async def pull(self, request_id: str, timeout_s: float) -> Claim:
-        """Pull mode, consumer: wait for the publication and claim it (exactly once).
+        """Pull mode, consumer: wait for the publication and claim it (once per consumer, for as
+        many consumers as it was published for).
 
-        Raises: AlreadyClaimedError, RegistryTimeoutError, UnknownRequestError (timeout 0 and
+        Raises: AlreadyClaimedError (claimed by this connector already, or by as many consumers
+        as it was published for), RegistryTimeoutError, UnknownRequestError (timeout 0 and
         not published), NotAPartyError (push mode), RegistryUnavailableError."""
 
     @abc.abstractmethod

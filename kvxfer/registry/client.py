@@ -234,8 +234,8 @@ class AsyncServerClient(AsyncRegistry):
         return result.metadata
 
     # -- requests -----------------------------------------------------------------------
-    async def publish(self, request_id: str, blocks: Sequence[int], ttl_s: float) -> None:
-        await self._call(Publish(request_id, self.name, _ints(blocks), float(ttl_s)))
+    async def publish(self, request_id: str, blocks: Sequence[int], ttl_s: float, consumers: int = 1) -> None:
+        await self._call(Publish(request_id, self.name, _ints(blocks), float(ttl_s), int(consumers)))
 
     async def pull(self, request_id: str, timeout_s: float) -> Claim:
         result = await self._call(Pull(request_id, self.name, float(timeout_s)), timeout=timeout_s + _WAIT_MARGIN_S)
@@ -385,8 +385,8 @@ class RegistryClient:
     def lookup(self, name: str) -> bytes:
         return self._run(self._impl.lookup(name), _CALL_TIMEOUT_S + 1)
 
-    def publish(self, request_id: str, blocks: Sequence[int], ttl_s: float) -> None:
-        self._run(self._impl.publish(request_id, blocks, ttl_s), _CALL_TIMEOUT_S + 1)
+    def publish(self, request_id: str, blocks: Sequence[int], ttl_s: float, consumers: int = 1) -> None:
+        self._run(self._impl.publish(request_id, blocks, ttl_s, consumers), _CALL_TIMEOUT_S + 1)
 
     def pull(self, request_id: str, timeout_s: float) -> Claim:
         return self._run(self._impl.pull(request_id, timeout_s), timeout_s + _WAIT_MARGIN_S + 1)

@@ -11,8 +11,13 @@ Rules (the Redis store implements the same ones):
 * A connector holds its name under a lease renewed by heartbeats. A name held by a live
   instance cannot be taken by another one. When the lease runs out the connector is dropped,
   every request it is a party of fails, and every wait it made fails.
-* Pull mode: the producer publishes; the first consumer to pull claims it (exactly once; later
-  or concurrent pulls get :class:`AlreadyClaimedError`); the consumer completes it.
+* Pull mode: the producer publishes for ``consumers`` consumers (default 1); each of the first
+  ``consumers`` distinct connectors to pull claims it once (a connector that claimed it, and
+  every pull beyond that count, gets :class:`AlreadyClaimedError`); each consumer confirms.
+  The request is CONSUMED when every one has confirmed: the producer is told once. A consumer
+  that confirms before the others is told CONSUMED for its own part at once and is no longer
+  a party. One consumer's failure or cancellation, a lost party or the TTL ends the whole
+  request for everyone still in it (the producer is told once, and frees its blocks once).
 * Push mode: the consumer expects; the first producer to await-expect takes it; the producer
   completes its writes (the consumer is told DELIVERED); the consumer confirms.
 * Every party gets one final event (consumed, expired, failed, cancelled); the entry is gone.
@@ -31,9 +36,9 @@ from typing import Union
 from ..errors import RegistryError
 from .errors import (DuplicateRequestError, ErrorCode, InvalidRequestError, NameTakenError, NotAPartyError,
                      UnknownConnectorError, UnknownRequestError, code_of, error_from_code)
-from .messages import (Ack, AwaitExpect, Cancel, Claim, Complete, ConnectorInfo, EventKind, Expect, Expectation,
-                       Failure, Heartbeat, Lease, Lookup, Mode, Publish, Pull, Query, RegRequest, RegResult,
-                       Register, RequestEvent, RequestInfo, RequestState, Role, Unregister)
+from .messages import (MAX_CONSUMERS, Ack, AwaitExpect, Cancel, Claim, Complete, ConnectorInfo, EventKind, Expect,
+                       Expectation, Failure, Heartbeat, Lease, Lookup, Mode, Publish, Pull, Query, RegRequest,
+                       RegResult, Register, RequestEvent, RequestInfo, RequestState, Role, Unregister)
 
 __all__ = ["RegistryCore", "CoreConfig", "WaitResolved", "Notice", "Output"]
 
@@ -100,6 +105,14 @@ class _Request:
     blocks: tuple[int, ...]
     ttl_s: float
     expires_at: float
+    need: int = 1                                                  # pull: consumers to confirm
+    claimants: dict[str, bool] = field(default_factory=dict)      # pull: consumer -> confirmed
+
+    def unconfirmed(self) -> list[str]:
+        """The consumers still in the request (claimed, not confirmed) in claim order."""
+        if self.mode is Mode.PUSH:
+            return [] if self.consumer is None else [self.consumer]
+        return [name for name, done in self.claimants.items() if not done]
 
 
 @dataclass(slots=True)
@@ -218,7 +231,8 @@ class RegistryCore:
             return ConnectorInfo(conn.name, conn.metadata)
         if isinstance(msg, Query):
             req = self._request(msg.request_id)
-            return RequestInfo(req.request_id, req.mode, req.state, req.producer, req.consumer)
+            return RequestInfo(req.request_id, req.mode, req.state, req.producer, req.consumer, req.need,
+                               len(req.claimants), sum(req.claimants.values()))
         raise InvalidRequestError(f"{type(msg).__name__} is not handled by the registry core")
 
     def _register(self, msg: Register) -> Lease:
@@ -253,18 +267,21 @@ class RegistryCore:
     def _publish(self, msg: Publish) -> Ack:
         _check_name(msg.request_id, "request id")
         ttl = self._check_ttl(msg.ttl_s)
+        if not 1 <= msg.consumers <= MAX_CONSUMERS:
+            raise InvalidRequestError(f"consumers={msg.consumers}; expected 1..{MAX_CONSUMERS}")
         producer = self._live(msg.producer)
         if msg.request_id in self._requests:
             raise DuplicateRequestError(f"request {msg.request_id!r} is already in the registry")
         self._tombs.pop(msg.request_id, None)
         req = _Request(msg.request_id, Mode.PULL, RequestState.PUBLISHED, producer.name, None, msg.blocks, ttl,
-                       self._clock() + ttl)
+                       self._clock() + ttl, msg.consumers)
         self._add(req)
         for wait in self._take_waiters(_WaitKind.PULL, req.request_id):
-            if req.state is RequestState.PUBLISHED and wait.party in self._connectors:
+            if (req.state is RequestState.PUBLISHED and wait.party in self._connectors
+                    and wait.party not in req.claimants):
                 self._resolve(wait, self._claim(req, wait.party))
             else:
-                self._resolve(wait, _already(req))
+                self._resolve(wait, _already(req, wait.party))
         return Ack()
 
     def _pull(self, msg: Pull, wait_id: int | None) -> Claim | None:
@@ -277,8 +294,8 @@ class RegistryCore:
                               f"request {msg.request_id!r} is not published")
         if req.mode is not Mode.PULL:
             raise NotAPartyError(f"request {msg.request_id!r} is in push mode; it cannot be pulled")
-        if req.state is not RequestState.PUBLISHED:
-            raise _exc(_already(req))
+        if req.state is not RequestState.PUBLISHED or consumer.name in req.claimants:
+            raise _exc(_already(req, consumer.name))
         return self._claim(req, consumer.name)
 
     def _expect(self, msg: Expect) -> Ack:
@@ -319,7 +336,20 @@ class RegistryCore:
             self._finish(req, EventKind.FAILED, f"{role.value} {msg.party!r} failed request {req.request_id!r}: "
                          f"{msg.reason or 'no reason given'}")
             return Ack()
-        if role is Role.CONSUMER and req.state in (RequestState.CLAIMED, RequestState.PUSHING, RequestState.DELIVERED):
+        if role is Role.CONSUMER and req.mode is Mode.PULL:
+            done = sum(req.claimants.values()) + 1
+            if done >= req.need:  # the last one: told with the producer, as every party still in it
+                self._finish(req, EventKind.CONSUMED, f"consumer {msg.party!r} has request {req.request_id!r}"
+                             + (f" (the last of {req.need} consumers)" if req.need > 1 else ""))
+            else:  # its part is done: it leaves the request (its loss no longer fails it)
+                req.claimants[msg.party] = True
+                conn = self._connectors.get(msg.party)
+                if conn is not None:
+                    conn.requests.discard(req.request_id)
+                self._out.append(Notice(msg.party, RequestEvent(
+                    req.request_id, EventKind.CONSUMED, Role.CONSUMER,
+                    f"consumer {msg.party!r} has request {req.request_id!r} ({done} of {req.need} consumers)")))
+        elif role is Role.CONSUMER and req.state in (RequestState.PUSHING, RequestState.DELIVERED):
             self._finish(req, EventKind.CONSUMED, f"consumer {msg.party!r} has request {req.request_id!r}")
         elif role is Role.PRODUCER and req.state is RequestState.PUSHING:
             req.state = RequestState.DELIVERED
@@ -369,7 +399,11 @@ class RegistryCore:
         self._schedule(req.expires_at, _Due.TTL, req.request_id)
 
     def _claim(self, req: _Request, consumer: str) -> Claim:
-        req.state, req.consumer = RequestState.CLAIMED, consumer
+        req.claimants[consumer] = False
+        if req.consumer is None:
+            req.consumer = consumer
+        if len(req.claimants) >= req.need:
+            req.state = RequestState.CLAIMED
         req.expires_at = max(req.expires_at, self._clock() + req.ttl_s)
         self._connectors[consumer].requests.add(req.request_id)
         assert req.producer is not None
@@ -424,7 +458,8 @@ class RegistryCore:
             self._tombs[req.request_id] = Failure(code, f"request {req.request_id!r} already ended "
                                                   f"({kind.value}): {reason}")
             self._schedule(self._clock() + self.config.tombstone_s, _Due.TOMB, req.request_id)
-        for role, name in ((Role.PRODUCER, req.producer), (Role.CONSUMER, req.consumer)):
+        parties = [(Role.PRODUCER, req.producer)] + [(Role.CONSUMER, name) for name in req.unconfirmed()]
+        for role, name in parties:
             if name is None:
                 continue
             conn = self._connectors.get(name)
@@ -450,12 +485,25 @@ def _check_name(value: str, what: str) -> None:
 def _role_of(req: _Request, party: str) -> Role:
     if party == req.producer:
         return Role.PRODUCER
-    if party == req.consumer:
+    if req.mode is Mode.PULL:
+        confirmed = req.claimants.get(party)
+        if confirmed is False:
+            return Role.CONSUMER
+        if confirmed:
+            raise NotAPartyError(f"consumer {party!r} already confirmed request {req.request_id!r} "
+                                 f"({sum(req.claimants.values())} of {req.need} consumers); it is no longer a party")
+    elif party == req.consumer:
         return Role.CONSUMER
     raise NotAPartyError(f"{party!r} is not a party of request {req.request_id!r}")
 
 
-def _already(req: _Request) -> Failure:
+def _already(req: _Request, puller: str | None = None) -> Failure:
+    if req.mode is Mode.PULL and puller is not None and puller in req.claimants:
+        return Failure(ErrorCode.ALREADY_CLAIMED, f"request {req.request_id!r} was already claimed by {puller!r} "
+                       f"itself (each consumer claims a publication once)")
+    if req.mode is Mode.PULL and req.need > 1:
+        return Failure(ErrorCode.ALREADY_CLAIMED, f"request {req.request_id!r} was already taken by its "
+                       f"{req.need} consumers {list(req.claimants)} ({req.mode.value} mode, {req.state.value})")
     who = req.consumer if req.mode is Mode.PULL else req.producer
     return Failure(ErrorCode.ALREADY_CLAIMED, f"request {req.request_id!r} was already taken by {who!r} "
                    f"({req.mode.value} mode, {req.state.value})")

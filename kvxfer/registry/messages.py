@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from enum import Enum
 from types import UnionType
 from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
@@ -28,7 +28,7 @@ from ..protocol.frames import (FRAME_PREFIX_SIZE, MAGIC, MAX_HEADER_BYTES, PROTO
 from .errors import ErrorCode
 
 __all__ = [
-    "MAX_BLOCKS", "MAX_ID_LEN", "MAX_METADATA_BYTES", "MAX_SECONDS",
+    "MAX_BLOCKS", "MAX_CONSUMERS", "MAX_ID_LEN", "MAX_METADATA_BYTES", "MAX_SECONDS",
     "Op", "ResultKind", "EventKind", "Mode", "RequestState", "Role",
     "Hello", "Register", "Heartbeat", "Unregister", "Lookup", "Publish", "Pull", "Expect",
     "AwaitExpect", "Complete", "Cancel", "Query",
@@ -41,6 +41,7 @@ __all__ = [
 MAX_ID_LEN = 512
 MAX_METADATA_BYTES = 512 * 1024
 MAX_BLOCKS = 1 << 17
+MAX_CONSUMERS = 1024
 MAX_SECONDS = 7 * 24 * 3600.0
 _MAX_BLOCK_ID = 1 << 40
 _MAX_REQUEST_SEQ = (1 << 63) - 1
@@ -151,12 +152,14 @@ class Lookup:
 
 @dataclass(frozen=True, slots=True)
 class Publish:
-    """Pull mode, producer: request ``request_id``'s KV is in ``blocks`` for ``ttl_s`` seconds."""
+    """Pull mode, producer: request ``request_id``'s KV is in ``blocks`` for ``ttl_s`` seconds,
+    to be read by ``consumers`` distinct consumers (each claims once and confirms)."""
 
     request_id: str
     producer: str
     blocks: tuple[int, ...]
     ttl_s: float
+    consumers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,11 +263,18 @@ class Expectation:
 
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
+    """A live request. ``consumer``: the first consumer that claimed it (pull) or the one that
+    expects it (push); ``consumers`` the publication's consumer count, ``claimed`` and
+    ``confirmed`` how many of them have claimed and confirmed it so far."""
+
     request_id: str
     mode: Mode
     state: RequestState
     producer: str | None
     consumer: str | None
+    consumers: int = 1
+    claimed: int = 0
+    confirmed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,12 +383,12 @@ def _checker_for(tp: Any) -> _Checker:
     raise TypeError(f"no wire checker for {tp!r}")  # a programming error in this module
 
 
-def _spec(cls: type) -> tuple[tuple[str, _Checker], ...]:
+def _spec(cls: type) -> tuple[tuple[str, _Checker, Any], ...]:
     hints = get_type_hints(cls)
-    return tuple((f.name, _checker_for(hints[f.name])) for f in fields(cls))
+    return tuple((f.name, _checker_for(hints[f.name]), f.default) for f in fields(cls))
 
 
-_SPECS: dict[type, tuple[tuple[str, _Checker], ...]] = {
+_SPECS: dict[type, tuple[tuple[str, _Checker, Any], ...]] = {
     cls: _spec(cls) for cls in (*_REQUEST_OF_OP.values(), *_RESULT_OF_KIND.values(), RequestEvent)
 }
 
@@ -386,7 +396,7 @@ _SPECS: dict[type, tuple[tuple[str, _Checker], ...]] = {
 def to_wire(msg: Any) -> dict[str, Any]:
     """The msgpack-ready map of a message's fields (enums as values, tuples as lists)."""
     out: dict[str, Any] = {}
-    for name, _ in _SPECS[type(msg)]:
+    for name, _, _ in _SPECS[type(msg)]:
         v = getattr(msg, name)
         if isinstance(v, Enum):
             v = v.value
@@ -397,7 +407,8 @@ def to_wire(msg: Any) -> dict[str, Any]:
 
 
 def from_wire(cls: type, obj: Any) -> Any:
-    """Build and validate a ``cls`` message from a decoded map; unknown keys are ignored.
+    """Build and validate a ``cls`` message from a decoded map; unknown keys are ignored, and a
+    missing field that has a default (added in a later version) takes that default.
 
     Raises:
         RemoteProtocolError: a field is missing or has the wrong type or range.
@@ -405,11 +416,13 @@ def from_wire(cls: type, obj: Any) -> Any:
     if not isinstance(obj, dict):
         raise RemoteProtocolError(f"registry {cls.__name__}: expected a map, got {type(obj).__name__}")
     args = []
-    for name, check in _SPECS[cls]:
+    for name, check, default in _SPECS[cls]:
         try:
             v = obj[name]
         except KeyError:
-            raise _fail(cls, name, "missing") from None
+            if default is MISSING:
+                raise _fail(cls, name, "missing") from None
+            v = default
         args.append(check(cls, name, v))
     return cls(*args)
 

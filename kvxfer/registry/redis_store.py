@@ -24,7 +24,7 @@ from ..errors import BackendUnavailableError, RegistryError, RemoteProtocolError
 from .base import DEFAULT_LEASE_S, AsyncRegistry, LinkState, RegistryURL, new_instance_id
 from .errors import (ErrorCode, RegistryAuthError, RegistryTimeoutError, RegistryUnavailableError,
                      UnknownConnectorError, UnknownRequestError, error_from_code)
-from .messages import (MAX_SECONDS, Claim, Expectation, Mode, RequestEvent, RequestInfo, RequestState, from_wire)
+from .messages import (MAX_CONSUMERS, MAX_SECONDS, Claim, Expectation, Mode, RequestEvent, RequestInfo, RequestState, from_wire)
 from ._redis_scripts import SCRIPTS
 
 __all__ = ["AsyncRedisRegistry"]
@@ -204,17 +204,20 @@ class AsyncRedisRegistry(AsyncRegistry):
         return bytes((await self._script("lookup", name))[0])
 
     # -- requests -----------------------------------------------------------------------
-    async def publish(self, request_id: str, blocks: Sequence[int], ttl_s: float) -> None:
-        await self._create(request_id, blocks, ttl_s, Mode.PULL, RequestState.PUBLISHED, "wp:")
+    async def publish(self, request_id: str, blocks: Sequence[int], ttl_s: float, consumers: int = 1) -> None:
+        if isinstance(consumers, bool) or not isinstance(consumers, int) or not 1 <= consumers <= MAX_CONSUMERS:
+            raise error_from_code(ErrorCode.INVALID, f"consumers={consumers!r}; expected 1..{MAX_CONSUMERS}")
+        await self._create(request_id, blocks, ttl_s, Mode.PULL, RequestState.PUBLISHED, "wp:", consumers)
 
     async def expect(self, request_id: str, dst_blocks: Sequence[int], ttl_s: float) -> None:
         await self._create(request_id, dst_blocks, ttl_s, Mode.PUSH, RequestState.EXPECTED, "we:")
 
     async def _create(self, request_id: str, blocks: Sequence[int], ttl_s: float, mode: Mode, state: RequestState,
-                      wprefix: str) -> None:
+                      wprefix: str, consumers: int = 1) -> None:
         _check_request(request_id, ttl_s)
         packed = msgpack.packb([int(b) for b in blocks])
-        await self._script("create", request_id, self.name, packed, _ms(ttl_s), mode.value, state.value, wprefix)
+        await self._script("create", request_id, self.name, packed, _ms(ttl_s), mode.value, state.value, wprefix,
+                           int(consumers))
 
     async def pull(self, request_id: str, timeout_s: float) -> Claim:
         peer, blocks, meta = await self._take(request_id, timeout_s, Mode.PULL, "wp:", "published")
@@ -274,8 +277,9 @@ class AsyncRedisRegistry(AsyncRegistry):
         await self._script("cancel", request_id, self.name, reason)
 
     async def query(self, request_id: str) -> RequestInfo:
-        mode, state, producer, consumer = (v.decode() for v in await self._script("query", request_id))
-        return RequestInfo(request_id, Mode(mode), RequestState(state), producer or None, consumer or None)
+        mode, state, producer, consumer, need, nclaim, ndone = (v.decode() for v in await self._script("query", request_id))
+        return RequestInfo(request_id, Mode(mode), RequestState(state), producer or None, consumer or None,
+                           int(need), int(nclaim), int(ndone))
 
     async def sweep(self) -> None:
         """Expire due leases and TTLs now (every operation also does). Raises RegistryError."""

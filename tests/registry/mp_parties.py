@@ -122,3 +122,90 @@ def push_first_layer_then_hang(url: str, name: str, rid: str, blocks: list[int],
     conn.push(rid, blocks, layers=[0], last=False, timeout=60).wait(30)
     out.put(("pushed", rid))
     time.sleep(600)
+
+
+# --- unlike tensor parallelism on the two sides (head reshards) ------------------------------
+TP_HEADS, TP_BS, TP_D = 8, 16, 32
+
+
+def make_heads_kv(heads: int, seed: int | None) -> list[np.ndarray]:
+    """LAYERS tensors [K/V, blocks, 16 tokens, heads, 32] of uint16 (NHD pieces, block_dim=1)."""
+    shape = (2, NUM_BLOCKS, TP_BS, heads, TP_D)
+    if seed is None:
+        return [np.zeros(shape, dtype=np.uint16) for _ in range(LAYERS)]
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 2**16, size=shape, dtype=np.uint16) for _ in range(LAYERS)]
+
+
+def _heads_connector(name: str, url: str, kv: list[np.ndarray]) -> Any:
+    from kvxfer.connector import Connector
+    from kvxfer.registry.agent import RequestAgent
+
+    conn = Connector(name, backend="tcp", registry=url)
+    conn.register(kv, block_dim=1)
+    conn._agent = RequestAgent(conn, url, lease_s=LEASE_S)
+    return conn
+
+
+def tp_producer(url: str, name: str, rank: int, tp: int, rid: str, blocks: list[int], consumers: int,
+                ttl: float, out: Any) -> None:
+    """Prefill rank ``rank`` of ``tp``: publish its heads of ``rid`` for ``consumers`` decode
+    ranks; report every finished event that comes within a second after the first."""
+    from kvxfer.errors import KvxferError
+    from kvxfer.registry.keys import publication_key
+
+    conn = _heads_connector(name, url, make_heads_kv(TP_HEADS // tp, 100 + rank))
+    key = publication_key(rid, rank)
+    conn.publish(key, blocks, ttl=ttl, consumers=consumers)
+    out.put(("published", key))
+    agent = conn.requests
+    try:
+        fin = agent.wait_finished(timeout=ttl + 10)
+        out.put(("finished", fin.request_id, fin.kind.value))
+        time.sleep(1.0)
+        out.put(("later", [f.kind.value for f in agent.finished()]))
+    except KvxferError as exc:
+        out.put(("error", type(exc).__name__, str(exc)))
+    conn.close()
+
+
+def tp_consumer(url: str, name: str, rank: int, tp: int, prefill_tp: int, rid: str, srcs: list[list[int]],
+                dst: list[int], timeout: float, out: Any) -> None:
+    """Decode rank ``rank`` of ``tp``: pull its heads from every prefill rank that holds some,
+    concurrently, into ``dst``; check every byte against what each prefill rank published."""
+    from kvxfer.errors import KvxferError
+    from kvxfer.registry.keys import publication_key
+    from kvxfer.reshard import BlockFormat, HeadOrder, HeadReshard, tp_head_range
+
+    mine = TP_HEADS // tp
+    kv = make_heads_kv(mine, None)
+    conn = _heads_connector(name, url, kv)
+    lo, hi = tp_head_range(TP_HEADS, rank, tp)
+    src_fmt = BlockFormat(HeadOrder.NHD, TP_BS, TP_HEADS // prefill_tp, TP_D, 2)
+    dst_fmt = BlockFormat(HeadOrder.NHD, TP_BS, mine, TP_D, 2)
+    handles, expect = [], []
+    for p in range(prefill_tp):
+        p0, p1 = tp_head_range(TP_HEADS, p, prefill_tp)
+        a, b = max(lo, p0), min(hi, p1)
+        if a >= b:
+            continue
+        rs = HeadReshard(src_fmt, dst_fmt, (a - p0, b - p0), dst_head_start=a - lo)
+        handles.append(conn.pull(publication_key(rid, p), dst, timeout=timeout, reshard=rs))
+        expect.append((p, a - p0, b - p0, a - lo))
+    try:
+        for h in handles:
+            h.wait(timeout + 10)
+    except KvxferError as exc:
+        out.put(("error", type(exc).__name__, str(exc)))
+        conn.close()
+        return
+    same = True
+    for p, s0, s1, d0 in expect:
+        want = make_heads_kv(TP_HEADS // prefill_tp, 100 + p)
+        for i in range(LAYERS):
+            same &= np.array_equal(kv[i][:, dst, :, d0:d0 + s1 - s0], want[i][:, srcs[p], :, s0:s1])
+    mask = np.zeros(NUM_BLOCKS, dtype=bool)
+    mask[dst] = True
+    untouched = all(not kv[i][:, ~mask].any() for i in range(LAYERS))
+    out.put(("ok", same, untouched, sorted(h.peer_name for h in handles)))
+    conn.close()

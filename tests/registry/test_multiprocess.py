@@ -24,7 +24,8 @@ from kvxfer.connector import Connector
 from kvxfer.errors import PeerLostError
 from kvxfer.registry.agent import RequestAgent
 from kvxfer.registry.errors import UnknownRequestError
-from mp_parties import LEASE_S, claim_and_die, consumer, make_kv, producer, push_first_layer_then_hang
+from mp_parties import (LEASE_S, TP_HEADS, claim_and_die, consumer, make_kv, producer, push_first_layer_then_hang,
+                        tp_consumer, tp_producer)
 from regutil import RedisProcess, free_port, need_redis
 
 pytestmark = pytest.mark.timeout(120)
@@ -245,3 +246,43 @@ def test_malformed_and_oversized_frames_to_registry_port(procs, tmp_path):
         assert reg.proc.poll() is None
     finally:
         reg.stop()
+
+
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(1, 2), (2, 1), (2, 4)])
+def test_unlike_tp_each_decode_rank_reads_its_heads(registry, procs, prefill_tp, decode_tp):
+    # every process is its own party: prefill ranks publish one key each, for the decode ranks
+    # that need their heads; each decode rank pulls from every prefill rank holding some
+    srcs = [[3, 4, 5], [9, 17, 2], [1, 6, 8], [10, 11, 12]][:prefill_tp]
+    dst = [0, 20, 7]
+    readers = [sum(1 for d in range(decode_tp) if _overlap(p, prefill_tp, d, decode_tp)) for p in range(prefill_tp)]
+    pqs = [procs.start(tp_producer, registry.url, f"prefill{p}", p, prefill_tp, "req", srcs[p], readers[p], 20.0)[1]
+           for p in range(prefill_tp)]
+    for q in pqs:
+        assert _get(q)[0] == "published"
+    cqs = [procs.start(tp_consumer, registry.url, f"decode{d}", d, decode_tp, prefill_tp, "req", srcs, dst, 20.0)[1]
+           for d in range(decode_tp)]
+    for d, q in enumerate(cqs):
+        result = _get(q)
+        assert result[:3] == ("ok", True, True), result
+        assert result[3] == [f"prefill{p}" for p in range(prefill_tp) if _overlap(p, prefill_tp, d, decode_tp)]
+    for p, q in enumerate(pqs):
+        assert _get(q) == ("finished", f"req#tp{p}", "consumed")
+        assert _get(q) == ("later", [])       # told once, after every reader confirmed
+
+
+def _overlap(p: int, ptp: int, d: int, dtp: int) -> bool:
+    hp, hd = TP_HEADS // ptp, TP_HEADS // dtp
+    return max(p * hp, d * hd) < min((p + 1) * hp, (d + 1) * hd)
+
+
+def test_one_of_two_decode_ranks_dies_producer_told_failed_once(registry, procs):
+    _, pq = procs.start(tp_producer, registry.url, "prefill0", 0, 1, "req", [3, 4, 5], 2, 30.0)
+    assert _get(pq)[0] == "published"
+    _, okq = procs.start(tp_consumer, registry.url, "decode0", 0, 2, 1, "req", [[3, 4, 5]], [0, 20, 7], 30.0)
+    assert _get(okq)[:3] == ("ok", True, True)
+    _, dq = procs.start(claim_and_die, registry.url, None, "decode1", "req#tp0")
+    assert _get(dq) == ("claimed", "prefill0")
+    t0 = time.monotonic()
+    assert _get(pq) == ("finished", "req#tp0", "failed")   # decode1's lease ran out: not the 30 s ttl
+    assert time.monotonic() - t0 < 3 * LEASE_S + 1.0
+    assert _get(pq) == ("later", [])
