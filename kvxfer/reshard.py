@@ -26,6 +26,7 @@ which ranks of one tensor-parallel size feed which ranks of another.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,6 +96,11 @@ def tp_head_range(num_heads: int, tp_rank: int, tp_size: int) -> tuple[int, int]
 
 def _piece_offsets(t: TensorGeometry, fmt: BlockFormat, what: str) -> np.ndarray:
     """Byte offsets, from a block's first byte, of every piece of that block (in order)."""
+    return _piece_offsets_of(t, fmt, what)
+
+
+@functools.lru_cache(maxsize=1024)
+def _piece_offsets_of(t: TensorGeometry, fmt: BlockFormat, what: str) -> np.ndarray:
     if t.itemsize != fmt.itemsize:
         raise LayoutError(f"{what}: tensor itemsize {t.itemsize} but block format says {fmt.itemsize}")
     pb = fmt.piece_nbytes
@@ -107,7 +113,9 @@ def _piece_offsets(t: TensorGeometry, fmt: BlockFormat, what: str) -> np.ndarray
             )
         for i in range(s.count):
             out.extend(s.offset + i * s.stride + k * pb for k in range(s.run // pb))
-    return np.asarray(out, dtype=np.int64)
+    arr = np.asarray(out, dtype=np.int64)
+    arr.flags.writeable = False
+    return arr
 
 
 def plan_reshard(

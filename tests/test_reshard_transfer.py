@@ -82,9 +82,22 @@ def _tokens_nhd(cache: np.ndarray, blocks, start: int, n: int) -> np.ndarray:
     return cache[:, list(blocks)].reshape(2, -1, *cache.shape[3:])[:, start:start + n]
 
 
+def _ucxx_missing() -> str | None:
+    try:
+        import ucxx  # noqa: F401
+    except Exception as exc:
+        return f"ucxx is not importable here ({exc!r})"
+    return None
+
+
+BACKENDS = ["tcp", pytest.param("ucx", marks=pytest.mark.skipif(_ucxx_missing() is not None,
+                                                                 reason=_ucxx_missing() or ""))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bs_src,bs_dst", [(16, 64), (64, 16)])
 @pytest.mark.parametrize("op", ["read", "write"])
-def test_block_size_change_with_a_head_slice_over_tcp(bs_src, bs_dst, op):
+def test_block_size_change_with_a_head_slice(bs_src, bs_dst, op, backend):
     """Token-mapped reshard between connectors: lists of different lengths, a source start mid-block,
     TP 1 -> 2 heads, partial last blocks; bytes outside the mapped tokens stay untouched."""
     rng = np.random.default_rng(bs_src)
@@ -97,7 +110,7 @@ def test_block_size_change_with_a_head_slice_over_tcp(bs_src, bs_dst, op):
     h0, h1 = tp_head_range(H, 1, 2)
     rs = HeadReshard(BlockFormat(HeadOrder.NHD, bs_src, H, D, 2), BlockFormat(HeadOrder.NHD, bs_dst, H // 2, D, 2),
                      (h0, h1), 0, num_tokens=n, src_start=s_start, dst_start=d_start)
-    with Connector("p", backend="tcp") as p, Connector("c", backend="tcp") as c:
+    with Connector("p", backend=backend) as p, Connector("c", backend=backend) as c:
         p.register(prod, block_dim=1)
         c.register(cons, block_dim=1)
         if op == "read":

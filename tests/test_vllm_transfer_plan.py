@@ -4,6 +4,8 @@ token-by-token oracle."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -16,6 +18,8 @@ from kvxfer.integrations.vllm.transfer_plan import (
     consumer_ranks,
     plan_group_reads,
     plan_reads,
+    plan_writes,
+    vllm_layout_order,
 )
 from kvxfer.layout import KVLayout
 from kvxfer.ops import reference
@@ -225,14 +229,14 @@ TP = [(1, 1), (2, 1), (1, 2), (4, 2), (2, 4)]
 BLOCKS = [(16, 16), (16, 64), (64, 16), (16, 48), (48, 16)]
 
 
-@pytest.mark.parametrize("layout", vl.LAYOUTS)
+@pytest.mark.parametrize("layout", vl.LAYOUTS + vl.LAYOUTS_V33)
 @pytest.mark.parametrize("src_tp,dst_tp", TP)
 @pytest.mark.parametrize("bs_src,bs_dst", BLOCKS)
 def test_reads_fill_every_rank_byte_exact(layout, src_tp, dst_tp, bs_src, bs_dst):
     _check_system(layout, 4, src_tp, dst_tp, bs_src, bs_dst, 150, 0)
 
 
-@pytest.mark.parametrize("layout", vl.LAYOUTS)
+@pytest.mark.parametrize("layout", vl.LAYOUTS + vl.LAYOUTS_V33)
 @pytest.mark.parametrize("bs_src,bs_dst,cached", [(16, 16, 32), (64, 16, 32), (16, 64, 64), (48, 16, 80)])
 def test_cached_prefix_is_skipped_mid_block_on_the_source(layout, bs_src, bs_dst, cached):
     _check_system(layout, 4, 2, 1, bs_src, bs_dst, 150, cached)
@@ -241,11 +245,11 @@ def test_cached_prefix_is_skipped_mid_block_on_the_source(layout, bs_src, bs_dst
 
 @pytest.mark.parametrize("src_tp,dst_tp", [(1, 4), (4, 1), (4, 2), (2, 4), (4, 4)])
 def test_gqa_with_fewer_kv_heads_than_ranks(src_tp, dst_tp):
-    for layout in ("fa", "fi"):
+    for layout in ("fa", "fi", "nhc", "hnc"):
         _check_system(layout, 2, src_tp, dst_tp, 16, 32, 70, 0)
 
 
-@pytest.mark.parametrize("layout", vl.LAYOUTS)
+@pytest.mark.parametrize("layout", vl.LAYOUTS + ("blnhc",))
 @pytest.mark.parametrize("bs_src,bs_dst,src_nulls,dst_nulls", [(16, 16, 3, 3), (16, 8, 3, 5), (8, 16, 5, 2),
                                                               (16, 64, 5, 1), (64, 16, 1, 2)])
 def test_sliding_window_moves_only_what_both_windows_hold(layout, bs_src, bs_dst, src_nulls, dst_nulls):
@@ -261,3 +265,61 @@ def test_mla_full_latent_and_fp8_items():
 def test_bytes_moved_equal_the_tokens_and_heads_needed():
     # TP 2 -> 1, 16 -> 64: each token's 4 heads of K and V once per layer, no more
     assert _check_system("fa", 4, 2, 1, 16, 64, 150, 0) == 2 * 2 * 150 * 4 * 8 * 2
+
+
+def test_hybrid_model_every_group_byte_exact():
+    """Full attention + sliding window + Mamba, TP 2 on both sides, block size 16 -> 64 for the
+    attention groups: each group's reads fill exactly that group's tensors (rank 1 shown)."""
+    full = vl.Case("fa", 4, 2, 2, 16, 64, 150, seed=1)
+    swa = vl.Case("fa", 4, 2, 2, 16, 64, 150, src_nulls=4, dst_nulls=1, kind=GroupKind.SLIDING_WINDOW, seed=2)
+    groups = (KVGroupSpec(GroupKind.FULL, ("a0", "a1")), KVGroupSpec(GroupKind.SLIDING_WINDOW, ("w0", "w1"), None, 64),
+              KVGroupSpec(GroupKind.MAMBA, ("m0",), block_size=1024))
+    remote, local = replace(full.spec("src", 0), groups=groups), replace(full.spec("dst", 1), groups=groups)
+    rng = np.random.default_rng(9)
+    m_src = rng.integers(0, 1 << 16, (6, 2, 40), dtype=np.uint16)  # [blocks, conv + ssm, state]
+    m_dst = np.full((5, 2, 40), 0xA5A5, dtype=np.uint16)
+    m_before = m_dst.copy()
+    reads = plan_reads(remote, local, [full.blocks("src"), swa.blocks("src"), [4]],
+                       [full.blocks("dst"), swa.blocks("dst"), [2]], 150)
+    assert sorted({r.group for r in reads}) == [0, 1, 2] and all(r.src_rank == 1 for r in reads)
+    for g, case in ((0, full), (1, swa)):
+        mine = [r for r in reads if r.group == g]
+        dst = case.before(1)
+        vl.run_reads(mine, [None, case.source(1)], 1, dst, 1)
+        for a, w in zip(dst, case.expected(1, mine)):
+            np.testing.assert_array_equal(a, w)
+    vl.run_reads([r for r in reads if r.group == 2], [None, [m_src]], 0, [m_dst], 0)
+    m_before[2] = m_src[4]
+    np.testing.assert_array_equal(m_dst, m_before)
+
+
+@pytest.mark.parametrize("src_tp,dst_tp", [(2, 1), (1, 2), (4, 2), (2, 4)])
+def test_push_writes_are_the_consumers_reads_from_this_rank(src_tp, dst_tp):
+    case = vl.Case("fi", 4, src_tp, dst_tp, 16, 64, 100, 32)
+    pb, cb = [case.blocks("src")], [case.blocks("dst")]
+    for c in range(dst_tp):
+        reads = case.reads(c)
+        writes = [w for p in range(src_tp)
+                  for w in plan_writes(case.spec("src", p), case.spec("dst", c), pb, cb, 100, 32)]
+        assert sorted(writes, key=lambda r: r.src_rank) == sorted(reads, key=lambda r: r.src_rank)
+        for p in range(src_tp):
+            assert (c in consumer_ranks(case.spec("src", p), case.spec("dst", c))) == any(
+                w.src_rank == p for w in writes)
+
+
+def test_vllm_layout_names():
+    assert [vllm_layout_order(n) for n in ("LBNHC", "BLNHC", "NHD", "LBHNC", "BLHNC", "hnd")] == [NHD] * 3 + [HND] * 3
+    for bad in ("LHBNC", "BHLNC", "zz"):
+        with pytest.raises(LayoutError, match="not supported for resharding"):
+            vllm_layout_order(bad)
+
+
+def test_block_major_layers_share_one_allocation():
+    """blnhc: each layer is a strided view of one allocation; the reads touch only their bytes."""
+    case = vl.Case("blnhc", 4, 1, 2, 16, 64, 150, 16)
+    dst = case.before(1)
+    root, _ = vl.root_of(dst[0])
+    assert all(vl.root_of(a)[0] is root for a in dst) and not dst[1].flags.c_contiguous
+    vl.run_reads(case.reads(1), [case.source(0)], 0, dst, 0)
+    want = case.expected(1, case.reads(1))
+    np.testing.assert_array_equal(root, vl.root_of(want[0])[0])

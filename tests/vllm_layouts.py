@@ -5,7 +5,12 @@ Layouts (per layer, as vLLM allocates them):
 
 * ``fa``: FlashAttention, NHD ``[2, num_blocks, block_size, heads, head_dim]`` (``block_dim=1``);
 * ``fi``: FlashInfer, HND ``[num_blocks, 2, heads, block_size, head_dim]`` (``block_dim=0``);
-* ``mla``: ``[num_blocks, block_size, head_dim]`` (the latent, one "head"; ``block_dim=0``).
+* ``mla``: ``[num_blocks, block_size, head_dim]`` (the latent, one "head"; ``block_dim=0``);
+* vLLM 0.33's standardized layouts, registered in physical order, K then V in the content:
+  ``nhc`` (``LBNHC``) ``[num_blocks, block_size, heads, 2 * head_dim]``, ``hnc`` (``LBHNC``)
+  ``[num_blocks, heads, block_size, 2 * head_dim]``, and ``blnhc`` (``BLNHC``): every layer a
+  strided view ``big[:, layer]`` of one ``[num_blocks, layers, block_size, heads, 2 * head_dim]``
+  allocation (block-major).
 
 A model's KV is ``G[layer, kv, token, global head, dim]`` (uint16 or uint8 items). Each rank of
 an engine holds its heads (as :func:`kvxfer.reshard.tp_kv_heads` says) of every token at the
@@ -28,6 +33,7 @@ from kvxfer.plan import plan_transfer
 from kvxfer.reshard import HeadOrder, tp_kv_heads
 
 LAYOUTS = ("fa", "fi", "mla")
+LAYOUTS_V33 = ("nhc", "hnc", "blnhc")
 POISON = 0xA5
 
 
@@ -36,29 +42,65 @@ def block_dim(layout: str) -> int:
 
 
 def order(layout: str) -> HeadOrder:
-    return HeadOrder.HND if layout == "fi" else HeadOrder.NHD
+    return HeadOrder.HND if layout in ("fi", "hnc") else HeadOrder.NHD
+
+
+def content(layout: str, dim: int) -> int:
+    """The spec's ``head_dim``: K then V side by side in the 0.33 layouts."""
+    return 2 * dim if layout in LAYOUTS_V33 else dim
 
 
 def shape(layout: str, num_blocks: int, block_size: int, heads: int, dim: int) -> tuple[int, ...]:
+    """One layer's shape (for ``blnhc``, of its view)."""
     if layout == "fa":
         return (2, num_blocks, block_size, heads, dim)
     if layout == "fi":
         return (num_blocks, 2, heads, block_size, dim)
+    if layout in ("nhc", "blnhc"):
+        return (num_blocks, block_size, heads, 2 * dim)
+    if layout == "hnc":
+        return (num_blocks, heads, block_size, 2 * dim)
     assert heads == 1
     return (num_blocks, block_size, dim)
 
 
+def _split(arr: np.ndarray, shp: tuple[int, ...]) -> np.ndarray:
+    v = arr.view()
+    v.shape = shp  # raises rather than copies
+    return v
+
+
 def token_view(arr: np.ndarray, layout: str) -> np.ndarray:
-    """A ``[kv, num_blocks, block_size, heads, dim]`` view of one layer (kv is 1 for MLA)."""
+    """A writable ``[kv, num_blocks, block_size, heads, dim]`` view of one layer (kv is 1 for MLA)."""
     if layout == "fa":
         return arr
     if layout == "fi":
         return arr.transpose(1, 0, 3, 2, 4)
+    if layout in ("nhc", "blnhc"):
+        nb, bs, h, c = arr.shape
+        return _split(arr, (nb, bs, h, 2, c // 2)).transpose(3, 0, 1, 2, 4)
+    if layout == "hnc":
+        nb, h, bs, c = arr.shape
+        return _split(arr, (nb, h, bs, 2, c // 2)).transpose(3, 0, 2, 1, 4)
     return arr[None, :, :, None, :]
 
 
+def root_of(a: np.ndarray) -> tuple[np.ndarray, int]:
+    """(the contiguous array ``a`` is a view of, ``a``'s first byte's offset in it)."""
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    assert root.flags.c_contiguous
+    return root, a.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+
+
 def views(arrs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    return [a.view(np.uint8).reshape(-1) for a in arrs]
+    """uint8 arrays over each tensor from its first byte (to its allocation's end)."""
+    out = []
+    for a in arrs:
+        root, off = root_of(a)
+        out.append(root.view(np.uint8).reshape(-1)[off:])
+    return out
 
 
 def _slots(blocks: Sequence[int], block_size: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -100,7 +142,8 @@ class Case:
         tp, bs = (self.src_tp, self.bs_src) if side == "src" else (self.dst_tp, self.bs_dst)
         mla = self.layout == "mla"
         return KVSpec("test-model", "bfloat16", "auto" if self.itemsize == 2 else "fp8", tp, rank, bs,
-                      1 if mla else self.heads, self.dim, order(self.layout), mla, self.itemsize, self.groups)
+                      1 if mla else self.heads, content(self.layout, self.dim), order(self.layout), mla, self.itemsize,
+                      self.groups)
 
     @property
     def num_blocks(self) -> tuple[int, int]:
@@ -131,12 +174,18 @@ class Case:
         rng = np.random.default_rng(self.seed * 1000 + rank + (500 if side == "dst" else 0))
         t, b, o = _slots(self.blocks(side), s.block_size, lo, hi)
         keep = b != 0
-        out = []
-        for layer in range(self.layers):
+        def fill(shp: tuple[int, ...]) -> np.ndarray:
             if poison:
-                a = np.full(int(np.prod(shp)) * self.itemsize, POISON, dtype=np.uint8).view(self.dtype).reshape(shp)
-            else:
-                a = rng.integers(0, int(np.iinfo(self.dtype).max) + 1, shp, dtype=self.dtype)
+                return np.full(shp, POISON * 0x0101 if self.itemsize == 2 else POISON, dtype=self.dtype)
+            return rng.integers(0, int(np.iinfo(self.dtype).max) + 1, shp, dtype=self.dtype)
+
+        if self.layout == "blnhc":  # one block-major allocation, a strided view per layer
+            big = fill((shp[0], self.layers, *shp[1:]))
+            layers = [big[:, layer] for layer in range(self.layers)]
+        else:
+            layers = [fill(shp) for _ in range(self.layers)]
+        out = []
+        for layer, a in enumerate(layers):
             v = token_view(a, self.layout)
             v[:, b[keep], o[keep]] = G[layer, :, t[keep], h0:h1].transpose(1, 0, 2, 3)
             out.append(a)

@@ -20,6 +20,17 @@ Conventions (vLLM's):
   are fewer KV heads than ranks); MLA's latent is on every rank (``mla=True``) and each local
   rank reads it from one remote rank.
 * Mamba (state) groups are copied block to block, between ranks of the same index only.
+* Tensors are registered in their physical order, with the spec's ``order`` saying which.
+  vLLM 0.33's standardized layouts (``KVCacheLayout``) give each layer a logical view
+  ``[blocks, heads, block_size, content]`` whose strides follow the physical order; register
+  ``view.permute(*layout.layer_view_order)`` and take the order from
+  :func:`vllm_layout_order`. There a block holds one piece and ``content`` is K then V
+  (``2 * head_size``): the spec's ``head_dim`` is the content width (MLA: the latent, 576).
+  Older layouts (``[2, blocks, block_size, heads, head_size]``, FlashInfer's ``[blocks, 2,
+  heads, block_size, head_size]``) hold two pieces per block (K, V) and ``head_dim`` is the
+  head size.
+* Push mode (the producer writes): :func:`plan_writes` gives a producer rank the copies one
+  consumer rank needs from it; they are that consumer's reads, issued as writes.
 """
 
 from __future__ import annotations
@@ -31,7 +42,8 @@ from dataclasses import dataclass, fields
 from ...errors import BlockIdError, LayoutError, LayoutMismatchError, RemoteProtocolError
 from ...reshard import BlockFormat, HeadOrder, HeadReshard, tp_consumers, tp_kv_heads, tp_sources
 
-__all__ = ["GroupKind", "KVGroupSpec", "KVSpec", "RemoteRead", "consumer_ranks", "plan_group_reads", "plan_reads"]
+__all__ = ["GroupKind", "KVGroupSpec", "KVSpec", "RemoteRead", "consumer_ranks", "plan_group_reads", "plan_reads",
+           "plan_writes", "vllm_layout_order"]
 
 
 class GroupKind(enum.Enum):
@@ -44,6 +56,30 @@ class GroupKind(enum.Enum):
     @property
     def attention(self) -> bool:
         return self is not GroupKind.MAMBA
+
+
+_LAYOUT_ORDERS = {"LBNHC": HeadOrder.NHD, "BLNHC": HeadOrder.NHD, "NHD": HeadOrder.NHD,
+                  "LBHNC": HeadOrder.HND, "BLHNC": HeadOrder.HND, "HND": HeadOrder.HND}
+
+
+def vllm_layout_order(layout: str) -> HeadOrder:
+    """The :class:`HeadOrder` of a layer's blocks under vLLM's KV-cache layout ``layout`` (a
+    ``KVCacheLayout`` member name, or the legacy aliases ``NHD`` / ``HND``): tokens then heads
+    (``LBNHC``, ``BLNHC``) or heads then tokens (``LBHNC``, ``BLHNC``).
+
+    Raises:
+        LayoutError: a layout that puts heads outside a layer's block (``LHBNC``, ``BHLNC``: a
+            block's heads are not one run, which head slicing and token mapping need), or an
+            unknown name.
+    """
+    name = getattr(layout, "name", layout)
+    try:
+        return _LAYOUT_ORDERS[str(name).upper()]
+    except KeyError:
+        raise LayoutError(
+            f"KV-cache layout {name!r} is not supported for resharding: a layer's block must hold its heads "
+            f"and tokens in one run (supported: {', '.join(_LAYOUT_ORDERS)})"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +125,12 @@ def _positive(v: object) -> bool:
 class KVSpec:
     """One worker rank's KV cache as peers exchange it at first contact.
 
-    ``num_kv_heads`` is the model's total (not the rank's share); ``head_dim`` the bytes-per-
-    head dimension of one piece (MLA: the latent width, e.g. 576); ``itemsize`` the bytes of one
-    KV-cache element; ``order`` how a block's piece orders tokens and heads (FlashAttention
-    NHD ``[2, blocks, block_size, heads, head_dim]``, FlashInfer HND ``[blocks, 2, heads,
-    block_size, head_dim]``; MLA ``[blocks, block_size, head_dim]`` is NHD with one head).
+    ``num_kv_heads`` is the model's total (not the rank's share); ``head_dim`` the elements of
+    one head of one token in one piece (vLLM 0.33's K-then-V content: ``2 * head_size``; the
+    older two-piece layouts: ``head_size``; MLA: the latent width, e.g. 576); ``itemsize`` the
+    bytes of one KV-cache element; ``order`` how a piece orders tokens and heads (see the
+    module notes and :func:`vllm_layout_order`; MLA's ``[blocks, block_size, 576]`` is NHD
+    with one head).
     ``groups`` defaults to one full-attention group with no layer names.
     """
 
@@ -349,6 +386,22 @@ def plan_reads(remote: KVSpec, local: KVSpec, remote_blocks: Sequence[Sequence[i
         out += plan_group_reads(remote, local, g, remote_blocks[g], local_blocks[g], num_tokens, num_cached,
                                 null_block=null_block)
     return out
+
+
+def plan_writes(producer: KVSpec, consumer: KVSpec, producer_blocks: Sequence[Sequence[int]],
+                consumer_blocks: Sequence[Sequence[int]], num_tokens: int, num_cached: int = 0, *,
+                null_block: int = 0) -> list[RemoteRead]:
+    """Push mode: what rank ``producer.tp_rank`` writes into rank ``consumer.tp_rank`` of the
+    consumer (its reads from this rank, every group): pass each as ``Connector.write(peer,
+    src_blocks, dst_blocks, reshard=reshard)``. Empty when that consumer rank needs nothing
+    from this one (see :func:`consumer_ranks`).
+
+    Raises:
+        as :func:`plan_reads`.
+    """
+    reads = plan_reads(producer, consumer, producer_blocks, consumer_blocks, num_tokens, num_cached,
+                       null_block=null_block)
+    return [r for r in reads if r.src_rank == producer.tp_rank]
 
 
 def consumer_ranks(producer: KVSpec, consumer: KVSpec) -> list[int]:
