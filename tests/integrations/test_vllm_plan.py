@@ -32,7 +32,8 @@ def test_import_kvxfer_does_not_import_the_integration() -> None:
 
 def test_step_plan_round_trip() -> None:
     plan = StepPlan(loads=(LoadSpec("r1", "x1", (3, 4, 5)), LoadSpec("r4", "x4", (8, 9), skip=1, group=1),
-                           LoadSpec("r5", "x5", (6,), group=2, refuse="dtype differs")),
+                           LoadSpec("r5", "x5", (6,), group=2, refuse="dtype differs"),
+                           LoadSpec("r6", "x6", (7, 8), num_tokens=20, remote={"tp_size": 2})),
                     publishes=(PublishSpec("r2", "x2", (7,), 30.0, 1),),
                     pushes=(PushSpec("r3", "x3", (1, 2), 2),))
     assert StepPlan.from_bytes(plan.to_bytes()) == plan
@@ -40,16 +41,18 @@ def test_step_plan_round_trip() -> None:
 
 
 @pytest.mark.parametrize("raw", [
-    msgpack.packb([2, [], [], []]),                             # another version
-    msgpack.packb([3, [["r", "k", [-1], 0, 0, ""]], [], []]),  # negative block id
-    msgpack.packb([3, [["r", 5, [1], 0, 0, ""]], [], []]),     # key not a string
-    msgpack.packb([3, [["r", "k", [1], 2, 0, ""]], [], []]),   # skips more blocks than it names
-    msgpack.packb([3, [["r", "k", [1], -1, 0, ""]], [], []]),  # negative skip
-    msgpack.packb([3, [["r", "k", [1], 0, -1, ""]], [], []]),  # negative group
-    msgpack.packb([3, [["r", "k", [1], 0, 0, 7]], [], []]),    # refusal not a string
-    msgpack.packb([3, [["r", "k", [1], 0]], [], []]),          # group and refusal missing
-    msgpack.packb([3, [], [["r", "k", [1], 1.0]], []]),        # publication without its group
-    msgpack.packb([3, [], []]),                                 # truncated
+    msgpack.packb([3, [], [], []]),                                        # another version
+    msgpack.packb([4, [["r", "k", [-1], 0, 0, "", 0, None]], [], []]),    # negative block id
+    msgpack.packb([4, [["r", 5, [1], 0, 0, "", 0, None]], [], []]),       # key not a string
+    msgpack.packb([4, [["r", "k", [1], 2, 0, "", 0, None]], [], []]),     # skips more blocks than it names
+    msgpack.packb([4, [["r", "k", [1], -1, 0, "", 0, None]], [], []]),    # negative skip
+    msgpack.packb([4, [["r", "k", [1], 0, -1, "", 0, None]], [], []]),    # negative group
+    msgpack.packb([4, [["r", "k", [1], 0, 0, 7, 0, None]], [], []]),      # refusal not a string
+    msgpack.packb([4, [["r", "k", [1], 0, 0, "", -5, None]], [], []]),    # negative token count
+    msgpack.packb([4, [["r", "k", [1], 0, 0, "", 5, [1]]], [], []]),      # remote spec not a map
+    msgpack.packb([4, [["r", "k", [1], 0]], [], []]),                     # fields missing
+    msgpack.packb([4, [], [["r", "k", [1], 1.0]], []]),                   # publication without its group
+    msgpack.packb([4, [], []]),                                            # truncated
     b"\xc1",                                            # not msgpack
 ])
 def test_step_plan_refuses_malformed(raw: bytes) -> None:

@@ -32,6 +32,9 @@ from .groups import GroupInfo, GroupKind
 from .metadata import StepPlan
 from .scheduler import SchedulerSide
 from .stats import KvxferPromMetrics, KvxferStats
+from .transfer_plan import GroupKind as TpGroupKind
+from .transfer_plan import KVGroupSpec as TpGroupSpec
+from .transfer_plan import KVSpec, vllm_layout_order
 from .worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -97,16 +100,25 @@ def group_infos(kv_cache_config: KVCacheConfig) -> tuple[GroupInfo, ...]:
 
 
 def group_views(kv_caches: dict[str, torch.Tensor], kv_cache_config: KVCacheConfig,
-                groups: tuple[GroupInfo, ...]) -> dict[int, dict[str, torch.Tensor]]:
+                groups: tuple[GroupInfo, ...], layout: str | None = None) -> dict[int, dict[str, torch.Tensor]]:
     """Per group, its layers' views with the block index first.
 
-    A layer that vLLM gave only its raw backing buffer (a 1-D int8 tensor: Mamba states and
+    Attention views (vLLM 0.33's logical ``[blocks, heads, tokens, content]``) are permuted into
+    their physical order, as the reshard reads them. A layer that vLLM gave only its raw backing buffer (a 1-D int8 tensor: Mamba states and
     other specs without layer views) is viewed as ``[num_blocks, page_bytes]`` bytes at its
     ``KVCacheTensor`` placement (``offset + l * layer_stride + b * block_stride``).
 
     Raises:
         LayoutError: a group's layer has no KV cache, or no placement for a raw buffer.
     """
+    order = None
+    if layout:
+        from vllm.v1.kv_cache_layout import KVCacheLayout
+
+        try:
+            order = KVCacheLayout[str(layout).upper()].layer_view_order
+        except KeyError:
+            order = None
     placement = {}
     for tensor in kv_cache_config.kv_cache_tensors:
         for li, name in enumerate(tensor.layers):
@@ -124,18 +136,66 @@ def group_views(kv_caches: dict[str, torch.Tensor], kv_cache_config: KVCacheConf
                 tensor, li = placement[layer]
                 t = t.as_strided((kv_cache_config.num_blocks_of(tensor), g.page_bytes), (tensor.block_stride, 1),
                                  t.storage_offset() + tensor.offset + li * tensor.layer_stride)
+            elif t.dim() == 4 and order is not None:
+                t = t.permute(*order)  # [blocks, heads, tokens, content] in physical order
             views[layer] = t
     return out
 
 
+def _layout_name(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> str:
+    layout = (kv_cache_config.kv_cache_layout if kv_cache_config is not None else None)
+    return str(layout or vllm_config.cache_config.kv_cache_layout or "auto")
+
+
+def _tp_size(vllm_config: VllmConfig) -> int:
+    return int(getattr(vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)
+
+
+def kv_spec(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, groups: tuple[GroupInfo, ...],
+            tp_rank: int) -> KVSpec | None:
+    """Rank ``tp_rank``'s :class:`~.transfer_plan.KVSpec` (heads, head size, order, MLA), or None
+    where it cannot be described (a layout that puts heads outside a layer's block, a model
+    without a config): such an engine moves blocks only between equal TP and block sizes."""
+    from vllm.utils.torch_utils import get_dtype_size
+    from vllm.v1.kv_cache_interface import AttentionSpec, MLAAttentionSpec
+
+    mc = vllm_config.model_config
+    if mc is None:
+        return None
+    try:
+        order = vllm_layout_order(_layout_name(vllm_config, kv_cache_config))
+    except LayoutError:
+        return None
+    specs = [kv_cache_config.kv_cache_groups[g.index].kv_cache_spec for g in groups]
+    attn = [s for s in specs if isinstance(s, AttentionSpec)]
+    if not attn:
+        return None
+    first = attn[0]
+    mla = isinstance(first, MLAAttentionSpec)
+    kinds = {GroupKind.FULL: TpGroupKind.FULL, GroupKind.SLIDING: TpGroupKind.SLIDING_WINDOW,
+             GroupKind.STATE: TpGroupKind.MAMBA}
+    try:
+        return KVSpec(model=str(mc.model), dtype=str(mc.dtype), kv_cache_dtype=str(vllm_config.cache_config.cache_dtype),
+                      tp_size=_tp_size(vllm_config), tp_rank=tp_rank, block_size=int(first.block_size),
+                      num_kv_heads=1 if mla else int(mc.get_total_num_kv_heads()),
+                      # vLLM 0.33's content is K then V (2 * head_size); MLA's is the latent
+                      head_dim=int(first.head_size) if mla else 2 * int(first.head_size),
+                      order=order, mla=mla, itemsize=int(get_dtype_size(first.dtype)),
+                      groups=tuple(TpGroupSpec(kinds[g.kind], g.layers, g.block_size, g.window or None)
+                                   for g in groups))
+    except LayoutError:
+        return None
+
+
 def engine_spec(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None,
                 groups: tuple[GroupInfo, ...]) -> EngineSpec:
-    """This engine's :class:`~.compat.EngineSpec` (what a peer's must equal)."""
+    """This engine's :class:`~.compat.EngineSpec` (what a peer's must equal, or reshard from)."""
     mc, cc = vllm_config.model_config, vllm_config.cache_config
-    layout = (kv_cache_config.kv_cache_layout if kv_cache_config is not None else None) or cc.kv_cache_layout
+    kv = kv_spec(vllm_config, kv_cache_config, groups, 0) if kv_cache_config is not None else None
     return EngineSpec(model=str(mc.model) if mc is not None else "", dtype=str(mc.dtype) if mc is not None else "",
-                      kv_cache_dtype=str(cc.cache_dtype), layout=str(layout or "auto"),
-                      groups=tuple(tuple(g.describe()) for g in groups))
+                      kv_cache_dtype=str(cc.cache_dtype), layout=_layout_name(vllm_config, kv_cache_config),
+                      groups=tuple(tuple(g.describe()) for g in groups), tp_size=_tp_size(vllm_config),
+                      kv=None if kv is None else kv.to_wire())
 
 
 class KvxferConnector(KVConnectorBase_V1, SupportsHMA):
@@ -160,7 +220,8 @@ class KvxferConnector(KVConnectorBase_V1, SupportsHMA):
         else:
             rank = _tp_rank()
             self._worker = WorkerSide(self._config, transfer_role, f"vllm-{ktc.engine_id}-tp{rank}",
-                                      kv_cache_config.num_blocks, rank)
+                                      kv_cache_config.num_blocks, rank,
+                                      kv_spec(vllm_config, kv_cache_config, self._groups, rank))
 
     def _block_ids_of(self, req_id: str) -> tuple[list[int], ...]:
         assert self._kv_cache_manager is not None, "vLLM binds the KV cache manager before scheduling"
@@ -188,7 +249,8 @@ class KvxferConnector(KVConnectorBase_V1, SupportsHMA):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self._kv_cache_config is not None
-        self.worker.register_kv_caches(group_views(kv_caches, self._kv_cache_config, self._groups))
+        self.worker.register_kv_caches(group_views(kv_caches, self._kv_cache_config, self._groups,
+                                                   _layout_name(self._vllm_config, self._kv_cache_config)))
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)

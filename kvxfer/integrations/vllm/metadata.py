@@ -42,7 +42,7 @@ PARAM_REMOTE_DECODE = "do_remote_decode"
 PARAM_REMOTE_PREFILL = "do_remote_prefill"
 PARAM_SPEC = "kvxfer_spec"
 
-_PLAN_VERSION = 3  # 2: loads carry ``skip``; 3: every spec names its KV-cache group, loads a refusal
+_PLAN_VERSION = 4  # 2: loads carry ``skip``; 3: specs name their KV-cache group, loads a refusal; 4: resharded loads
 _MAX_ID_LEN = 512
 
 
@@ -64,7 +64,11 @@ class LoadSpec:
     """Consumer: bring transfer ``key`` into ``dst_blocks`` of KV-cache group ``group`` for vLLM
     request ``req_id``, all but the first ``skip`` blocks (a local prefix-cache hit already
     holds them). A non-empty ``refuse`` says why the load must fail at once (the compatibility
-    check found the producer's model or layout different): the worker reports every block."""
+    check found the producer's model or layout different): the worker reports every block.
+
+    ``remote``: the producer's per-rank KV description (``KVSpec.to_wire()``) when the two sides
+    differ in tensor parallelism or block size; each worker rank then plans its reads of the
+    ``num_tokens`` prompt tokens from the producer ranks that hold its heads (token-mapped)."""
 
     req_id: str
     key: str
@@ -72,6 +76,8 @@ class LoadSpec:
     skip: int = 0
     group: int = 0
     refuse: str = ""
+    num_tokens: int = 0
+    remote: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +117,8 @@ class StepPlan:
     def to_bytes(self) -> bytes:
         return msgpack.packb([
             _PLAN_VERSION,
-            [[s.req_id, s.key, list(s.dst_blocks), s.skip, s.group, s.refuse] for s in self.loads],
+            [[s.req_id, s.key, list(s.dst_blocks), s.skip, s.group, s.refuse, s.num_tokens, s.remote]
+             for s in self.loads],
             [[s.req_id, s.key, list(s.src_blocks), s.ttl_s, s.group] for s in self.publishes],
             [[s.req_id, s.key, list(s.src_blocks), s.group] for s in self.pushes],
         ])
@@ -129,7 +136,7 @@ class StepPlan:
             if version != _PLAN_VERSION:
                 raise LocalProtocolError(f"step plan version {version!r}; this worker reads {_PLAN_VERSION}")
             return cls(
-                loads=tuple(_load(r, k, b, n, g, why) for r, k, b, n, g, why in loads),
+                loads=tuple(_load(*spec) for spec in loads),
                 publishes=tuple(PublishSpec(_s(r), _s(k), _ids(b), float(t), _group(g)) for r, k, b, t, g in pubs),
                 pushes=tuple(PushSpec(_s(r), _s(k), _ids(b), _group(g)) for r, k, b, g in pushes),
             )
@@ -139,13 +146,17 @@ class StepPlan:
             raise LocalProtocolError(f"malformed step plan: {exc}") from None
 
 
-def _load(r: Any, k: Any, b: Any, n: Any, g: Any, why: Any) -> LoadSpec:
+def _load(r: Any, k: Any, b: Any, n: Any, g: Any, why: Any, num_tokens: Any, remote: Any) -> LoadSpec:
     ids = _ids(b)
     if type(n) is not int or not 0 <= n <= len(ids):
         raise TypeError(f"skip {n!r} is not a count of 0..{len(ids)} blocks")
     if not isinstance(why, str):
         raise TypeError("a load's refusal must be a string")
-    return LoadSpec(_s(r), _s(k), ids, n, _group(g), why)
+    if type(num_tokens) is not int or not 0 <= num_tokens < 1 << 40:
+        raise TypeError(f"num_tokens {num_tokens!r} is not a token count")
+    if remote is not None and not isinstance(remote, dict):
+        raise TypeError("a load's remote KV description must be a map")
+    return LoadSpec(_s(r), _s(k), ids, n, _group(g), why, num_tokens, remote)
 
 
 def _group(g: Any) -> int:

@@ -127,17 +127,26 @@ class SchedulerSide:
         if not key:
             return
         refuse = ""
-        if params and PARAM_SPEC in params:
-            refuse = self._spec.mismatch(params[PARAM_SPEC])
+        theirs = params.get(PARAM_SPEC) if params else None
+        if theirs is not None:
+            refuse = self._spec.mismatch(theirs)
             if refuse:
                 refuse = f"the producer's KV is not compatible: {refuse}"
         ids = blocks.get_block_ids()
+        self._loading.add(rid)
+        if not refuse and theirs is not None and self._spec.needs_reshard(theirs):
+            # another TP or block size: every worker rank plans its own reads of the prompt's
+            # tokens from the producer ranks holding its heads (full-attention groups only)
+            n = request.num_prompt_tokens
+            for g in self._groups:
+                dst = tuple(ids[g.index][: -(-n // g.block_size)])
+                self._loads.append(LoadSpec(rid, key, dst, 0, g.index, "", n, dict(theirs["kv"])))
+            return
         try:
             slices = self._slices(request, ids)
         except LayoutError as exc:
             refuse = refuse or str(exc)
             slices = [(g, 0, [b for b in ids[g.index] if b]) for g in self._groups]
-        self._loading.add(rid)
         for g, start, dst in slices:
             skip = 0
             if self._config.mode is TransferMode.PULL and g.kind is not GroupKind.STATE:

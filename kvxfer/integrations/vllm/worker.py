@@ -39,6 +39,7 @@ from ...registry.messages import EventKind
 from .config import TransferMode, TransferRole, VllmConnectorConfig
 from .counters import TransferCounters
 from .metadata import LoadSpec, StepPlan
+from .transfer_plan import KVSpec, consumer_ranks, plan_group_reads
 
 __all__ = ["WorkerSide"]
 
@@ -108,13 +109,17 @@ class WorkerSide:
             group's connector is named ``{name}-g{group}``.
         num_blocks: vLLM's number of KV blocks (manager blocks).
         rank: tensor-parallel rank, appended to every transfer key.
+        kv_spec: this rank's KV description (heads, block size, order), needed to reshard
+            between different TP or block sizes; None: equal sides only.
     """
 
     #: failure messages kept for :attr:`recent_failures`
     MAX_FAILURES_KEPT = 64
 
-    def __init__(self, config: VllmConnectorConfig, role: TransferRole, name: str, num_blocks: int, rank: int = 0):
+    def __init__(self, config: VllmConnectorConfig, role: TransferRole, name: str, num_blocks: int, rank: int = 0,
+                 kv_spec: KVSpec | None = None):
         self._config = config
+        self._kv_spec = kv_spec
         self._role = role
         self._name = name
         self._num_blocks = num_blocks
@@ -191,8 +196,18 @@ class WorkerSide:
         self.connector(group)
         return self._agents[group]
 
-    def _key(self, key: str, group: int) -> str:
-        return f"{key}#g{group}#tp{self._rank}"
+    def _key(self, key: str, group: int, rank: int | None = None) -> str:
+        return f"{key}#g{group}#tp{self._rank if rank is None else rank}"
+
+    def _readers(self, group: int) -> int:
+        """How many consumer ranks read this rank's blocks of ``group`` (``consumer_tp_size``)."""
+        ctp = self._config.consumer_tp_size
+        spec = self._kv_spec
+        if not ctp or spec is None or ctp == spec.tp_size:
+            return 1
+        from dataclasses import replace
+
+        return len(consumer_ranks(spec, replace(spec, tp_size=ctp, tp_rank=0)))
 
     @property
     def recent_failures(self) -> list[tuple[str, int, tuple[int, ...], str]]:
@@ -212,24 +227,46 @@ class WorkerSide:
         self._plan = StepPlan()
 
     def start_load_kv(self) -> None:
-        """Start this step's loads (consumer), one per request and group; returns at once."""
+        """Start this step's loads (consumer), one per request, group and producer rank read;
+        returns at once."""
         for spec in self._plan.loads:
-            self._loads.setdefault(spec.req_id, []).append(self._start_load(spec))
+            self._loads.setdefault(spec.req_id, []).extend(self._start_load(spec))
 
-    def _start_load(self, spec: LoadSpec) -> _Load:
+    def _start_load(self, spec: LoadSpec) -> list[_Load]:
         key = self._key(spec.key, spec.group)
         written = spec.dst_blocks[spec.skip:] if self._config.mode is TransferMode.PULL else spec.dst_blocks
         if spec.refuse:
-            return _Load(key, spec.group, None, written, spec.refuse)
+            return [_Load(key, spec.group, None, written, spec.refuse)]
         try:
             agent = self._agent(spec.group)
+            if spec.remote is not None:
+                return self._start_resharded(agent, spec)
             if self._config.mode is TransferMode.PUSH:
                 h = agent.expect(key, spec.dst_blocks, timeout=self._config.load_timeout_s)
             else:
                 h = agent.pull(key, spec.dst_blocks, timeout=self._config.load_timeout_s, skip=spec.skip)
         except KvxferError as exc:
-            return _Load(key, spec.group, None, written, f"{type(exc).__name__}: {exc}")
-        return _Load(key, spec.group, h, written)
+            return [_Load(key, spec.group, None, written, f"{type(exc).__name__}: {exc}")]
+        return [_Load(key, spec.group, h, written)]
+
+    def _start_resharded(self, agent: Any, spec: LoadSpec) -> list[_Load]:
+        """Pull mode across TP or block sizes: one read per producer rank holding our heads,
+        each with its reshard (heads and token ranges), each its own load part."""
+        if self._config.mode is not TransferMode.PULL:
+            raise LayoutError("different TP or block sizes need mode=pull (push writes equal blocks only)")
+        if self._kv_spec is None:
+            raise LayoutError("this worker cannot describe its KV heads (layout), so it cannot reshard")
+        remote = KVSpec.from_wire(spec.remote)  # first contact: check_compatible names the field
+        n_remote = -(-spec.num_tokens // remote.group_block_size(spec.group))
+        # the producer publishes its blocks of tokens [0, num_tokens): positions stand for them
+        reads = plan_group_reads(remote, self._kv_spec, spec.group, list(range(1, n_remote + 1)),
+                                 spec.dst_blocks, spec.num_tokens)
+        out = []
+        for r in reads:
+            key = self._key(spec.key, spec.group, r.src_rank)
+            h = agent.pull(key, r.dst_blocks, timeout=self._config.load_timeout_s, reshard=r.reshard)
+            out.append(_Load(key, spec.group, h, r.dst_blocks))
+        return out
 
     def save_kv_layer(self, layer_name: str) -> None:
         """Push mode: write ``layer_name`` of every request whose prefill completes this step."""
@@ -283,7 +320,11 @@ class WorkerSide:
             key = self._key(pub.key, pub.group)
             self._send_parts[pub.req_id] = self._send_parts.get(pub.req_id, 0) + 1
             try:
-                self._agent(pub.group).publish(key, pub.src_blocks, ttl=pub.ttl_s)
+                readers = self._readers(pub.group)
+                if readers == 0:  # no consumer rank reads this rank (replicated heads, MLA)
+                    self._send_ended(pub.req_id)
+                    continue
+                self._agent(pub.group).publish(key, pub.src_blocks, ttl=pub.ttl_s, consumers=readers)
             except KvxferError as exc:
                 # nobody can read them: this group's part is over at once
                 log.warning("kvxfer: could not publish %s group %d (%s)", pub.req_id, pub.group, exc)
