@@ -61,3 +61,35 @@ def test_a_hit_noted_for_an_abandoned_request_is_forgotten():
     # scheduled again later without a local hit: nothing stale is skipped
     _, _, loads = _plan_load(side, req, 0, range(10, 14))
     assert loads[0].skip == 0
+
+
+def _params(rid, spec):
+    return {PARAM_REMOTE_PREFILL: True, PARAM_ID: f"x-{rid}", "kvxfer_spec": spec.to_params()}
+
+
+def test_another_tp_plans_token_mapped_loads_per_group():
+    kv = {"tp_size": 2, "block_size": 64}
+    mine = EngineSpec("m", "torch.float16", "auto", "LBNHC", SPEC.groups, 1, {"tp_size": 1})
+    theirs = EngineSpec("m", "torch.float16", "auto", "LBNHC", (("full", 64, 0, 1, 8192),), 2, kv)
+    side = SchedulerSide(VllmConnectorConfig(), TransferRole.CONSUMER, GROUPS, mine, lambda rid: ())
+    req = SimpleNamespace(request_id="r", num_prompt_tokens=100, kv_transfer_params=_params("r", theirs))
+    count, _ = side.get_num_new_matched_tokens(req, 0)
+    side.update_state_after_alloc(req, _blocks(range(10, 20)), count)
+    (load,) = side.build_connector_meta(SimpleNamespace()).loads
+    assert load.dst_blocks == tuple(range(10, 17)) and load.num_tokens == 100 and load.remote == kv
+    assert load.refuse == "" and load.skip == 0
+
+
+def test_a_sliding_window_group_refuses_another_tp_naming_it():
+    groups = GROUPS + (GroupInfo(1, GroupKind.SLIDING, BS, 24, ("l1",), 1024),)
+    desc = tuple(tuple(g.describe()) for g in groups)
+    mine = EngineSpec("m", "torch.float16", "auto", "LBNHC", desc, 1, {"tp_size": 1})
+    theirs = EngineSpec("m", "torch.float16", "auto", "LBNHC", desc, 2, {"tp_size": 2})
+    side = SchedulerSide(VllmConnectorConfig(), TransferRole.CONSUMER, groups, mine, lambda rid: ())
+    req = SimpleNamespace(request_id="r", num_prompt_tokens=40, kv_transfer_params=_params("r", theirs))
+    count, _ = side.get_num_new_matched_tokens(req, 0)
+    blocks = SimpleNamespace(get_block_ids=lambda: ([1, 2, 3], [4, 5, 6]))
+    side.update_state_after_alloc(req, blocks, count)
+    loads = side.build_connector_meta(SimpleNamespace()).loads
+    assert [ld.group for ld in loads] == [0, 1]
+    assert all("group 1 (sliding) moves between equal tp_size" in ld.refuse for ld in loads)
