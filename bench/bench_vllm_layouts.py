@@ -3,8 +3,11 @@ against a device copy of the same bytes measured in the same run.
 
 Three processes on one GPU (spawn): prefill ranks 0 and 1 and one decode rank, each with a
 kvxfer Connector (cuda_ipc by default) over CUDA tensors in a vLLM layout: FlashAttention NHD
-``[2, blocks, block_size, heads, head_dim]``, FlashInfer HND ``[blocks, 2, heads, block_size,
-head_dim]`` or MLA ``[blocks, block_size, 576]``; bf16 items, 32 layers, 8 KV heads of 128 (MLA:
+``[2, blocks, block_size, heads, head_dim]`` (``fa``), FlashInfer HND ``[blocks, 2, heads,
+block_size, head_dim]`` (``fi``), MLA ``[blocks, block_size, 576]`` (``mla``), or vLLM 0.33's
+K-then-V layouts ``[blocks, block_size, heads, 2 * head_dim]`` (``nhc``, LBNHC), ``[blocks,
+heads, block_size, 2 * head_dim]`` (``hnc``, LBHNC) and block-major BLNHC (``blnhc``: every
+layer a strided view of one allocation); bf16 items, 32 layers, 8 KV heads of 128 (MLA:
 the 576-wide latent), a prompt of ``--tokens`` tokens in random distinct blocks. The decode rank
 plans its reads with :func:`kvxfer.integrations.vllm.transfer_plan.plan_reads` (one read per
 prefill rank it needs: TP 2 -> 1 reads two, TP 1 -> 2 reads its half of the heads from one) and
@@ -15,7 +18,7 @@ the prefill ranks wrote (a formula of layer, K/V, token, head and element). The 
 planning the reads' copy jobs is reported alone too (``reshard_plan_us``).
 
     python bench/bench_vllm_layouts.py --out results.json [--tokens 4096] [--iters 10]
-        [--layouts fa,fi,mla] [--backend cuda_ipc]
+        [--layouts fa,fi,mla,nhc,hnc,blnhc] [--backend cuda_ipc]
 
 Writes JSON (card, date, git commit, command, one entry per case) to ``--out`` (or
 ``$OUT/vllm_layouts.json``).
@@ -53,8 +56,9 @@ def _spec(layout: str, tp: int, rank: int, bs: int):
     from kvxfer.reshard import HeadOrder
 
     mla = layout == "mla"
-    return KVSpec("bench", "bfloat16", "auto", tp, rank, bs, 1 if mla else HEADS, MLA_DIM if mla else HEAD_DIM,
-                  HeadOrder.HND if layout == "fi" else HeadOrder.NHD, mla, 2,
+    width = MLA_DIM if mla else 2 * HEAD_DIM if layout in ("nhc", "hnc", "blnhc") else HEAD_DIM  # K then V
+    return KVSpec("bench", "bfloat16", "auto", tp, rank, bs, 1 if mla else HEADS, width,
+                  HeadOrder.HND if layout in ("fi", "hnc") else HeadOrder.NHD, mla, 2,
                   (KVGroupSpec(GroupKind.FULL, tuple(f"layer{i}" for i in range(LAYERS))),))
 
 
@@ -85,6 +89,10 @@ class _Rank:
             return t
         if layout == "fi":
             return t.permute(1, 0, 3, 2, 4)
+        if layout in ("nhc", "blnhc"):  # [blocks, block_size, heads, K then V]
+            return t.unflatten(-1, (2, HEAD_DIM)).permute(3, 0, 1, 2, 4)
+        if layout == "hnc":  # [blocks, heads, block_size, K then V]
+            return t.unflatten(-1, (2, HEAD_DIM)).permute(3, 0, 2, 1, 4)
         return t.unsqueeze(0).unsqueeze(3)
 
     def _values(self, layer: int, layout: str, tokens, h0: int, h1: int):
@@ -112,16 +120,23 @@ class _Rank:
         nb, ids = _blocks(tokens, bs, 1 if side == "src" else 2)
         self.ids = ids
         dim = MLA_DIM if layout == "mla" else HEAD_DIM
-        shape = {"fa": (2, nb, bs, h1 - h0, dim), "fi": (nb, 2, h1 - h0, bs, dim), "mla": (nb, bs, dim)}[layout]
+        h = h1 - h0
+        shape = {"fa": (2, nb, bs, h, dim), "fi": (nb, 2, h, bs, dim), "mla": (nb, bs, dim),
+                 "nhc": (nb, bs, h, 2 * dim), "hnc": (nb, h, bs, 2 * dim), "blnhc": (nb, LAYERS, bs, h, 2 * dim)}[layout]
         tok = torch.arange(tokens, device=self.dev)
         blk = torch.tensor(ids, device=self.dev)[tok // bs]
         off = tok % bs
-        for layer in range(LAYERS):
+
+        def alloc(shp):
             if side == "src":
-                t = torch.randint(-32768, 32767, shape, dtype=torch.int16, device=self.dev)
+                return torch.randint(-32768, 32767, shp, dtype=torch.int16, device=self.dev)
+            return torch.full(shp, 0x5A5A, dtype=torch.int16, device=self.dev)
+
+        big = alloc(shape) if layout == "blnhc" else None  # block-major: every layer in one allocation
+        for layer in range(LAYERS):
+            t = big[:, layer] if big is not None else alloc(shape)
+            if side == "src":
                 self._view(t, layout)[:, blk, off] = self._values(layer, layout, tok, h0, h1)
-            else:
-                t = torch.full(shape, 0x5A5A, dtype=torch.int16, device=self.dev)
             self.tensors.append(t)
         self._sync()
         self.conn = kvxfer.Connector(f"{side}{rank}", backend=backend)
@@ -250,7 +265,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--layouts", default="fa,fi,mla")
+    ap.add_argument("--layouts", default="fa,fi,mla,nhc,hnc,blnhc")
     ap.add_argument("--backend", default="cuda_ipc")
     ap.add_argument("--device", default="cuda:0", help="torch device of all three processes (cpu: a smoke run, tcp)")
     ap.add_argument("--commit", default=None, help="git commit to record (when the tree has no .git)")

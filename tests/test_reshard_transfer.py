@@ -157,3 +157,32 @@ def test_token_reshard_errors_reach_the_caller_and_the_wire_parser():
     for bad in (good[:5], good[:6] + [-1], good[:4] + [True, 0, 0], good[:4] + [1.5, 0, 0], good[:4] + [1 << 41, 0, 0]):
         with pytest.raises(kvxfer.LayoutError):
             HeadReshard.from_wire(bad)
+
+
+def test_reshard_from_wire_refuses_random_garbage_with_layout_error_only():
+    """Mutations of a valid token-mapped wire form: each parses to a HeadReshard or raises
+    LayoutError (which backends turn into RemoteProtocolError), never anything else."""
+    import random
+
+    rnd = random.Random(0)
+    good = HeadReshard(BlockFormat(HeadOrder.NHD, 16, 8, 128, 2), BlockFormat(HeadOrder.HND, 64, 4, 128, 2), (4, 8),
+                       0, num_tokens=100, src_start=3, dst_start=0).to_wire()
+    junk = [None, True, -1, 0, 1 << 45, 1.5, "nhd", "x", b"\x00", [], [1], {"a": 1}, [["nhd"]]]
+    parsed = refused = 0
+    for _ in range(3000):
+        w = [list(x) if isinstance(x, list) else x for x in good]
+        i = rnd.randrange(len(w))
+        if isinstance(w[i], list) and w[i] and rnd.random() < 0.6:
+            w[i][rnd.randrange(len(w[i]))] = rnd.choice(junk)
+        else:
+            w[i] = rnd.choice(junk)
+        if rnd.random() < 0.1:
+            w = w[: rnd.randrange(len(w) + 1)]
+        try:
+            rs = HeadReshard.from_wire(w)
+        except kvxfer.LayoutError:
+            refused += 1
+        else:
+            parsed += 1
+            assert isinstance(rs, HeadReshard) and HeadReshard.from_wire(rs.to_wire()) == rs
+    assert refused > 2000 and parsed > 0

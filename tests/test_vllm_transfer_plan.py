@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import vllm_layouts as vl  # tests/ helper
 
 from kvxfer.errors import BlockIdError, LayoutError, LayoutMismatchError, RemoteProtocolError
 from kvxfer.integrations.vllm.transfer_plan import (
@@ -21,8 +22,6 @@ from kvxfer.integrations.vllm.transfer_plan import (
     plan_writes,
     vllm_layout_order,
 )
-from kvxfer.layout import KVLayout
-from kvxfer.ops import reference
 from kvxfer.reshard import HeadOrder, HeadSource, tp_consumers, tp_kv_heads, tp_sources
 
 NHD, HND = HeadOrder.NHD, HeadOrder.HND
@@ -203,9 +202,6 @@ def test_read_errors_name_the_problem():
 
 
 # --- byte-exact against the token oracle, in vLLM's layouts ----------------------------------
-
-import vllm_layouts as vl  # noqa: E402  (tests/ helper)
-
 
 def _check_system(layout, heads, src_tp, dst_tp, bs_src, bs_dst, tokens, cached, **kw):
     """Every destination rank plans its reads and executes them from the source ranks' caches;
