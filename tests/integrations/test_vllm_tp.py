@@ -83,6 +83,8 @@ CASES = {  # name: (prefill setup, decode setup)
     "tp1->2-mla": ({"tp": 1, "block_size": 16, "kv_heads": 1, "mla": True}, {"tp": 2, "block_size": 16}),
     "bs16->64": ({"tp": 1, "block_size": 16, "kv_heads": 2, "mla": False}, {"tp": 1, "block_size": 64}),
     "bs64->16": ({"tp": 1, "block_size": 64, "kv_heads": 2, "mla": False}, {"tp": 1, "block_size": 16}),
+    "tp2->1-nhd->hnd": ({"tp": 2, "block_size": 16, "kv_heads": 2, "mla": False},
+                        {"tp": 1, "block_size": 16, "layout": "LBHNC"}),
     "bs64->16-tp1->2": ({"tp": 1, "block_size": 64, "kv_heads": 2, "mla": False}, {"tp": 2, "block_size": 16}),
 }
 
@@ -121,3 +123,29 @@ def test_decode_ranks_hold_the_prefill_ranks_heads(tmp_path: Any, case: str) -> 
         c_cmd.put("stop")
         p_cmd.put("stop")
         assert _get(c_out, 60, cp)[0] == "stopped"
+
+
+def test_a_killed_prefill_rank_fails_only_its_read_and_vllm_recomputes(tmp_path: Any) -> None:
+    prod = {"tp": 2, "block_size": 16, "kv_heads": 2, "mla": False}
+    cons = {**prod, "tp": 1}
+    with _pair(tmp_path, prod, cons) as (p_cmd, p_out, pp, c_cmd, c_out, cp):
+        _, published, _, _ = _get(p_out, 300, pp)
+        _get(c_out, 300, cp)
+        p_cmd.put(("kill-rank", 1))
+        assert _get(p_out, 30, pp)[0] == "killed"
+        c_cmd.put(("load", "c-1", PROMPT, published["p-1"]["params"]))
+        _, _, c_blocks, c_pages, errors, reason, stats = _get(c_out, 180, cp)
+        # rank 1's heads (head 1) never arrived in any block: exactly those blocks are reported
+        # (rank 0's read, head 0, completed: its bytes are in place); vLLM then recomputes
+        assert errors == sorted(c_blocks) and reason == "length"
+        theirs = published["p-1"]["pages"][0]
+        for layer in tp.LAYERS:
+            for t in range(len(PROMPT)):
+                b, slot = divmod(t, 16)
+                assert c_pages[0][layer][b, 0, slot].tobytes() == theirs[layer][b, 0, slot].tobytes()
+                assert not c_pages[0][layer][b, 1, slot].view("uint16").any(), "head 1 was never written"
+        loads = sum(row["loads"] for d in stats for row in d["backends"].values())
+        failures = sum(row["load_failures"] for d in stats for row in d["backends"].values())
+        assert loads == 1 and failures == 1
+        c_cmd.put("stop")
+        p_cmd.put("stop")

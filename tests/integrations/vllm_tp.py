@@ -7,7 +7,8 @@ each rank (its own process, its own KV cache from vLLM's ``allocate_kv_cache``, 
 connector told its TP rank) runs the worker hooks around a fake forward and answers with its
 transfer results; the scheduler process then reports to vLLM what every rank reported (a
 request is finished sending or receiving once all ranks said so), as vLLM's output aggregator
-does. ``setup``: ``tp``, ``block_size``, ``kv_heads`` (the model's total KV heads), ``mla``.
+does. ``setup``: ``tp``, ``block_size``, ``kv_heads`` (the model's total KV heads), ``mla``,
+``layout`` (vLLM's KV-cache layout, ``LBNHC`` unless given).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _configs(model_dir: str, kv_role: str, extra: dict[str, Any], setup: dict[st
     scheduler_config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=1024,
                                        enable_chunked_prefill=True, is_encoder_decoder=False, async_scheduling=False)
     cache_config = CacheConfig(block_size=bs, gpu_memory_utilization=0.9, cache_dtype="auto", enable_prefix_caching=True)
-    cache_config.kv_cache_layout = "LBNHC"
+    cache_config.kv_cache_layout = setup.get("layout", "LBNHC")
     ktc = KVTransferConfig(kv_connector="KvxferConnector", kv_connector_module_path="kvxfer.integrations.vllm",
                            kv_role=kv_role, kv_connector_extra_config=extra, kv_load_failure_policy="recompute")
     vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config, cache_config=cache_config,
@@ -289,6 +290,14 @@ def producer(model_dir: str, extra: dict[str, Any], setup: dict[str, Any], promp
                 break
             if msg == "status":
                 out.put(("status", list(eng.sent), eng.free_blocks()))
+            if isinstance(msg, tuple) and msg[0] == "kill-rank":  # this engine is broken from now on
+                eng.procs[msg[1]].kill()
+                eng.procs[msg[1]].join(10)
+                out.put(("killed", msg[1]))
+                while cmd.get(timeout=300) != "stop":
+                    pass
+                out.put(("stopped",))
+                return
             eng.step(compute=False)
         eng.stop()
         out.put(("stopped",))
