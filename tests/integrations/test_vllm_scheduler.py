@@ -93,3 +93,23 @@ def test_a_sliding_window_group_refuses_another_tp_naming_it():
     loads = side.build_connector_meta(SimpleNamespace()).loads
     assert [ld.group for ld in loads] == [0, 1]
     assert all("group 1 (sliding) moves between equal tp_size" in ld.refuse for ld in loads)
+
+
+def test_with_a_state_group_the_decode_side_computes_the_last_prompt_token():
+    groups = GROUPS + (GroupInfo(1, GroupKind.STATE, BS, 0, ("l1",), 512),)
+    desc = tuple(tuple(g.describe()) for g in groups)
+    spec = EngineSpec("m", "torch.float16", "auto", "LBNHC", desc)
+    producer = SchedulerSide(VllmConnectorConfig(), TransferRole.PRODUCER, groups, spec, lambda rid: ())
+    req = SimpleNamespace(request_id="p", num_prompt_tokens=40, prompt_token_ids=list(range(40)),
+                          _all_token_ids=list(range(40)), max_tokens=1,
+                          kv_transfer_params={"do_remote_decode": True, PARAM_ID: "x"})
+    producer.on_new_request(req)
+    producer.on_new_request(req)  # rescheduled: not cut twice
+    assert req.num_prompt_tokens == 39 and req.prompt_token_ids == list(range(39)) and len(req._all_token_ids) == 39
+    consumer = SchedulerSide(VllmConnectorConfig(), TransferRole.CONSUMER, groups, spec, lambda rid: ())
+    creq = SimpleNamespace(request_id="c", num_prompt_tokens=40, kv_transfer_params=_params("c", spec))
+    count, is_async = consumer.get_num_new_matched_tokens(creq, 0)
+    assert (count, is_async) == (39, True)
+    consumer.update_state_after_alloc(creq, SimpleNamespace(get_block_ids=lambda: ([1, 2, 3], [0, 0, 7])), count)
+    loads = consumer.build_connector_meta(SimpleNamespace()).loads
+    assert [(ld.group, ld.dst_blocks) for ld in loads] == [(0, (1, 2, 3)), (1, (7,))]

@@ -285,7 +285,8 @@ def producer(model_dir: str, extra: dict[str, Any], prompts: dict[str, list[int]
             blocks = eng.block_ids(rid)
             published[rid] = {"params": eng.finished[rid].kv_transfer_params, "blocks": blocks,
                               "bytes": eng.block_bytes(blocks), "groups": eng.group_block_ids(rid),
-                              "pages": _pages(eng, rid)}
+                              "pages": _pages(eng, rid),
+                              "prompt_tokens": eng.scheduler.requests[rid].num_prompt_tokens}
         out.put(("published", eng.connector_class, published, free0, eng.free_blocks(), eng.hma_enabled))
         while True:
             try:

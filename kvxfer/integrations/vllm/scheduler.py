@@ -15,6 +15,14 @@ mode (the load's ``skip``: those shared blocks are neither rewritten nor moved).
 producer writes every block of the slice, so hit blocks are rewritten with the producer's bytes
 for the same tokens.
 
+State groups (Mamba): the decode side must compute the prompt's last token itself from the
+state after the others (vLLM recomputes the last prompt token of a fully loaded prompt, which
+would advance a finished state twice), so with a state group the prefill side drops the
+prompt's last token (``on_new_request``) and the decode side loads the prompt less that token.
+
+Another TP or block size: the loads cover the prompt from token 0 (a local prefix hit is loaded
+again, with the same bytes), as token-mapped reads per producer rank.
+
 First contact: the producer's ``kv_transfer_params`` carry its :class:`~.compat.EngineSpec`; a
 consumer whose own spec differs plans the load as refused (the worker side then reports every
 block as a load error, naming the field, and vLLM's ``kv_load_failure_policy`` applies).
@@ -55,6 +63,7 @@ log = logging.getLogger(__name__)
 
 # a prefill that ended this way computed the whole prompt's KV: worth handing to a decoder
 _HANDOFF_STATUSES = frozenset({RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED})
+_TRUNCATED = "_kvxfer_truncated"  # kv_transfer_params mark: the prefill side dropped the backoff
 
 
 class SchedulerSide:
@@ -84,6 +93,8 @@ class SchedulerSide:
         self._local_hit: dict[str, int] = {}          # consumer: prompt tokens found in the local cache
         self._push_wanted: dict[str, tuple[str, Request]] = {}   # producer, push: not yet pushed
         self._pushed: dict[str, str] = {}             # producer, push: req id -> transfer id
+        # prompt tokens the decode side computes itself (see the module docstring)
+        self._backoff = 1 if any(g.kind is GroupKind.STATE for g in self._groups) else 0
 
     @property
     def groups(self) -> tuple[GroupInfo, ...]:
@@ -93,9 +104,29 @@ class SchedulerSide:
         return {PARAM_REMOTE_PREFILL: True, PARAM_REMOTE_DECODE: False, PARAM_ID: key,
                 PARAM_SPEC: self._spec.to_params()}
 
-    def _slices(self, request: Request, block_ids: Sequence[Sequence[int]]) -> list[tuple[GroupInfo, int, list[int]]]:
-        """Each transfer group's (info, first position, blocks); raises LayoutError."""
-        return [(g, *transfer_slice(g, request.num_prompt_tokens, block_ids[g.index])) for g in self._groups]
+    def _slices(self, num_tokens: int, block_ids: Sequence[Sequence[int]]) -> list[tuple[GroupInfo, int, list[int]]]:
+        """Each transfer group's (info, first position, blocks) for a transfer of ``num_tokens``
+        prompt tokens; raises LayoutError."""
+        return [(g, *transfer_slice(g, num_tokens, block_ids[g.index])) for g in self._groups]
+
+    def _loaded_tokens(self, request: Request) -> int:
+        """Consumer: the prompt tokens a producer delivers (all but the backoff)."""
+        n = request.num_prompt_tokens
+        return n - self._backoff if n > self._backoff else n
+
+    def on_new_request(self, request: Request) -> None:
+        """Producer with a state group: drop the prompt's last token, which the decode side
+        computes from the state of the others (once per request, also when rescheduled)."""
+        params = request.kv_transfer_params
+        if (not self._backoff or not self._role.produces or not params or not params.get(PARAM_REMOTE_DECODE)
+                or params.get(_TRUNCATED) or request.num_prompt_tokens <= self._backoff
+                or request.prompt_token_ids is None):
+            return
+        del request.prompt_token_ids[-self._backoff:]
+        del request._all_token_ids[-self._backoff:]
+        request.num_prompt_tokens -= self._backoff
+        request.max_tokens = 1
+        params[_TRUNCATED] = True
 
     # -- consumer ----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
@@ -104,7 +135,7 @@ class SchedulerSide:
             return 0, False
         if not transfer_id_of(request.kv_transfer_params, PARAM_REMOTE_PREFILL):
             return 0, False
-        count = request.num_prompt_tokens - num_computed_tokens
+        count = self._loaded_tokens(request) - num_computed_tokens
         if count > 0:
             self._local_hit[request.request_id] = num_computed_tokens
         return (count, True) if count > 0 else (0, False)
@@ -137,13 +168,13 @@ class SchedulerSide:
         if not refuse and theirs is not None and self._spec.needs_reshard(theirs):
             # another TP or block size: every worker rank plans its own reads of the prompt's
             # tokens from the producer ranks holding its heads (full-attention groups only)
-            n = request.num_prompt_tokens
+            n = self._loaded_tokens(request)
             for g in self._groups:
                 dst = tuple(ids[g.index][: -(-n // g.block_size)])
                 self._loads.append(LoadSpec(rid, key, dst, 0, g.index, "", n, dict(theirs["kv"])))
             return
         try:
-            slices = self._slices(request, ids)
+            slices = self._slices(self._loaded_tokens(request), ids)
         except LayoutError as exc:
             refuse = refuse or str(exc)
             slices = [(g, 0, [b for b in ids[g.index] if b]) for g in self._groups]
@@ -174,7 +205,7 @@ class SchedulerSide:
                 continue
             del self._push_wanted[rid]
             try:
-                slices = self._slices(request, self._block_ids_of(rid))
+                slices = self._slices(request.num_prompt_tokens, self._block_ids_of(rid))
             except LayoutError as exc:
                 log.warning("kvxfer: not pushing %s: %s", rid, exc)
                 continue
@@ -206,7 +237,7 @@ class SchedulerSide:
         if request.status not in _HANDOFF_STATUSES or not any(block_ids):
             return False, None
         try:
-            slices = self._slices(request, block_ids)
+            slices = self._slices(request.num_prompt_tokens, block_ids)
         except LayoutError as exc:
             log.warning("kvxfer: not publishing %s: %s", rid, exc)
             return False, None
