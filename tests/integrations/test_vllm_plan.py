@@ -107,7 +107,9 @@ def test_transfer_slice_per_group_kind() -> None:
     # 40 tokens, window 24: tokens from 17 on are still seen, block 1 on; block 0 is vLLM's null block
     assert transfer_slice(swa, 40, [0, 6, 7]) == (1, [6, 7])
     assert transfer_slice(swa, 20, [3, 4]) == (0, [3, 4])                 # the window holds the whole prompt
-    assert transfer_slice(state, 40, [0, 0, 9]) == (0, [9])
+    assert transfer_slice(state, 40, [0, 0, 9]) == (2, [9])             # after the prompt: the last one
+    assert transfer_slice(state, 40, [4, 5, 9, 11]) == (2, [9])         # while it is computed
+    assert transfer_slice(state, 40, [9]) == (0, [9])                   # one state block per request
     with pytest.raises(LayoutError, match="null block"):
         transfer_slice(swa, 64, [0, 0, 0, 7])  # 64 tokens: positions 2 and 3 are in the window, 2 is not held
     with pytest.raises(LayoutError, match="expected 3"):

@@ -7,8 +7,9 @@ KV-cache group; a block id belongs to one group at a time, and each group has it
 * sliding window: only the prompt blocks the window still holds once the prompt is computed,
   the blocks holding a token at or after ``prompt - window + 1`` (vLLM has already replaced the
   earlier ones by its null block on the producer, and the consumer never reads them);
-* state (Mamba and other per-request states): the request's state blocks, block to block
-  (every non-null block of the group's list).
+* state (Mamba and other per-request states): the block holding the state after the prompt,
+  block to block: the last real block among the positions the prompt covers (vLLM nulls the
+  earlier ones once the prompt is computed; while it is computed they are still real).
 
 Both sides compute the same positions from the prompt length and their group specs (which the
 compatibility check makes equal), so a publication and a load name the same number of blocks
@@ -71,15 +72,18 @@ def transfer_slice(info: GroupInfo, num_prompt_tokens: int, block_ids: Sequence[
     """(first position, block ids) of ``block_ids`` that a request's transfer covers in this group.
 
     ``block_ids`` is the request's block list for the group (null blocks included). For a state
-    group the position is meaningless and 0 is returned with every non-null block.
+    group: the position of the state block and that block.
 
     Raises:
         LayoutError: the list is shorter than the prompt needs, or a position the transfer
             covers holds vLLM's null block.
     """
-    if info.kind is GroupKind.STATE:
-        return 0, [int(b) for b in block_ids if b != NULL_BLOCK]
     n = -(-num_prompt_tokens // info.block_size)
+    if info.kind is GroupKind.STATE:
+        real = [i for i, b in enumerate(block_ids[:max(1, n)]) if b != NULL_BLOCK]
+        if not real:
+            raise LayoutError(f"KV-cache group {info.index} (state) holds no state block for the prompt")
+        return real[-1], [int(block_ids[real[-1]])]
     start = 0
     if info.kind is GroupKind.SLIDING:
         start = max(0, num_prompt_tokens - info.window + 1) // info.block_size

@@ -8,6 +8,14 @@ so group *g* of rank *r* of a decode instance meets the same of the prefill inst
 A request's load ends when every group's load has; only the blocks of the groups that failed
 (their handles' ``failed_blocks``) are reported as load errors.
 
+Different TP or block sizes (pull mode, full-attention and MLA groups): a load that carries the
+producer's ``KVSpec`` is planned on this rank by :func:`~.transfer_plan.plan_group_reads`
+(first contact: ``check_compatible`` names a mismatching field, and the load fails with it):
+one pull per producer rank holding some of this rank's heads, each with its token-mapped
+reshard, under that rank's key. A producer rank publishes for as many consumer ranks as read
+from it (``consumer_tp_size``), and the registry reports it consumed once all have confirmed;
+a rank nobody reads from (replicated heads, MLA) publishes nothing.
+
 * Consumer: ``start_load_kv`` pulls (or, push mode, expects) each planned request into its
   blocks; loads are asynchronous (vLLM keeps the request in WAITING_FOR_REMOTE_KVS), so no
   forward pass ever reads a block being loaded and ``wait_for_layer_load`` has nothing to wait
