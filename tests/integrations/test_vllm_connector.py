@@ -59,11 +59,11 @@ def env(tmp_path: Any) -> Iterator[dict[str, Any]]:
 
 @contextlib.contextmanager
 def _engines(env: dict[str, Any], mode: str, prompts: dict[str, list[int]], setup: dict[str, Any] | None = None,
-             consumer_setup: dict[str, Any] | None = None) -> Iterator[tuple]:
+             consumer_setup: dict[str, Any] | None = None, ttl_s: float = 60.0) -> Iterator[tuple]:
     """A producer engine (prefilling ``prompts``) and a consumer engine, each in its own
     process: yields (p_cmd, p_out, prod, c_cmd, c_out, cons); both are killed at the end."""
     ctx = mp.get_context("spawn")
-    extra = {"registry": env["url"], "mode": mode, "backend": "tcp", "load_timeout_s": 10.0, "ttl_s": 60.0}
+    extra = {"registry": env["url"], "mode": mode, "backend": "tcp", "load_timeout_s": 10.0, "ttl_s": ttl_s}
     p_cmd, p_out, c_cmd, c_out = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Queue()
     prod = ctx.Process(target=parties.producer, args=(env["model"], extra, prompts, p_cmd, p_out, setup),
                        name="producer")

@@ -155,3 +155,20 @@ def test_metrics_count_per_backend_and_reach_prometheus(env: dict[str, Any]) -> 
         assert prom["vllm:kvxfer_expired_requests_total{tcp}"] == 0
         c_cmd.put("stop")
         p_cmd.put("stop")
+
+
+def test_an_expired_publication_is_counted_and_its_blocks_freed(env: dict[str, Any]) -> None:
+    with _engines(env, "pull", {"p-2": PROMPTS["p-2"]}, {"kind": "swa"}, ttl_s=1.0) as (p_cmd, p_out, prod, c_cmd, c_out, cons):
+        _, _, _, free0, free_held, _ = _get(p_out, 300, prod)
+        assert free_held < free0
+        # nobody reads p-2: both groups' publications expire after 1 s and the blocks come back once
+        in_requests, sent, free_now = _wait_sent(p_cmd, p_out, prod, "p-2")
+        assert sent == ["p-2"] and free_now == free0 and in_requests == {"p-2": False}
+        p_cmd.put("stats")
+        _, data, prom = _get(p_out, 30, prod)
+        row = data["backends"]["tcp"]  # the configured backend: a producer never sees the consumer's path
+        # two group transfers ended unread, one request expired
+        assert row["sends"] == 2 and row["send_failures"] == 2 and row["expired"] == 1
+        assert prom["vllm:kvxfer_expired_requests_total{tcp}"] == 1 and prom["vllm:kvxfer_failures_total{tcp}"] == 2
+        p_cmd.put("stop")
+        c_cmd.put("stop")

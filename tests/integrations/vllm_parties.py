@@ -298,6 +298,8 @@ def producer(model_dir: str, extra: dict[str, Any], prompts: dict[str, list[int]
             if msg == "status":
                 out.put(("status", {rid: rid in eng.scheduler.requests for rid in prompts}, list(eng.sent),
                          eng.free_blocks()))
+            if msg == "stats":
+                out.put(("stats", None if eng.stats is None else eng.stats.data, _prom_samples(eng)))
             if isinstance(msg, tuple) and msg[0] == "drop":
                 _, rid, group = msg
                 side = eng.worker.worker

@@ -19,8 +19,9 @@ from typing import Any
 __all__ = ["COUNTERS", "TransferCounters", "merge_counters"]
 
 #: loads / load_bytes / load_failures: this side read (or was written) a request's group;
-#: sends / send_failures / expired: a request's group this side produced ended (consumed,
-#: failed, expired before any consumer came); push_bytes: bytes this side wrote in push mode.
+#: sends / send_failures: a request's group this side produced ended (consumed, or failed /
+#: expired); expired: requests whose publication expired before every consumer came (once per
+#: request); push_bytes: bytes this side wrote in push mode.
 COUNTERS = ("loads", "load_bytes", "load_failures", "sends", "send_failures", "expired", "push_bytes")
 
 _MAX_SECONDS = 4096  # durations kept per report (a histogram needs no more per interval)

@@ -147,6 +147,7 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self._counters = TransferCounters()
         self._failed_loads: set[str] = set()             # req ids whose load failed in part or whole
+        self._expired: set[str] = set()                  # producer: req ids counted as expired
         self._failures: list[tuple[str, int, tuple[int, ...], str]] = []
 
     # -- setup -------------------------------------------------------------------------
@@ -353,6 +354,7 @@ class WorkerSide:
             self._send_parts[rid] = left
         else:
             self._send_parts.pop(rid, None)
+            self._expired.discard(rid)
             self._sends_done.add(rid)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
@@ -368,7 +370,10 @@ class WorkerSide:
                 if fin.kind is EventKind.CONSUMED:
                     self._counters.add(backend, sends=1)
                 else:
-                    expired = int(fin.kind is EventKind.EXPIRED)
+                    # expired counts requests (once, whichever of its groups expired first)
+                    expired = int(fin.kind is EventKind.EXPIRED and rid not in self._expired)
+                    if expired:
+                        self._expired.add(rid)
                     self._counters.add(backend, sends=1, send_failures=1, expired=expired)
                     self._failed(rid, f"{fin.kind.value}: {fin.reason}", g)
                     log.warning("kvxfer: transfer of %s ended %s: %s", fin.request_id, fin.kind.value, fin.reason)
