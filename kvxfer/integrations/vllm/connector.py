@@ -104,9 +104,10 @@ def group_views(kv_caches: dict[str, torch.Tensor], kv_cache_config: KVCacheConf
     """Per group, its layers' views with the block index first.
 
     Attention views (vLLM 0.33's logical ``[blocks, heads, tokens, content]``) are permuted into
-    their physical order, as the reshard reads them. A layer that vLLM gave only its raw backing buffer (a 1-D int8 tensor: Mamba states and
-    other specs without layer views) is viewed as ``[num_blocks, page_bytes]`` bytes at its
-    ``KVCacheTensor`` placement (``offset + l * layer_stride + b * block_stride``).
+    their physical order, as the reshard reads them. A layer that vLLM gave only its raw backing
+    buffer (a 1-D int8 tensor: specs without layer views) is viewed as ``[num_blocks,
+    page_bytes]`` bytes at its ``KVCacheTensor`` placement (``offset + l * layer_stride + b *
+    block_stride``).
 
     Raises:
         LayoutError: a group's layer has no KV cache, or no placement for a raw buffer.
