@@ -76,15 +76,15 @@ def _check_bytes(prod: dict[str, Any], cons: dict[str, Any], p_blocks: list[int]
 
 
 CASES = {  # name: (prefill setup, decode setup)
-    "tp2->1": ({"tp": 2, "block_size": 16, "kv_heads": 2, "mla": False}, {"tp": 1, "block_size": 16}),
+    # the decode side also orders heads then tokens (LBHNC, FlashInfer's HND) where the prefill has NHD
+    "tp2->1-nhd->hnd": ({"tp": 2, "block_size": 16, "kv_heads": 2, "mla": False},
+                        {"tp": 1, "block_size": 16, "layout": "LBHNC"}),
     "tp1->2": ({"tp": 1, "block_size": 16, "kv_heads": 2, "mla": False}, {"tp": 2, "block_size": 16}),
     "tp1->2-gqa-replicated": ({"tp": 1, "block_size": 16, "kv_heads": 1, "mla": False}, {"tp": 2, "block_size": 16}),
     "tp2->1-mla": ({"tp": 2, "block_size": 16, "kv_heads": 1, "mla": True}, {"tp": 1, "block_size": 16}),
     "tp1->2-mla": ({"tp": 1, "block_size": 16, "kv_heads": 1, "mla": True}, {"tp": 2, "block_size": 16}),
     "bs16->64": ({"tp": 1, "block_size": 16, "kv_heads": 2, "mla": False}, {"tp": 1, "block_size": 64}),
     "bs64->16": ({"tp": 1, "block_size": 64, "kv_heads": 2, "mla": False}, {"tp": 1, "block_size": 16}),
-    "tp2->1-nhd->hnd": ({"tp": 2, "block_size": 16, "kv_heads": 2, "mla": False},
-                        {"tp": 1, "block_size": 16, "layout": "LBHNC"}),
     "bs64->16-tp1->2": ({"tp": 1, "block_size": 64, "kv_heads": 2, "mla": False}, {"tp": 2, "block_size": 16}),
 }
 
