@@ -58,14 +58,17 @@ def env(tmp_path: Any) -> Iterator[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _engines(env: dict[str, Any], mode: str, prompts: dict[str, list[int]]) -> Iterator[tuple]:
+def _engines(env: dict[str, Any], mode: str, prompts: dict[str, list[int]], setup: dict[str, Any] | None = None,
+             consumer_setup: dict[str, Any] | None = None, ttl_s: float = 60.0) -> Iterator[tuple]:
     """A producer engine (prefilling ``prompts``) and a consumer engine, each in its own
     process: yields (p_cmd, p_out, prod, c_cmd, c_out, cons); both are killed at the end."""
     ctx = mp.get_context("spawn")
-    extra = {"registry": env["url"], "mode": mode, "backend": "tcp", "load_timeout_s": 10.0, "ttl_s": 60.0}
+    extra = {"registry": env["url"], "mode": mode, "backend": "tcp", "load_timeout_s": 10.0, "ttl_s": ttl_s}
     p_cmd, p_out, c_cmd, c_out = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Queue()
-    prod = ctx.Process(target=parties.producer, args=(env["model"], extra, prompts, p_cmd, p_out), name="producer")
-    cons = ctx.Process(target=parties.consumer, args=(env["model"], extra, c_cmd, c_out), name="consumer")
+    prod = ctx.Process(target=parties.producer, args=(env["model"], extra, prompts, p_cmd, p_out, setup),
+                       name="producer")
+    cons = ctx.Process(target=parties.consumer, args=(env["model"], extra, c_cmd, c_out, consumer_setup or setup),
+                       name="consumer")
     prod.start()
     cons.start()
     try:
@@ -80,8 +83,8 @@ def _engines(env: dict[str, Any], mode: str, prompts: dict[str, list[int]]) -> I
 @pytest.mark.parametrize("mode", ["pull", "push"])
 def test_prefill_decode_life_cycle_and_killed_producer(env: dict[str, Any], mode: str) -> None:
     with _engines(env, mode, PROMPTS) as (p_cmd, p_out, prod, c_cmd, c_out, cons):
-        _, cls, published, free0, free_held = _get(p_out, 300, prod)
-        _, ccls = _get(c_out, 300, cons)
+        _, cls, published, free0, free_held, _ = _get(p_out, 300, prod)
+        _, ccls, _ = _get(c_out, 300, cons)
         # vLLM's factory loaded our class from the module path, on both sides
         assert cls == ccls == "kvxfer.integrations.vllm.connector.KvxferConnector"
         held = sum(len(published[r]["blocks"]) for r in PROMPTS)
@@ -99,7 +102,7 @@ def test_prefill_decode_life_cycle_and_killed_producer(env: dict[str, Any], mode
 
         # the consumer loads p-1 through vLLM's scheduler: every byte equals the producer's
         c_cmd.put(("load", "c-1", PROMPTS["p-1"], published["p-1"]["params"]))
-        _, rid, blocks, data, errors, reason, _, stats = _get(c_out, 120, cons)
+        _, rid, blocks, data, errors, reason, _, stats, _ = _get(c_out, 120, cons)
         assert rid == "c-1" and errors == [] and len(blocks) == 3
         assert data == published["p-1"]["bytes"], "the consumer's blocks differ from the producer's"
         assert reason == "length"
@@ -122,7 +125,7 @@ def test_prefill_decode_life_cycle_and_killed_producer(env: dict[str, Any], mode
         os.kill(prod.pid, signal.SIGKILL)
         prod.join(10)
         c_cmd.put(("load", "c-2", PROMPTS["p-2"], published["p-2"]["params"]))
-        _, rid, blocks, data, errors, reason, _, stats = _get(c_out, 120, cons)
+        _, rid, blocks, data, errors, reason, _, stats, _ = _get(c_out, 120, cons)
         assert rid == "c-2" and len(blocks) == 2
         assert errors == sorted(blocks), f"load errors {errors} != the request's blocks {blocks}"
         assert reason == "length", "after the failed load vLLM recomputes and finishes the request"
@@ -142,12 +145,12 @@ def test_a_local_prefix_hit_is_not_loaded_again(env: dict[str, Any]) -> None:
     # the consumer prefilled the same prompt itself before: its first two (full) blocks are in
     # its prefix cache, so the pull moves only the third block from the producer
     with _engines(env, "pull", {"p-1": PROMPTS["p-1"]}) as (p_cmd, p_out, prod, c_cmd, c_out, cons):
-        _, _, published, _, _ = _get(p_out, 300, prod)
+        _, _, published, _, _, _ = _get(p_out, 300, prod)
         _get(c_out, 300, cons)
         c_cmd.put(("local", "c-0", PROMPTS["p-1"]))
         _, _, local_blocks, local_data = _get(c_out, 120, cons)
         c_cmd.put(("load", "c-1", PROMPTS["p-1"], published["p-1"]["params"]))
-        _, rid, blocks, data, errors, reason, _, stats = _get(c_out, 120, cons)
+        _, rid, blocks, data, errors, reason, _, stats, _ = _get(c_out, 120, cons)
         assert rid == "c-1" and errors == [] and len(blocks) == 3 and reason == "length"
         assert blocks[:2] == local_blocks[:2], "vLLM should have reused the cached blocks"
         theirs = published["p-1"]["bytes"]

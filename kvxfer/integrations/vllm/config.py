@@ -61,6 +61,7 @@ class _EnvView:
     listen: str = ""
     ttl_s: float = 0.0
     load_timeout_s: float = 0.0
+    consumer_tp_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,13 @@ class VllmConnectorConfig:
     ttl_s: how long a producer keeps a request's blocks for a consumer that never comes.
     load_timeout_s: how long a consumer waits for the producer's blocks before it gives up
         (the blocks are then reported as load errors and recomputed or failed by vLLM).
+    consumer_tp_size: producer, pull mode: the tensor-parallel size of the decode instances
+        that read from this one (0: the same as this instance's). Each producer rank keeps a
+        request's blocks until every decode rank that reads from it confirmed, and a decode
+        rank reads its KV heads from the prefill rank(s) that hold them; different TP sizes on
+        the two sides need this set on the prefill side. Block sizes may differ too (16 -> 64,
+        64 -> 16): full-attention and MLA groups are mapped by token ranges. Sliding-window and
+        Mamba groups move between equal block sizes and TP sizes only.
     """
 
     registry: str = "kvxfer://127.0.0.1:7300"
@@ -84,6 +92,7 @@ class VllmConnectorConfig:
     listen: str = "127.0.0.1:0"
     ttl_s: float = 120.0
     load_timeout_s: float = 60.0
+    consumer_tp_size: int = 0
 
     def __post_init__(self) -> None:
         if not self.registry.startswith(("kvxfer://", "redis://")):
@@ -92,6 +101,8 @@ class VllmConnectorConfig:
             raise ConfigError(f"backend={self.backend!r}; expected one of {list(BACKEND_NAMES)}")
         if not self.ttl_s > 0 or not self.load_timeout_s > 0:
             raise ConfigError("ttl_s and load_timeout_s must be positive numbers of seconds")
+        if type(self.consumer_tp_size) is not int or not 0 <= self.consumer_tp_size <= 4096:
+            raise ConfigError(f"consumer_tp_size={self.consumer_tp_size!r}; expected 0 (this instance's TP) or a TP size")
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> VllmConnectorConfig:
@@ -123,6 +134,11 @@ class VllmConnectorConfig:
                     values[key] = float(values[key])
                 except (TypeError, ValueError):
                     raise ConfigError(f"{key}={values[key]!r}; expected a number of seconds") from None
+        if "consumer_tp_size" in values:
+            try:
+                values["consumer_tp_size"] = int(values["consumer_tp_size"])
+            except (TypeError, ValueError):
+                raise ConfigError(f"consumer_tp_size={values['consumer_tp_size']!r}; expected an int") from None
         for key in ("registry", "backend", "listen"):
             if key in values and not isinstance(values[key], str):
                 raise ConfigError(f"{key}={values[key]!r}; expected a string")
