@@ -2,7 +2,7 @@
 # The vLLM integration tests, in their own virtual environment: vllm==0.33.0 is about 9 GB (it
 # brings its own torch), so it lives outside the repository at a fixed path and is reused:
 # vLLM is installed only when that venv lacks it. kvxfer is installed editable into it, then
-# only tests/integrations runs. Works on a CPU-only machine (vLLM installs and imports there).
+# only tests/integrations and the proxy test (whose request bodies are checked against vLLM's own request models there) run. Works on a CPU-only machine (vLLM installs and imports there).
 #   KVXFER_VLLM_VENV   where the venv lives (default /root/.cache/kvxfer/venv-vllm, or
 #                      $XDG_CACHE_HOME/kvxfer/venv-vllm for a non-root user)
 #   PYTHON             interpreter that creates it (default python3)
@@ -29,7 +29,7 @@ t1=$(date +%s)
 echo "vllm venv ready in $((t1 - t0)) s: $VENV"
 set +e
 # no hub: the tests build vLLM's configs from a config-only model directory they write
-HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider tests/integrations "$@"
+HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider tests/integrations tests/test_vllm_proxy.py "$@"
 rc=$?
 set -e
 echo "vllm integration tests took $(( $(date +%s) - t1 )) s"
