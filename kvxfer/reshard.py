@@ -118,6 +118,26 @@ def _piece_offsets_of(t: TensorGeometry, fmt: BlockFormat, what: str) -> np.ndar
     return arr
 
 
+
+def _heads_and_tensors(src: LayoutGeometry, src_format: BlockFormat, dst_format: BlockFormat,
+                       src_heads: tuple[int, int] | None, dst_head_start: int,
+                       layers: np.ndarray | Sequence[int] | None) -> tuple[int, int, Sequence[int]]:
+    """(first source head, heads moved, tensor indices) of a reshard, each checked against the formats.
+
+    Raises:
+        LayoutError: head ranges out of bounds, or layers out of range.
+    """
+    h0, h1 = (0, src_format.num_heads) if src_heads is None else src_heads
+    n = h1 - h0
+    if not (0 <= h0 < h1 <= src_format.num_heads):
+        raise LayoutError(f"source heads [{h0}, {h1}) out of range for {src_format.num_heads} heads")
+    if not 0 <= dst_head_start <= dst_format.num_heads - n:
+        raise LayoutError(f"{n} heads from destination head {dst_head_start} do not fit {dst_format.num_heads} heads")
+    tensor_ids = range(len(src.tensors)) if layers is None else [int(t) for t in layers]
+    if any(not 0 <= t < len(src.tensors) for t in tensor_ids):
+        raise LayoutError(f"layers {list(tensor_ids)} out of range; valid are 0..{len(src.tensors) - 1}")
+    return h0, n, tensor_ids
+
 def plan_reshard(
     src: LayoutGeometry,
     src_format: BlockFormat,
@@ -154,15 +174,7 @@ def plan_reshard(
         dst_format.block_size, dst_format.head_dim, dst_format.itemsize
     ):
         raise LayoutError(f"block formats differ beyond heads and order: {src_format} vs {dst_format}")
-    h0, h1 = (0, src_format.num_heads) if src_heads is None else src_heads
-    n = h1 - h0
-    if not (0 <= h0 < h1 <= src_format.num_heads):
-        raise LayoutError(f"source heads [{h0}, {h1}) out of range for {src_format.num_heads} heads")
-    if not 0 <= dst_head_start <= dst_format.num_heads - n:
-        raise LayoutError(f"{n} heads from destination head {dst_head_start} do not fit {dst_format.num_heads} heads")
-    tensor_ids = range(len(src.tensors)) if layers is None else [int(t) for t in layers]
-    if any(not 0 <= t < len(src.tensors) for t in tensor_ids):
-        raise LayoutError(f"layers {list(tensor_ids)} out of range; valid are 0..{len(src.tensors) - 1}")
+    h0, n, tensor_ids = _heads_and_tensors(src, src_format, dst_format, src_heads, dst_head_start, layers)
 
     same = src_format.order is dst_format.order
     # head groups moved by one job each: all heads at once when orders agree, else one by one
@@ -297,15 +309,7 @@ def plan_token_reshard(
         raise LayoutError(f"layouts have {len(src.tensors)} and {len(dst.tensors)} tensors; they must match")
     if (src_format.head_dim, src_format.itemsize) != (dst_format.head_dim, dst_format.itemsize):
         raise LayoutError(f"block formats differ in head size or itemsize: {src_format} vs {dst_format}")
-    h0, h1 = (0, src_format.num_heads) if src_heads is None else src_heads
-    n = h1 - h0
-    if not (0 <= h0 < h1 <= src_format.num_heads):
-        raise LayoutError(f"source heads [{h0}, {h1}) out of range for {src_format.num_heads} heads")
-    if not 0 <= dst_head_start <= dst_format.num_heads - n:
-        raise LayoutError(f"{n} heads from destination head {dst_head_start} do not fit {dst_format.num_heads} heads")
-    tensor_ids = range(len(src.tensors)) if layers is None else [int(t) for t in layers]
-    if any(not 0 <= t < len(src.tensors) for t in tensor_ids):
-        raise LayoutError(f"layers {list(tensor_ids)} out of range; valid are 0..{len(src.tensors) - 1}")
+    h0, n, tensor_ids = _heads_and_tensors(src, src_format, dst_format, src_heads, dst_head_start, layers)
 
     first, ntok = _token_chunks(num_tokens, src_start, src_format.block_size, dst_start, dst_format.block_size)
     sslot, dslot = first + src_start, first + dst_start
