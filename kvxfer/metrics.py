@@ -34,13 +34,10 @@ from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .errors import ConfigError
 from .handle import Op, TransferHandle, TransferStatus
-
-if TYPE_CHECKING:
-    from .connector import Connector
 
 __all__ = [
     "DURATION_BUCKETS",
@@ -211,6 +208,13 @@ class Metrics:
 
 # -- Prometheus ------------------------------------------------------------------------------
 
+class HasMetrics(Protocol):
+    """What :func:`register_prometheus` reads: a :class:`~kvxfer.Connector`, or anything with
+    its ``metrics()``."""
+
+    def metrics(self) -> MetricsSnapshot: ...
+
+
 def _prometheus_collector(source: Any, prefix: str) -> Any:
     from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
     from prometheus_client.utils import floatToGoString
@@ -256,7 +260,7 @@ def _prometheus_collector(source: Any, prefix: str) -> Any:
     return KvxferCollector()
 
 
-def register_prometheus(connector: Connector, registry: Any = None, prefix: str = "kvxfer") -> Any:
+def register_prometheus(connector: HasMetrics, registry: Any = None, prefix: str = "kvxfer") -> Any:
     """Expose ``connector``'s metrics to Prometheus through a custom collector.
 
     The collector holds the connector weakly: a connector that is gone scrapes as no series.
