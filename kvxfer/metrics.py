@@ -161,20 +161,24 @@ class PeerCounters:
         """Count ``h``, which has just finished (called once, by the handle)."""
         row = self._read if h.op is Op.READ else self._write
         status = h._status
+        lock = self._lock  # acquire/release: about half the cost of ``with`` on CPython 3.11
         if status is TransferStatus.DONE:
             s = h._t1 - h._t0  # type: ignore[operator]  # set before the handle records
             i = bisect_left(DURATION_BUCKETS, s)
-            with self._lock:
+            lock.acquire()
+            try:
                 row.transfers += 1
                 row.bytes += h.nbytes
                 row.seconds += s
                 row.buckets[i] += 1
+            finally:
+                lock.release()
         elif status is TransferStatus.FAILED:
             kind = type(h._exc).__name__
-            with self._lock:
+            with lock:
                 row.failures[kind] = row.failures.get(kind, 0) + 1
         else:  # cancelled
-            with self._lock:
+            with lock:
                 row.cancels += 1
 
 
