@@ -35,7 +35,7 @@ from .errors import (
 from .handle import Op, TransferHandle
 from .layout import KVLayout
 from .metadata import PeerMetadata, boot_id
-from .metrics import Metrics, MetricsSnapshot
+from .metrics import CountedHandle, Metrics, MetricsSnapshot
 from .plan import as_block_ids
 from .reshard import HeadReshard
 
@@ -311,8 +311,7 @@ class Connector:
             if early is not None:
                 backend.abandon_early(early)
             raise
-        handle = TransferHandle(op, peer.name, plan.nbytes, peer.backend, req.dst_blocks)
-        handle._recorder = peer._counters
+        handle = CountedHandle(op, peer.name, plan.nbytes, peer.backend, req.dst_blocks, peer._counters)
         self._watchdog.add(handle, timeout)
         if early is not None:
             backend.submit_early(early, plan, handle)

@@ -5,13 +5,12 @@ Layer: shared by the Connector and the backends; backends complete or fail handl
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -69,7 +68,7 @@ class TransferHandle:
     """
 
     __slots__ = ("op", "peer_name", "nbytes", "backend", "dst_blocks", "deadline", "_event",
-                 "_status", "_exc", "_t0", "_t1", "_lock", "_callbacks", "_driver", "_recorder", "__weakref__")
+                 "_status", "_exc", "_t0", "_t1", "_lock", "_callbacks", "_driver", "__weakref__")
 
     def __init__(self, op: Op, peer_name: str, nbytes: int, backend: str, dst_blocks: np.ndarray,
                  deadline: float | None = None):
@@ -87,7 +86,6 @@ class TransferHandle:
         self._t1: float | None = None
         self._callbacks: list[Callable[[TransferHandle], None]] = []
         self._driver: HandleDriver | None = None  # see set_driver
-        self._recorder: Any = None  # the Connector's metrics.PeerCounters: counts us once, when we finish
 
     # -- caller API ---------------------------------------------------------------------
     @property
@@ -163,12 +161,7 @@ class TransferHandle:
             self._exc = exc
             self._status = TransferStatus.DONE if exc is None else TransferStatus.FAILED
             callbacks, self._callbacks = self._callbacks, []
-        rec = self._recorder
-        if rec is not None:  # before waking waiters: a caller that waited sees itself counted
-            try:
-                rec.record(self)
-            except Exception:  # a metrics bug must not leave waiters hanging
-                logging.getLogger(__name__).exception("recording the metrics of %r", self)
+        self._finished()
         self._event.set()
         for fn in callbacks:
             fn(self)
@@ -184,3 +177,8 @@ class TransferHandle:
 
     def __repr__(self) -> str:
         return f"<TransferHandle {self.op.value} {self.nbytes} B peer={self.peer_name!r} via {self.backend} {self._status.value}>"
+
+    def _finished(self) -> None:
+        """Runs once, on the thread that finished the handle, after its status is final and
+        before waiters wake. A hook for subclasses (the Connector's handles count themselves
+        in its metrics here); it must not raise."""

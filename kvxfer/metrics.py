@@ -1,8 +1,9 @@
 """Metrics: kvxfer's own counters and duration histogram, per backend, peer and direction.
 
 Layer: connector internals plus a read-only public view. The Connector gives every handle it
-returns from ``read``/``write`` the counters of its (backend, peer); the handle counts itself
-once, when it finishes (:meth:`TransferHandle._finish`), on whatever thread finishes it. So
+returns from ``read``/``write`` (a :class:`CountedHandle`) the counters of its (backend, peer);
+the handle counts itself once, when it finishes (``TransferHandle._finished``), on whatever
+thread finishes it. So
 every backend is counted by the same code, and the hot path is one lock and a few integer adds.
 
 What is counted, per (backend, peer name, op), on the side that called ``read``/``write``:
@@ -28,6 +29,7 @@ two snapshots.
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from bisect import bisect_left
@@ -57,7 +59,7 @@ as Prometheus' ``le`` label reads."""
 INTEGRITY_KIND = "IntegrityError"
 """The failure kind counted when a transfer's integrity check fails."""
 
-_OPS = (Op.READ, Op.WRITE)
+log = logging.getLogger(__name__)
 _NBUCKETS = len(DURATION_BUCKETS) + 1
 
 
@@ -180,6 +182,23 @@ class PeerCounters:
         else:  # cancelled
             with lock:
                 row.cancels += 1
+
+
+class CountedHandle(TransferHandle):
+    """The handle ``Connector.read``/``write`` return: a :class:`TransferHandle` that counts
+    itself in its peer's counters once, when it finishes."""
+
+    __slots__ = ("_counters",)
+
+    def __init__(self, op: Op, peer_name: str, nbytes: int, backend: str, dst_blocks: Any, counters: PeerCounters):
+        super().__init__(op, peer_name, nbytes, backend, dst_blocks)
+        self._counters = counters
+
+    def _finished(self) -> None:
+        try:
+            self._counters.record(self)
+        except Exception:  # a metrics bug must not keep waiters from waking
+            log.exception("recording the metrics of %r", self)
 
 
 class Metrics:
