@@ -239,3 +239,23 @@ def test_importing_kvxfer_does_not_import_prometheus_client():
     code = "import sys, kvxfer, kvxfer.metrics; print('prometheus_client' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(not hasattr(kvxfer.TransferStatus, "CANCELLED"), reason="TransferHandle.cancel is not in this tree")
+def test_a_cancelled_transfer_counts_as_a_cancel(make_connectors):
+    peer = PeerProcess("remote-c", SPEC, seed=1, backend="tcp")
+    try:
+        local, *_ = make_connectors("local", SPEC, 2, backend="tcp")
+        p = local.connect(peer.metadata)
+        local.read(p, [1], [1]).wait(10)
+        os.kill(peer.proc.pid, signal.SIGSTOP)
+        try:
+            h = local.read(p, list(range(16)), list(range(16)), timeout=30)
+            assert h.cancel(10)
+        finally:
+            os.kill(peer.proc.pid, signal.SIGCONT)
+        assert h.status is kvxfer.TransferStatus.CANCELLED
+        s = local.metrics().get("tcp", "remote-c", Op.READ)
+        assert (s.transfers, s.bytes, dict(s.failures), s.cancels) == (1, BLOCK, {}, 1)
+    finally:
+        peer.close()
