@@ -25,6 +25,7 @@ from .errors import (
 )
 from .handle import Op, TransferHandle, TransferStats, TransferStatus
 from .layout import KVLayout, LayoutGeometry, Segment, TensorGeometry
+from .metrics import DURATION_BUCKETS, MetricsSnapshot, SeriesMetrics, register_prometheus
 from .plan import TransferPlan, plan_transfer
 from .reshard import BlockFormat, HeadOrder, HeadReshard, HeadSource, tp_consumers, tp_head_range, tp_kv_heads, tp_sources
 
@@ -37,6 +38,7 @@ __all__ = [
     "ConfigError",
     "Connector",
     "ConnectorConfig",
+    "DURATION_BUCKETS",
     "HeadOrder",
     "HeadReshard",
     "HeadSource",
@@ -48,6 +50,7 @@ __all__ = [
     "LayoutMismatchError",
     "LocalProtocolError",
     "MemoryKind",
+    "MetricsSnapshot",
     "Notification",
     "Op",
     "Peer",
@@ -57,6 +60,7 @@ __all__ = [
     "RemoteProtocolError",
     "RemoteTransferError",
     "Segment",
+    "SeriesMetrics",
     "TcpConfig",
     "TensorGeometry",
     "TransferHandle",
@@ -66,6 +70,7 @@ __all__ = [
     "TransferTimeoutError",
     "TransportError",
     "plan_transfer",
+    "register_prometheus",
     "tp_consumers",
     "tp_head_range",
     "tp_kv_heads",

@@ -35,6 +35,7 @@ from .errors import (
 from .handle import Op, TransferHandle
 from .layout import KVLayout
 from .metadata import PeerMetadata, boot_id
+from .metrics import CountedHandle, Metrics, MetricsSnapshot
 from .plan import as_block_ids
 from .reshard import HeadReshard
 
@@ -59,13 +60,14 @@ class Notification:
 class Peer:
     """A connected peer: its metadata and the backend link that reaches it."""
 
-    __slots__ = ("name", "metadata", "link", "_connector", "__weakref__")
+    __slots__ = ("name", "metadata", "link", "_connector", "_counters", "__weakref__")
 
     def __init__(self, connector: Connector, metadata: PeerMetadata, link: BackendLink):
         self._connector = connector
         self.name = metadata.name
         self.metadata = metadata
         self.link = link
+        self._counters = connector._metrics.counters(link.backend_name, metadata.name)
 
     @property
     def backend(self) -> str:
@@ -128,6 +130,7 @@ class Connector:
         self._lock = threading.Lock()
         self._closed = False
         self._watchdog = Watchdog(name)
+        self._metrics = Metrics()
         self._backends: dict[str, Backend] = {}
         self._registry_url = registry
         self._registry_token = registry_token
@@ -308,7 +311,7 @@ class Connector:
             if early is not None:
                 backend.abandon_early(early)
             raise
-        handle = TransferHandle(op, peer.name, plan.nbytes, peer.backend, req.dst_blocks)
+        handle = CountedHandle(op, peer.name, plan.nbytes, peer.backend, req.dst_blocks, peer._counters)
         self._watchdog.add(handle, timeout)
         if early is not None:
             backend.submit_early(early, plan, handle)
@@ -375,6 +378,16 @@ class Connector:
             return self._notes.get(timeout=timeout)
         except queue.Empty:
             raise TransferTimeoutError(f"no notification within {timeout} s") from None
+
+    def metrics(self) -> MetricsSnapshot:
+        """A consistent copy of this connector's transfer metrics, per backend, peer and op.
+
+        Counts every handle returned by :meth:`read`/:meth:`write` once, when it finishes:
+        completed transfers with their bytes and a duration histogram, failures by error class,
+        cancels (see :mod:`kvxfer.metrics`). Cumulative since construction, never reset;
+        subtract two snapshots for an interval. Cheap: one lock held while copying; raises nothing.
+        """
+        return self._metrics.snapshot()
 
     @property
     def peers(self) -> list[Peer]:

@@ -161,6 +161,7 @@ class TransferHandle:
             self._exc = exc
             self._status = TransferStatus.DONE if exc is None else TransferStatus.FAILED
             callbacks, self._callbacks = self._callbacks, []
+        self._finished()
         self._event.set()
         for fn in callbacks:
             fn(self)
@@ -176,3 +177,8 @@ class TransferHandle:
 
     def __repr__(self) -> str:
         return f"<TransferHandle {self.op.value} {self.nbytes} B peer={self.peer_name!r} via {self.backend} {self._status.value}>"
+
+    def _finished(self) -> None:
+        """Runs once, on the thread that finished the handle, after its status is final and
+        before waiters wake. A hook for subclasses (the Connector's handles count themselves
+        in its metrics here); it must not raise."""
