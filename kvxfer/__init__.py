@@ -20,6 +20,7 @@ from .errors import (
     RegistryError,
     RemoteProtocolError,
     RemoteTransferError,
+    TransferCancelledError,
     TransferTimeoutError,
     TransportError,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "Segment",
     "TcpConfig",
     "TensorGeometry",
+    "TransferCancelledError",
     "TransferHandle",
     "TransferPlan",
     "TransferStats",
