@@ -179,9 +179,9 @@ class TransferHandle:
         racing completion ends in exactly one final state.
 
         Raises:
-            TransferTimeoutError: the fence could not be made within ``timeout`` seconds (the
-                handle is left pending and finishes as it would have; cuda_ipc: the kernel
-                still runs).
+            TransferTimeoutError: the fence could not be made within ``timeout`` seconds (a
+                UCX DIRECT flush or a cuda_ipc kernel still running): the handle stays pending
+                and ends CANCELLED once the fence is made (or FAILED, if the link fails first).
         """
         with self._lock:
             if self._status is TransferStatus.CANCELLED:
@@ -257,6 +257,15 @@ class TransferHandle:
     def set_done(self) -> bool:
         """Mark done; False when the handle had already finished."""
         return self._finish(None)
+
+    def set_cancelled(self) -> bool:
+        """Mark cancelled: the fence of a :meth:`cancel` that timed out is made now (its
+        backend's late completion). False when finished already or a cancel is fencing it."""
+        with self._lock:
+            if self._cancelling:
+                return False
+        return self._finish(TransferCancelledError(
+            f"{self.op.value} of {self.nbytes} B with {self.peer_name!r} cancelled (fenced late)"), cancelled=True)
 
     def set_failed(self, exc: KvxferError) -> bool:
         """Mark failed with ``exc``; False when the handle had already finished (or a
