@@ -286,3 +286,81 @@ def test_cancel_a_write_to_a_stalled_peer_returns_and_the_peer_gets_no_notificat
         if stopped:
             os.kill(peer.proc.pid, signal.SIGCONT)
         peer.close()
+
+
+# --------------------------------------------------------------------------------------------
+# cuda_ipc (GPU: run by the lead on the device machine)
+# --------------------------------------------------------------------------------------------
+def _cuda_ready() -> str | None:
+    try:
+        import cupy
+        import torch
+
+        if not torch.cuda.is_available() or cupy.cuda.runtime.getDeviceCount() < 1:
+            return "no CUDA device"
+    except Exception as exc:
+        return f"needs torch with CUDA and cupy ({exc!r})"
+    return None
+
+
+_NO_CUDA = _cuda_ready()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_NO_CUDA is not None, reason=_NO_CUDA or "")
+def test_cuda_ipc_cancel_waits_for_the_kernel_and_times_out_while_it_runs():
+    import torch
+
+    from kvpeers import torch_cache, torch_peer
+
+    import kvxfer
+
+    nb, layers = 1024, 4
+    with torch_peer("cuda_ipc", nb, layers, "cuda:0") as (ask, meta):
+        kv = torch_cache(nb, layers, 2, "cuda:0")
+        with kvxfer.Connector("local", backend="cuda_ipc") as c:
+            c.register(kv, block_dim=1)
+            p = c.connect(meta)
+            ids = np.arange(nb)
+
+            def digest() -> str:
+                torch.cuda.synchronize()
+                return hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in kv)).hexdigest()
+
+            # the kernel waits behind ~0.5 s of GPU sleep on the caller's stream: a short cancel times out
+            torch.cuda._sleep(800_000_000)
+            h = c.read(p, ids, ids, notify=b"never")
+            with pytest.raises(TransferTimeoutError):
+                h.cancel(timeout=0.02)
+            t0 = time.monotonic()
+            while not h.done() and time.monotonic() - t0 < 30:
+                time.sleep(0.01)
+            assert h.status is TransferStatus.CANCELLED
+            d = digest()
+            time.sleep(0.5)
+            assert digest() == d
+            # a cancel with time to wait returns True once the kernel is done; the blocks stay put
+            torch.cuda._sleep(200_000_000)
+            h = c.read(p, ids, ids)
+            assert h.cancel(timeout=30) is True and h.status is TransferStatus.CANCELLED
+            d = digest()
+            time.sleep(0.5)
+            assert digest() == d
+            with pytest.raises(TransferCancelledError):
+                h.wait(1)
+            # many fast cancels: each ends in one state; completed reads hold the peer's bytes
+            ask.send(("blocks", ids[:8]))
+            remote = ask.recv()
+            for i in range(50):
+                h = c.read(p, ids[:8], ids[8:16])
+                if i % 2:
+                    time.sleep(0.0002 * (i % 5))
+                ok = h.cancel(timeout=30)
+                assert h.status is (TransferStatus.CANCELLED if ok else TransferStatus.DONE)
+                if not ok:
+                    for t, r in zip(kv, remote):
+                        assert np.array_equal(t[:, 8:16].cpu().numpy(), r)
+            # the link still moves every byte
+            c.read(p, ids[:8], ids[16:24]).wait(30)
+            for t, r in zip(kv, remote):
+                assert np.array_equal(t[:, 16:24].cpu().numpy(), r)
