@@ -203,7 +203,7 @@ class TransferHandle:
         deferred = self._end_cancelling(apply=not fenced)
         if not fenced:  # finishing by itself: its own completion decides
             if deferred is None:
-                self._event.wait(timeout)
+                self._event.wait(60.0 if timeout is None else timeout)
             return self._status is TransferStatus.CANCELLED
         return self._finish(TransferCancelledError(
             f"{self.op.value} of {self.nbytes} B with {self.peer_name!r} cancelled"), cancelled=True)

@@ -364,3 +364,86 @@ def test_cuda_ipc_cancel_waits_for_the_kernel_and_times_out_while_it_runs():
             c.read(p, ids[:8], ids[16:24]).wait(30)
             for t, r in zip(kv, remote):
                 assert np.array_equal(t[:, 16:24].cpu().numpy(), r)
+
+
+# --------------------------------------------------------------------------------------------
+# registry requests (an embedded kvxfer registry; two connectors of this process over TCP)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def reg_pair():
+    from kvxfer import Connector
+    from kvxfer.registry.agent import RequestAgent
+    from kvxfer.registry.server import RegistryServer
+
+    made = []
+    with RegistryServer() as srv:
+        def make(name: str, seed: int):
+            tensors, bd = BIG.build(seed)
+            c = Connector(name, registry=srv.url, backend="tcp")
+            c.register(tensors, block_dim=bd)
+            c._agent = RequestAgent(c, srv.url, lease_s=1.0)
+            made.append(c)
+            return c, tensors, bd
+        yield make
+        for c in made:
+            c.close()
+
+
+def _events(prod, seconds: float) -> list:
+    end, out = time.monotonic() + seconds, []
+    while time.monotonic() < end:
+        out += prod.requests.finished()
+        time.sleep(0.05)
+    return out
+
+
+def test_cancel_a_pull_before_and_during_its_read(reg_pair):
+    from kvxfer.registry.messages import EventKind
+
+    (prod, ptensors, bd), (cons, ctensors, _) = reg_pair("prod", 1), reg_pair("cons", 2)
+    dst = np.arange(8)
+    before = _digest(ctensors, bd, dst)
+    h = cons.requests.pull("early", dst, timeout=5)
+    assert h.cancel(timeout=5) is True and h.status is TransferStatus.CANCELLED
+    with pytest.raises(TransferCancelledError):
+        h.wait(1)
+    prod.requests.publish("early", np.arange(8), ttl=2)
+    events = _events(prod, 1.0)
+    _watch_unchanged(ctensors, bd, dst, before, 0.1)
+    assert [e.request_id for e in events] == ["early"]  # once: the late claim reports the pull failed
+    # during the read: many requests, cancelled at random moments after the pull starts
+    rng = np.random.default_rng(3)
+    outcome = {}
+    for i in range(12):
+        rid = f"r{i}"
+        d = np.arange(16 + i * 32, 16 + (i + 1) * 32)
+        prod.requests.publish(rid, np.arange(32), ttl=10)
+        h = cons.requests.pull(rid, d, timeout=10)
+        time.sleep(float(rng.uniform(0, 0.03)))
+        ok = h.cancel(timeout=10)
+        assert h.status is (TransferStatus.CANCELLED if ok else TransferStatus.DONE)
+        outcome[rid] = (ok, d, _digest(ctensors, bd, d))
+    events = _events(prod, 1.5)
+    for rid, (ok, d, digest) in outcome.items():
+        assert _digest(ctensors, bd, d) == digest, f"{rid}: blocks changed after the cancel"
+        kinds = [e.kind for e in events if e.request_id == rid]
+        assert len(kinds) == 1, f"{rid}: the producer got {kinds}"
+        if ok:
+            assert kinds[0] in (EventKind.CANCELLED, EventKind.FAILED)
+        else:
+            assert kinds[0] is EventKind.CONSUMED
+            assert block_bytes(ctensors, bd, d) == block_bytes(ptensors, bd, np.arange(32))
+    assert any(ok for ok, *_ in outcome.values()), "no cancel won the race"
+
+
+def test_cancel_an_expect_tells_the_producer_once(reg_pair):
+    from kvxfer.registry.errors import RequestFailedError
+
+    (prod, _, bd), (cons, ctensors, _) = reg_pair("prod", 1), reg_pair("cons", 2)
+    h = cons.requests.expect("e", np.arange(4), timeout=5)
+    time.sleep(0.2)  # the expectation reaches the registry
+    assert h.cancel(timeout=5) is True and h.status is TransferStatus.CANCELLED
+    assert h.cancel() is True
+    push = prod.requests.push("e", np.arange(4), timeout=2)
+    with pytest.raises(RequestFailedError):
+        push.wait(5)
