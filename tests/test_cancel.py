@@ -447,3 +447,24 @@ def test_cancel_an_expect_tells_the_producer_once(reg_pair):
     push = prod.requests.push("e", np.arange(4), timeout=2)
     with pytest.raises(RequestFailedError):
         push.wait(5)
+
+
+# --------------------------------------------------------------------------------------------
+# the message and the session rule
+# --------------------------------------------------------------------------------------------
+def test_cancel_message_and_session_rule():
+    from kvxfer.errors import RemoteProtocolError
+    from kvxfer.protocol.messages import Cancel, decode, encode
+    from kvxfer.protocol.transfer import TransferSession
+
+    assert decode(Cancel, encode(Cancel(7))) == Cancel(7)
+    for bad in ({}, {"x": "7"}, {"x": 1.0}, {"x": True}):
+        with pytest.raises(RemoteProtocolError):
+            decode(Cancel, bad)
+    s: TransferSession[str] = TransferSession("peer")
+    s.serve(3, "theirs")
+    assert s.on_cancel(Cancel(3)) == "theirs" and s.served(3) is None
+    assert s.on_cancel(Cancel(3)) is None  # once; unknown ids are ignored
+    assert s.await_served(3, timeout=0.01) is None  # data still on its way is discarded, not waited for
+    s.serve(3, "again")  # the id may be used again afterwards
+    assert s.served(3) == "again"
