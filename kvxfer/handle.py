@@ -173,7 +173,8 @@ class TransferHandle:
         raises :class:`~kvxfer.errors.TransferCancelledError`. Each backend makes the fence
         its own way (see its link's ``cancel``): TCP stops receiving into the blocks (a peer
         that stalls mid-chunk gets the link dropped), UCX waits for its RMA (flush) and for
-        every queued scatter, cuda_ipc waits for its kernel. False, changing nothing, when the
+        every queued scatter, cuda_ipc waits for its kernel. A write's peer may already hold
+        its bytes when the cancel reaches it. False, changing nothing, when the
         transfer already finished (done or failed), or finished by itself meanwhile. Idempotent
         and thread-safe: a second call returns True once the first has fenced it; a cancel
         racing completion ends in exactly one final state.

@@ -275,7 +275,8 @@ class TcpLink(BackendLink):
         for ``x`` is discarded. A read waits for the chunk being received into our blocks, if
         any (at most 0.25 s, or ``timeout``); a peer stalled in the middle of one gets the link
         dropped, which ends that receive at once. A write returns at once: our blocks are only
-        read. False when ``x`` finished meanwhile.
+        read (the peer may already hold every byte, and have delivered the notification, when
+        the cancel reaches it). False when ``x`` finished meanwhile.
 
         Raises:
             TransferTimeoutError: a receive into our blocks did not end even after the link
