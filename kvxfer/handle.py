@@ -193,7 +193,7 @@ class TransferHandle:
             self._cancelling = True
             canceller = self._canceller
         if not first:  # another thread makes the fence
-            if not self._event.wait(timeout):
+            if not self._event.wait(60.0 if timeout is None else timeout):
                 raise TransferTimeoutError(f"cancel of {self!r} not fenced after {timeout} s")
             return self._status is TransferStatus.CANCELLED
         try:
@@ -201,13 +201,15 @@ class TransferHandle:
         except BaseException:
             self._end_cancelling()
             raise
-        deferred = self._end_cancelling(apply=not fenced)
         if not fenced:  # finishing by itself: its own completion decides
-            if deferred is None:
+            if self._end_cancelling() is None:
                 self._event.wait(60.0 if timeout is None else timeout)
             return self._status is TransferStatus.CANCELLED
-        return self._finish(TransferCancelledError(
+        # finished while still marked cancelling: no failure can slip in between
+        ok = self._finish(TransferCancelledError(
             f"{self.op.value} of {self.nbytes} B with {self.peer_name!r} cancelled"), cancelled=True)
+        self._end_cancelling(apply=False)
+        return ok
 
     def _end_cancelling(self, apply: bool = True) -> KvxferError | None:
         with self._lock:
@@ -216,11 +218,6 @@ class TransferHandle:
         if deferred is not None and apply:
             self._finish(deferred)
         return deferred
-
-    @property
-    def cancel_requested(self) -> bool:
-        """A :meth:`cancel` is making its fence (backends: send no notification, scatter nothing)."""
-        return self._cancelling
 
     # -- backend API --------------------------------------------------------------------
     def set_canceller(self, canceller: Canceller) -> None:
