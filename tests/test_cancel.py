@@ -422,14 +422,23 @@ def test_cancel_a_pull_before_and_during_its_read(reg_pair):
     # during the read: many requests, cancelled at random moments after the pull starts
     rng = np.random.default_rng(3)
     outcome = {}
-    for i in range(12):
+    for i in range(14):
         rid = f"r{i}"
         d = np.arange(16 + i * 32, 16 + (i + 1) * 32)
         prod.requests.publish(rid, np.arange(32), ttl=10)
         h = cons.requests.pull(rid, d, timeout=10)
         time.sleep(float(rng.uniform(0, 0.03)))
-        ok = h.cancel(timeout=10)
-        assert h.status is (TransferStatus.CANCELLED if ok else TransferStatus.DONE)
+        if i % 2:  # the handle's cancel
+            ok = h.cancel(timeout=10)
+            assert h.status is (TransferStatus.CANCELLED if ok else TransferStatus.DONE)
+        else:  # the agent's (what the vLLM plugin calls): it fences the read as well
+            try:
+                cons.requests.cancel(rid, "aborted")
+            except KvxferError:
+                pass  # consumed already
+            assert h.done()
+            ok = h.status is TransferStatus.FAILED
+            assert ok or h.status is TransferStatus.DONE
         outcome[rid] = (ok, d, _digest(ctensors, bd, d))
     events = _events(prod, 1.5)
     for rid, (ok, d, digest) in outcome.items():

@@ -117,15 +117,23 @@ class RequestHandle(TransferHandle):
             self._inner, self._starting = inner, False
             self._cond.notify_all()
 
-    def _fence(self, agent: RequestAgent, timeout: float | None) -> bool:
-        """This handle's canceller: no transfer starts any more; the one started is cancelled
-        (False when it finished meanwhile); then the registry is told."""
+    def _stop_transfer(self, timeout: float | None) -> bool:
+        """No transfer of this request starts any more; the one started is cancelled (with its
+        fence). False when it finished by itself meanwhile.
+
+        Raises:
+            TransferTimeoutError: the transfer could not be fenced within ``timeout``.
+        """
         with self._cond:
             self._stop = True
             if not self._cond.wait_for(lambda: not self._starting, timeout=60.0 if timeout is None else timeout):
                 raise TransferTimeoutError(f"request {self.request_id!r}: its transfer is still being started")
             inner = self._inner
-        if inner is not None and not inner.cancel(timeout) and inner.status is not TransferStatus.CANCELLED:
+        return inner is None or inner.cancel(timeout) or inner.status is TransferStatus.CANCELLED
+
+    def _fence(self, agent: RequestAgent, timeout: float | None) -> bool:
+        """This handle's canceller: :meth:`_stop_transfer`, then the registry is told."""
+        if not self._stop_transfer(timeout):
             return False  # it finished by itself: its completion finishes this handle
         try:
             agent.cancel(self.request_id, "cancelled by the consumer")
@@ -379,8 +387,8 @@ class RequestAgent:
             outer.transfer_stats = inner.stats
             await self._complete(impl, rid, True, "")
             outer.set_done()
-        elif inner.status is TransferStatus.CANCELLED:
-            outer.set_failed(exc)  # the outer cancel reports it to the registry
+        elif inner.status is TransferStatus.CANCELLED:  # by a cancel here, which tells the registry
+            outer.set_failed(RequestFailedError(f"request {rid!r} cancelled here"))
         else:
             outer.set_failed(exc)  # before the report, which may wait on an unreachable registry
             await self._complete(impl, rid, False, f"{type(exc).__name__}: {exc}")
@@ -528,12 +536,23 @@ class RequestAgent:
         should its claim still come, it reports the pull failed, and the producer is told
         FAILED once (so it frees its blocks now rather than at the TTL).
 
+        A pull's read already started is cancelled first, with its fence
+        (``TransferHandle.cancel``): no byte of it lands in the pull's blocks after this returns
+        (a fence that times out is logged; the handle fails all the same). For an expect, see
+        :class:`RequestHandle`.
+
         Raises: UnknownRequestError, NotAPartyError (neither for a pull waiting here),
         RegistryUnavailableError.
         """
         with self._lock:
             self._published.pop(request_id, None)
             handle = self._waiting.pop(request_id, None)
+        if handle is not None and not handle.done():
+            try:
+                handle._stop_transfer(None)
+            except TransferTimeoutError as exc:
+                log.warning("kvxfer agent %s: the transfer of %r was not fenced: %s", self._connector.name,
+                            request_id, exc)
         try:
             self._client.cancel(request_id, reason)
         except (UnknownRequestError, NotAPartyError):
