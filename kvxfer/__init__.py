@@ -20,6 +20,7 @@ from .errors import (
     RegistryError,
     RemoteProtocolError,
     RemoteTransferError,
+    TransferCancelledError,
     TransferTimeoutError,
     TransportError,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "SeriesMetrics",
     "TcpConfig",
     "TensorGeometry",
+    "TransferCancelledError",
     "TransferHandle",
     "TransferPlan",
     "TransferStats",

@@ -17,6 +17,7 @@ __all__ = [
     "TransportError",
     "PeerLostError",
     "TransferTimeoutError",
+    "TransferCancelledError",
     "RemoteTransferError",
     "KernelCompileError",
     "BackendUnavailableError",
@@ -67,6 +68,10 @@ class PeerLostError(TransportError):
 
 class TransferTimeoutError(KvxferError, TimeoutError):
     """A transfer or a wait did not finish within its timeout."""
+
+
+class TransferCancelledError(KvxferError):
+    """The transfer was cancelled (``TransferHandle.cancel``); no byte of it lands afterwards."""
 
 
 class RemoteTransferError(TransportError):

@@ -511,6 +511,7 @@ def _stub_ucx_link(peer: PeerMetadata = META) -> Any:
         _on_ready=lambda xid, upto: None,
     )
     link.on_request = lambda h, arrived=0.0: _ucx().UcxLink.on_request(link, h, arrived)
+    link.on_cancel = lambda h: _ucx().UcxLink.on_cancel(link, h)
     return link
 
 

@@ -2,7 +2,7 @@
 messages and the rules of the transfers on a link.
 
 - :mod:`.frames`: the frame format, shared by the TCP data path and the registry.
-- :mod:`.messages`: transfer request, done, refusal, notify (and the staged transfers'
+- :mod:`.messages`: transfer request, done, refusal, cancel, notify (and the staged transfers'
   progress, the hello's answer, goodbye) with their one msgpack codec.
 - :mod:`.transfer`: :class:`TransferSession`, the outstanding transfers of one link and what
   each answer, deadline and close does to them.
@@ -23,6 +23,7 @@ from .frames import (
     parse_prefix,
 )
 from .messages import (
+    Cancel,
     Done,
     Goodbye,
     HelloAck,
@@ -36,6 +37,7 @@ from .messages import (
 from .transfer import TransferSession
 
 __all__ = [
+    "Cancel",
     "FRAME_PREFIX_SIZE",
     "MAX_HEADER_BYTES",
     "PROTOCOL_VERSION",

@@ -50,6 +50,7 @@ class FrameType(IntEnum):
     XFER_ERROR = 6
     NOTIFY = 7
     GOODBYE = 8
+    XFER_CANCEL = 9
     # registry (registry/)
     REG_REQUEST = 32
     REG_REPLY = 33

@@ -14,6 +14,7 @@ Request        ``x`` id, ``op`` "r"/"w", ``iw`` bytes per id (2/4/8), ``s``/``d`
                ``k`` packed rkey, ``b`` byte count of the initiator's staging buffer
 Done           ``x`` id, ``m`` True when the transfer is the receiver's own (it initiated it)
 Refusal        ``x`` id, ``k`` error class name, ``m`` message
+Cancel         ``x`` id of a transfer the receiver serves: the initiator cancelled it
 Notify         ``n`` payload
 Progress       ``x`` id, ``b`` bytes of the staged stream covered (UCX's LANDED / READY)
 HelloAck       ``ok`` True, or ``m`` the reason the link was refused
@@ -37,6 +38,7 @@ from ..reshard import HeadReshard
 
 __all__ = [
     "MAX_IDS",
+    "Cancel",
     "Done",
     "Goodbye",
     "HelloAck",
@@ -250,6 +252,22 @@ class Refusal:
 
 
 @dataclass(frozen=True, slots=True)
+class Cancel:
+    """The initiator cancelled ``xfer_id``: the responder stops serving it, sends or fetches
+    no more of it and delivers no notification for it (UCX answers with a Refusal once none of
+    its RMA on the transfer can still be in flight)."""
+
+    xfer_id: int
+
+    def _body(self) -> dict[str, Any]:
+        return {"x": self.xfer_id}
+
+    @classmethod
+    def _parse(cls, h: dict) -> Cancel:
+        return cls(_xfer_id(h, "transfer cancel"))
+
+
+@dataclass(frozen=True, slots=True)
 class Notify:
     """A notification for the peer's user (:meth:`Connector.notify`, or a transfer's)."""
 
@@ -311,8 +329,8 @@ class Goodbye:
         return cls()
 
 
-Message = Request | Done | Refusal | Notify | Progress | HelloAck | Goodbye
-M = TypeVar("M", Request, Done, Refusal, Notify, Progress, HelloAck, Goodbye)
+Message = Request | Done | Refusal | Cancel | Notify | Progress | HelloAck | Goodbye
+M = TypeVar("M", Request, Done, Refusal, Cancel, Notify, Progress, HelloAck, Goodbye)
 
 
 def encode(msg: Message) -> dict[str, Any]:

@@ -19,6 +19,10 @@ handles) and those it *serves* for the peer. Feeding it the peer's messages (:cl
   on a timeout; it learns of the close as a lost link. A transfer abandoned by its initiator
   (its plan failed after the request went out) keeps its buffer until the peer is done with it,
   at most until its deadline (:meth:`abandon`, :meth:`overdue`): then the initiator closes too.
+- A cancel (:class:`Cancel`, from the initiator) ends a transfer we serve: it is forgotten
+  like a refused one (data still on its way for it is discarded, never waited for) and the
+  link stops sending or receiving it (:meth:`on_cancel`). The initiator makes its own fence
+  (see ``TransferHandle.cancel``).
 - Closing hands back every outstanding transfer of both tables once (:meth:`close`).
 
 Every method is thread-safe (one re-entrant lock, :attr:`lock`, which a link may also hold
@@ -31,7 +35,7 @@ import threading
 from typing import Generic, TypeVar
 
 from ..errors import KvxferError, PeerLostError, RemoteProtocolError, TransferTimeoutError
-from .messages import Done, Refusal
+from .messages import Cancel, Done, Refusal
 
 __all__ = ["TransferSession"]
 
@@ -166,6 +170,15 @@ class TransferSession(Generic[T]):
         None when it is no longer known."""
         record = self.finish_initiated(msg.xfer_id)
         return None if record is None else (record, msg.error())
+
+    def on_cancel(self, msg: Cancel) -> T | None:
+        """The initiator cancelled transfer ``msg.xfer_id`` that we serve: its record (forgotten
+        here; the link stops moving it), or None when it is no longer known (finished, refused,
+        or never seen). Its id is then treated as refused by :meth:`await_served`."""
+        with self._cond:
+            self._refused.add(msg.xfer_id)
+            self._cond.notify_all()
+            return self._served.pop(msg.xfer_id, None)
 
     # -- closing ----------------------------------------------------------------------------
     def close(self) -> tuple[list[T], list[T]] | None:

@@ -49,7 +49,7 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import ConfigError, KvxferError, PeerLostError, RegistryError, TransferTimeoutError
-from ..handle import Op, TransferHandle, TransferStats
+from ..handle import Op, TransferHandle, TransferStats, TransferStatus
 from ..metadata import PeerMetadata
 from ..reshard import HeadReshard
 from .base import DEFAULT_LEASE_S, AsyncRegistry, LinkState
@@ -84,15 +84,62 @@ class RequestHandle(TransferHandle):
     ``transfer_stats`` is the transfer's own: the bytes the backend moved, the seconds that
     transfer took and its backend; ``None`` until it completed, if it failed, and always for
     ``expect`` (the producer moves those bytes: its ``push`` handles carry the figures).
+
+    ``cancel(timeout=None)`` (of a pull or an expect) fences like ``TransferHandle.cancel``
+    through the read it started, if any (a pull not yet claimed starts none), then cancels the
+    request in the registry: its producer hears CANCELLED once. An expect has no transfer of
+    its own here: its cancel tells the registry, and the producer cancels its writes when it
+    hears it; bytes of a write already in flight may still land until then (no local fence).
     """
 
-    __slots__ = ("mode", "request_id", "transfer_stats")
+    __slots__ = ("mode", "request_id", "transfer_stats", "_inner", "_stop", "_starting", "_cond")
 
     def __init__(self, request_id: str, mode: Mode, op: Op, nbytes: int, dst_blocks: np.ndarray):
         super().__init__(op, "?", nbytes, "registry", dst_blocks)
         self.request_id = request_id
         self.mode = mode
         self.transfer_stats: TransferStats | None = None
+        self._inner: TransferHandle | None = None  # the transfer this request started
+        self._stop = False  # cancelled: start no transfer
+        self._starting = False  # a transfer is being started (its handle not yet in _inner)
+        self._cond = threading.Condition()
+
+    def _may_start(self) -> bool:
+        """The agent is about to start this request's transfer: False once it was cancelled."""
+        with self._cond:
+            if self._stop or self.done():
+                return False
+            self._starting = True
+            return True
+
+    def _started(self, inner: TransferHandle | None) -> None:
+        with self._cond:
+            self._inner, self._starting = inner, False
+            self._cond.notify_all()
+
+    def _stop_transfer(self, timeout: float | None) -> bool:
+        """No transfer of this request starts any more; the one started is cancelled (with its
+        fence). False when it finished by itself meanwhile.
+
+        Raises:
+            TransferTimeoutError: the transfer could not be fenced within ``timeout``.
+        """
+        with self._cond:
+            self._stop = True
+            if not self._cond.wait_for(lambda: not self._starting, timeout=60.0 if timeout is None else timeout):
+                raise TransferTimeoutError(f"request {self.request_id!r}: its transfer is still being started")
+            inner = self._inner
+        return inner is None or inner.cancel(timeout) or inner.status is TransferStatus.CANCELLED
+
+    def _fence(self, agent: RequestAgent, timeout: float | None) -> bool:
+        """This handle's canceller: :meth:`_stop_transfer`, then the registry is told."""
+        if not self._stop_transfer(timeout):
+            return False  # it finished by itself: its completion finishes this handle
+        try:
+            agent.cancel(self.request_id, "cancelled by the consumer")
+        except KvxferError as exc:
+            log.info("request %r cancelled here; the registry was not told: %s", self.request_id, exc)
+        return True
 
     def __repr__(self) -> str:
         return f"<RequestHandle {self.request_id!r} {self.mode.value} {super().__repr__()[1:-1]}>"
@@ -281,6 +328,7 @@ class RequestAgent:
             _check_skip(reshard, skip)
         self._check_layers(layers)
         handle = self._new_handle(request_id, Mode.PULL, Op.READ, dst[skip:])
+        handle.set_canceller(lambda t: handle._fence(self, t))
         lay = None if layers is None else list(layers)
         with self._lock:
             self._waiting[request_id] = handle
@@ -295,7 +343,7 @@ class RequestAgent:
         try:
             claim = await impl.pull(rid, timeout)
             claimed = True
-            if handle.done():  # failed meanwhile (cancel, close)
+            if handle.done() or handle._stop:  # failed or cancelled meanwhile (cancel, close)
                 await self._complete(impl, rid, False, "consumer gave up")
                 return
             rs = _resolve_reshard(reshard, claim.metadata)
@@ -306,8 +354,15 @@ class RequestAgent:
                 _check_skip(rs, skip)
             handle.peer_name = claim.producer
             peer = await self._in_pool(self._peer, claim.producer, claim.metadata, rs is not None)
-            inner = await self._in_pool(self._connector.read, peer, list(claim.blocks[skip:]), dst[skip:],
-                                        layers=layers, reshard=rs)
+            if not handle._may_start():
+                await self._complete(impl, rid, False, "consumer gave up")
+                return
+            inner = None
+            try:
+                inner = await self._in_pool(self._connector.read, peer, list(claim.blocks[skip:]), dst[skip:],
+                                            layers=layers, reshard=rs)
+            finally:
+                handle._started(inner)
             if rs is not None or layers is not None:
                 handle.nbytes = inner.nbytes
             handle.backend = inner.backend
@@ -332,6 +387,8 @@ class RequestAgent:
             outer.transfer_stats = inner.stats
             await self._complete(impl, rid, True, "")
             outer.set_done()
+        elif inner.status is TransferStatus.CANCELLED:  # by a cancel here, which tells the registry
+            outer.set_failed(RequestFailedError(f"request {rid!r} cancelled here"))
         else:
             outer.set_failed(exc)  # before the report, which may wait on an unreachable registry
             await self._complete(impl, rid, False, f"{type(exc).__name__}: {exc}")
@@ -349,6 +406,7 @@ class RequestAgent:
         self._ensure_registered()
         dst = np.asarray(dst_blocks, dtype=np.int64).ravel()
         handle = self._new_handle(request_id, Mode.PUSH, Op.READ, dst)
+        handle.set_canceller(lambda t: handle._fence(self, t))
         with self._lock:
             self._waiting[request_id] = handle
         handle.add_done_callback(lambda h: self._forget_waiting(request_id, h))
@@ -416,6 +474,7 @@ class RequestAgent:
             peer = await self._in_pool(self._peer, exp.consumer, exp.metadata, rs is not None)
             inner = await self._in_pool(self._connector.write, peer, src, list(exp.dst_blocks), layers=layers,
                                         reshard=rs)
+            handle._started(inner)
             if rs is not None:
                 handle.nbytes = inner.nbytes
             handle.backend = inner.backend
@@ -477,12 +536,23 @@ class RequestAgent:
         should its claim still come, it reports the pull failed, and the producer is told
         FAILED once (so it frees its blocks now rather than at the TTL).
 
+        A pull's read already started is cancelled first, with its fence
+        (``TransferHandle.cancel``): no byte of it lands in the pull's blocks after this returns
+        (a fence that times out is logged; the handle fails all the same). For an expect, see
+        :class:`RequestHandle`.
+
         Raises: UnknownRequestError, NotAPartyError (neither for a pull waiting here),
         RegistryUnavailableError.
         """
         with self._lock:
             self._published.pop(request_id, None)
             handle = self._waiting.pop(request_id, None)
+        if handle is not None and not handle.done():
+            try:
+                handle._stop_transfer(None)
+            except TransferTimeoutError as exc:
+                log.warning("kvxfer agent %s: the transfer of %r was not fenced: %s", self._connector.name,
+                            request_id, exc)
         try:
             self._client.cancel(request_id, reason)
         except (UnknownRequestError, NotAPartyError):
@@ -561,6 +631,9 @@ class RequestAgent:
                 state = self._pushes.pop(rid, None)
                 if state is not None and event.kind is not EventKind.CONSUMED:
                     for h in state.handles:
+                        inner = h._inner
+                        if event.kind is EventKind.CANCELLED and inner is not None and not inner.done():
+                            self._pool.submit(inner.cancel, 10.0)  # stop writing into the consumer's blocks
                         h.set_failed(RequestFailedError(event.reason))
             return
         with self._lock:

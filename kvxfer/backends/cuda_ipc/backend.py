@@ -26,6 +26,14 @@ closed as soon as no launched kernel can still touch them.
 Validation: every remote block id is checked against the peer's geometry by the planner, and
 every job's byte range against the peer's registered tensor spans, which were checked against
 the sizes of the mapped allocations when connecting. A peer can never name an address.
+
+Cancel (``TransferHandle.cancel``): a launched kernel cannot be recalled, so the fence is its
+done event: the cancel waits for it (polling, up to its timeout, 30 s by default) and then
+ends the handle CANCELLED, with no notification. A kernel still running at the timeout makes
+the cancel raise ``TransferTimeoutError``; the handle then ends CANCELLED when the kernel is
+done. This holds for reads (the kernel writes our blocks) and writes (it reads them). The
+peer's process runs no code for a transfer, so there is nothing to tell it: a transfer the
+peer initiated into our memory is its handle's to cancel, on its side.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from ..._tensors import MemoryKind
-from ...errors import BackendUnavailableError, KvxferError, PeerLostError, TransportError
+from ...errors import BackendUnavailableError, KvxferError, PeerLostError, TransferTimeoutError, TransportError
 from ...handle import Op, TransferHandle
 from ...layout import KVLayout
 from ...metadata import PeerMetadata, boot_id
@@ -78,6 +86,7 @@ def _cupy() -> Any:
 _DRIVE_MAX_BYTES = 64 << 20
 _DRIVE_SPIN_S = 500e-6
 _CUDA_NOT_READY = 600  # cudaErrorNotReady
+_CANCEL_WAIT_S = 30.0  # a cancel without a timeout waits this long for its kernel
 
 
 class _Driver:
@@ -107,6 +116,7 @@ class _Work:
     handle: TransferHandle | None = None
     notify: bytes | None = None
     timing_start: int = 0
+    cancelled: bool = False  # TransferHandle.cancel: no notification; the handle ends CANCELLED
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,6 +377,8 @@ class CudaIpcBackend(Backend):
             w = _Work(link, done, events, timed, handle, notify, t0)
             self._order.add(w)
             driven = handle is not None and handle.nbytes <= _DRIVE_MAX_BYTES and not timing
+            if handle is not None:
+                handle.set_canceller(lambda timeout: self._cancel(w, timeout))
             if driven:
                 handle.set_driver(_Driver(self, w))
             assert self._done is not None
@@ -419,6 +431,28 @@ class CudaIpcBackend(Backend):
         assert self._done is not None
         self._done.kick(w)
 
+    def _cancel(self, w: _Work, timeout: float | None) -> bool:
+        """``TransferHandle.cancel`` (any thread): True once ``w``'s kernel is done (it
+        touches our blocks no more). Raises TransferTimeoutError when it is still running
+        after ``timeout`` s (its late completion then ends the handle CANCELLED)."""
+        w.cancelled = True
+        rt = self._cp.cuda.runtime
+        end = time.monotonic() + (_CANCEL_WAIT_S if timeout is None else timeout)
+        pause = 20e-6
+        with self._cp.cuda.Device(self.device):
+            while True:
+                try:
+                    st = rt.eventQuery(w.done_event)
+                except Exception:  # a CUDA error is sticky: the kernel will not run on
+                    return True
+                if st != _CUDA_NOT_READY:
+                    return True  # done, or failed: either way it writes nothing more
+                if time.monotonic() >= end:
+                    raise TransferTimeoutError(f"cancel: the cuda_ipc kernel of a transfer with "
+                                               f"{w.link.peer.name!r} still runs after {timeout} s")
+                time.sleep(pause)
+                pause = min(pause * 2, 1e-3)
+
     def _finish_logged(self, w: _Work, err: KvxferError | None) -> None:
         try:
             self._finish(w, err)
@@ -434,6 +468,9 @@ class CudaIpcBackend(Backend):
                     link.send_now(w.notify)
                 except (OSError, KvxferError) as exc:
                     log.info("notification to %r not delivered: %s", link.peer.name, exc)
+            return
+        if w.cancelled:  # no notification; a cancel that timed out is fenced now
+            handle.set_cancelled()
             return
         if err is None and link.lost_error is not None:
             err = link.lost_error

@@ -8,6 +8,13 @@ memory is staged, :mod:`kvxfer.backends.staging`). Which transfers are outstandi
 each answer or timeout does to them is the :class:`~kvxfer.protocol.transfer.TransferSession`'s.
 A link with no data connections is a *control channel* (see
 :meth:`~kvxfer.backends.tcp.TcpBackend.connect_control`).
+
+Cancel (:meth:`TcpLink.cancel`) drains rather than drops: every chunk is received or sent
+by one thread at a time, counted in ``_Xfer.active``; a cancelled transfer takes no new chunk,
+and the DATA frames still on their way for it are read into a discard buffer (the stream's
+framing stays intact and the link keeps serving other transfers). Only a peer that stalls in
+the middle of a chunk being received into our blocks gets the link dropped (the receive then
+ends at once): waiting for it would leave the cancel hanging, and its bytes would land later.
 """
 
 from __future__ import annotations
@@ -32,13 +39,14 @@ from ...errors import (
     PeerLostError,
     ProtocolError,
     RemoteProtocolError,
+    TransferTimeoutError,
     TransportError,
 )
 from ...handle import Op, TransferHandle
 from ...metadata import PeerMetadata
 from ...plan import TransferPlan
 from ...protocol.frames import FRAME_PREFIX_SIZE, FrameType, encode_frame
-from ...protocol.messages import Done, Goodbye, Notify, Refusal, Request, decode, encode
+from ...protocol.messages import Cancel, Done, Goodbye, Notify, Refusal, Request, decode, encode
 from ...protocol.transfer import TransferSession
 from ..base import BackendLink, LinkOwner, TransferRequest, plan_for_responder
 from ..staging import StreamSide, chunk_bounds, stream_side
@@ -48,6 +56,9 @@ from .sockets import FLAG_FROM_INITIATOR, discard, read_frame_header
 __all__ = ["TcpLink", "TcpLinkOwner"]
 
 log = logging.getLogger(__name__)
+
+_CANCEL_DRAIN_S = 0.25  # how long a cancel waits for a chunk being received, before dropping the link
+_CANCEL_CLOSE_S = 5.0  # how long it then waits for that receive to end (the sockets are shut)
 
 
 class TcpLinkOwner(LinkOwner, Protocol):
@@ -70,6 +81,8 @@ class _Xfer:
     notify: bytes | None = None
     received: int = 0
     finished: bool = False
+    cancelled: bool = False  # no chunk of it is started any more (TcpLink.cancel, or the peer's Cancel)
+    active: int = 0  # chunks being received into, or sent from, its side right now
 
 
 class TcpLink(BackendLink):
@@ -88,6 +101,7 @@ class TcpLink(BackendLink):
         self._queues: list[queue.SimpleQueue] = []
         self._session: TransferSession[_Xfer] = TransferSession(peer.name)
         self._lock = self._session.lock
+        self._idle = threading.Condition(self._lock)  # an _Xfer's ``active`` fell to 0
         self._threads: list[threading.Thread] = []
         self._rr = itertools.count()
         self._on_close = on_close
@@ -191,11 +205,12 @@ class TcpLink(BackendLink):
             if item is None or self.closed:
                 return
             x, a, b = item
-            if x.finished:
+            if not self._begin_chunk(x):
                 continue
             try:
                 x.side.before_send(a, b)
             except KvxferError as exc:
+                self._end_chunk(x)
                 self._fail_local(x, exc)
                 continue
             try:
@@ -209,6 +224,28 @@ class TcpLink(BackendLink):
                 writev_full(sock.fileno(), full)
             finally:
                 x.side.after_send(a, b)
+                self._end_chunk(x)
+
+    def _begin_chunk(self, x: _Xfer) -> bool:
+        """A data thread starts a chunk of ``x``: False (take none) once finished or cancelled."""
+        with self._lock:
+            if x.finished or x.cancelled:
+                return False
+            x.active += 1
+            return True
+
+    def _end_chunk(self, x: _Xfer) -> None:
+        with self._lock:
+            x.active -= 1
+            idle = x.active == 0
+            if idle:
+                self._idle.notify_all()
+        if idle and x.cancelled:
+            x.side.close()  # idempotent; nothing uses it any more
+
+    def _wait_idle(self, x: _Xfer, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: x.active == 0, timeout=timeout)
 
     def submit(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle) -> None:
         """Start ``req`` (planned as ``plan``); ``handle`` completes when its bytes are in place.
@@ -224,12 +261,65 @@ class TcpLink(BackendLink):
         except PeerLostError:
             side.close()
             raise
+        handle.set_canceller(lambda timeout: self.cancel(x, timeout))
         handle.add_done_callback(lambda h: self._on_handle_done(x, h))
         self._send_ctrl(FrameType.XFER_REQUEST, encode(Request(req)))
         if x.sending:
             self._enqueue_stream(x)
         elif plan.nbytes == 0:
             self._complete_receive(x)
+
+    def cancel(self, x: _Xfer, timeout: float | None) -> bool:
+        """Fence our transfer ``x`` (any thread; ``TransferHandle.cancel``): no chunk of it is
+        started any more, the peer is told (``XFER_CANCEL``) and stops, and what it still sends
+        for ``x`` is discarded. A read waits for the chunk being received into our blocks, if
+        any (at most 0.25 s, or ``timeout``); a peer stalled in the middle of one gets the link
+        dropped, which ends that receive at once. A write returns at once: our blocks are only
+        read (the peer may already hold every byte, and have delivered the notification, when
+        the cancel reaches it). False when ``x`` finished meanwhile.
+
+        Raises:
+            TransferTimeoutError: a receive into our blocks did not end even after the link
+                was dropped (not seen on Linux, where shutting a socket ends its recvmsg).
+        """
+        with self._lock:
+            if x.finished:
+                return False
+            x.cancelled = True
+            self._session.finish_initiated(x.xfer_id)
+            idle = x.active == 0
+        if not self.closed:
+            try:
+                self._send_ctrl(FrameType.XFER_CANCEL, encode(Cancel(x.xfer_id)))
+            except PeerLostError:
+                pass  # the link is gone: nothing more of it arrives
+        if not x.sending and not idle:
+            drain = _CANCEL_DRAIN_S if timeout is None else min(_CANCEL_DRAIN_S, timeout)
+            if not self._wait_idle(x, drain):
+                log.info("peer %r stalled in a chunk of cancelled transfer %d: dropping the link",
+                         self.peer.name, x.xfer_id)
+                self.close(PeerLostError(f"link to {self.peer.name!r} dropped to cancel transfer {x.xfer_id}: "
+                                         "the peer stalled in the middle of a chunk"))
+                if not self._wait_idle(x, _CANCEL_CLOSE_S):
+                    raise TransferTimeoutError(f"transfer {x.xfer_id}: a receive into our blocks did not end "
+                                               f"within {_CANCEL_CLOSE_S} s of dropping the link")
+        with self._lock:
+            idle = x.active == 0
+        if idle:
+            x.side.close()
+        return True
+
+    def _on_cancel(self, h: dict) -> None:
+        """The peer cancelled a transfer we serve: start no more chunks of it, deliver no
+        notification; DATA still on its way for it is discarded."""
+        x = self._session.on_cancel(decode(Cancel, h))
+        if x is None:
+            return
+        with self._lock:
+            x.cancelled = True
+            idle = x.active == 0
+        if idle:
+            x.side.close()
 
     def _on_handle_done(self, x: _Xfer, h: TransferHandle) -> None:
         # failed from outside (deadline): bytes may still be in flight; the link is unsafe
@@ -249,6 +339,8 @@ class TcpLink(BackendLink):
                 self._on_done(h)
             elif t is FrameType.XFER_ERROR:
                 self._on_error(h)
+            elif t is FrameType.XFER_CANCEL:
+                self._on_cancel(h)
             elif t is FrameType.NOTIFY:
                 self.backend.local.deliver_notification(self.peer.name, decode(Notify, h).payload)
             elif t is FrameType.GOODBYE:
@@ -317,19 +409,22 @@ class TcpLink(BackendLink):
                 raise RemoteProtocolError("malformed DATA header")
             n = prefix.payload_len
             x = self._find_incoming(xid, bool(prefix.flags & FLAG_FROM_INITIATOR))
-            if x is None or x.sending or x.finished:
+            if x is None or x.sending or not self._begin_chunk(x):  # finished, cancelled: drain
                 discard(sock, n)
                 continue
-            if off < 0 or off + n > x.plan.nbytes:
-                raise RemoteProtocolError(f"DATA [{off}, {off + n}) outside transfer {xid} of {x.plan.nbytes} B")
-            if n:
-                readv_full(sock.fileno(), x.side.iov(off, off + n))
-            x.side.after_receive(off, off + n)
-            with self._lock:
-                x.received += n
-                complete = x.received >= x.plan.nbytes and not x.finished
-                if complete:
-                    x.finished = True
+            try:
+                if off < 0 or off + n > x.plan.nbytes:
+                    raise RemoteProtocolError(f"DATA [{off}, {off + n}) outside transfer {xid} of {x.plan.nbytes} B")
+                if n:
+                    readv_full(sock.fileno(), x.side.iov(off, off + n))
+                x.side.after_receive(off, off + n)
+                with self._lock:
+                    x.received += n
+                    complete = x.received >= x.plan.nbytes and not x.finished and not x.cancelled
+                    if complete:
+                        x.finished = True
+            finally:
+                self._end_chunk(x)
             if complete:
                 self._complete_receive(x)
 
@@ -342,7 +437,10 @@ class TcpLink(BackendLink):
         self.close(PeerLostError(f"link to {self.peer.name!r} closed after a local failure: {exc}"))
 
     def _complete_receive(self, x: _Xfer) -> None:
-        x.finished = True
+        with self._lock:
+            if x.cancelled:  # an empty transfer cancelled before it completed
+                return
+            x.finished = True
         try:
             x.side.finish()
         except KvxferError as exc:

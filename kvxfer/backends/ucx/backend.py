@@ -295,7 +295,7 @@ class UcxBackend(Backend):
         if plan.nbytes and self.choose_packed(plan):
             link.start_packed(req, plan, handle, ready)
         else:
-            self.worker.defer(link.start, req, plan, handle, ready)
+            self.worker.defer(link.start, link.prepare_direct(req, plan, handle, ready))
 
     # -- closing -----------------------------------------------------------------------------
     def forget(self, link: BackendLink) -> None:

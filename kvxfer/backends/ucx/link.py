@@ -13,6 +13,17 @@ session's lock, which closing the link takes to mark it closed) and a read's LAN
 progress thread (inside a UCX callback, which closing the endpoint waits for). Message bodies
 are :mod:`kvxfer.protocol.messages`, in the envelope of :mod:`kvxfer.backends.ucx.messages`;
 how a transfer moves is told in :mod:`kvxfer.backends.ucx`.
+
+Cancel (:meth:`UcxLink.cancel`, ``TransferHandle.cancel``) runs on the work thread, where
+every scatter into our blocks is queued: a packed transfer scatters nothing more (the queued
+scatter is waited for), tells the peer (CANCEL) and keeps its staging buffer, as an abandoned
+read does, until the peer's ERR says none of its RMA is in flight (or its last LANDED, or the
+link closes; past the deadline the link is closed). A DIRECT transfer's RMA reaches our
+blocks: the fence is its flush. Closing the endpoint is no fence (tested: a get from a stalled
+peer over UCX's tcp transport still lands after ``ep.close()`` once the peer resumes), so a
+flush that does not complete within the cancel's timeout makes it raise
+``TransferTimeoutError``; the handle then ends CANCELLED when the flush completes. A DIRECT
+write's puts only read our blocks: its cancel returns at once (its flush sends no NOTE).
 """
 
 from __future__ import annotations
@@ -29,12 +40,14 @@ from ...errors import (
     KvxferError,
     PeerLostError,
     RemoteProtocolError,
+    TransferTimeoutError,
     TransportError,
 )
 from ...handle import Op, TransferHandle
 from ...metadata import PeerMetadata
 from ...plan import TransferPlan
 from ...protocol.messages import (
+    Cancel,
     Done,
     Goodbye,
     HelloAck,
@@ -59,6 +72,8 @@ from .ucp import RemoteKey, UcxCallError
 __all__ = ["UcxLink"]
 
 log = logging.getLogger(__name__)
+
+_CANCEL_HOLD_S = 60.0  # how long a cancelled packed transfer's staging waits for the peer's answer
 
 
 class UcxLink(PackedResponder, BackendLink):
@@ -127,17 +142,28 @@ class UcxLink(PackedResponder, BackendLink):
     # -- initiator --------------------------------------------------------------------------
     def _new_xfer(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle, ready: Any) -> Xfer:
         x = Xfer(req, plan, handle, plan.nbytes, ready=ready, marks=Marks.start(handle.created, log))
+        handle.set_canceller(lambda timeout: self.cancel(x, timeout))
         handle.add_done_callback(lambda h: self._on_handle_done(x, h))
         return x
 
-    def start(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle, ready: Any = None) -> None:
-        """Work thread: begin a DIRECT (or empty) transfer this side initiated; a packed one
-        begins with :meth:`start_packed`. ``ready``: an event on the caller's stream (GPU
-        memory) that every access to our blocks waits for."""
+    def prepare_direct(self, req: TransferRequest, plan: TransferPlan, handle: TransferHandle,
+                       ready: Any = None) -> Xfer:
+        """Caller's thread: the record of a DIRECT (or empty) transfer, with its handle's
+        canceller set before the handle is returned; :meth:`start` begins it. ``ready``: an
+        event on the caller's stream (GPU memory) that every access to our blocks waits for."""
+        return self._new_xfer(req, plan, handle, ready)
+
+    def start(self, x: Xfer) -> None:
+        """Work thread: begin a DIRECT (or empty) transfer this side initiated (made by
+        :meth:`prepare_direct`); a packed one begins with :meth:`start_packed`."""
+        req, plan, handle = x.req, x.plan, x.handle
+        assert plan is not None and handle is not None
+        if x.cancelled:  # cancelled before it began: nothing was posted
+            self._release(x)
+            return
         if self._session.closed:
             handle.set_failed(PeerLostError(f"link to {self.peer.name!r} is closed"))
             return
-        x = self._new_xfer(req, plan, handle, ready)
         if x.marks:
             x.marks("work thread")
         try:
@@ -185,6 +211,11 @@ class UcxLink(PackedResponder, BackendLink):
         return True
 
     def _finish_direct(self, x: Xfer, status: int) -> None:
+        if x.cancelled:  # its RMA is complete (or failed): nothing more lands
+            self._release(x)
+            self._fenced(x)
+            self.endpoint_failed(status)
+            return
         if self.endpoint_failed(status):
             return
         if x.req.notify is not None:
@@ -245,6 +276,7 @@ class UcxLink(PackedResponder, BackendLink):
     def attach(self, x: Xfer, plan: TransferPlan, handle: TransferHandle) -> None:
         """Caller's thread: the plan and handle of a read started early; the rest happens on
         the work thread (:meth:`_attached`), where every answer of the peer is handled."""
+        handle.set_canceller(lambda timeout: self.cancel(x, timeout))
         handle.add_done_callback(lambda h: self._on_handle_done(x, h))
         self.ctx.worker.defer(self._attached, x, plan, handle)
 
@@ -286,7 +318,7 @@ class UcxLink(PackedResponder, BackendLink):
         """Work thread: our side of a packed transfer whose request is out (see start_packed),
         once: cut ``x`` into the pieces both sides agree on; a read prepares their scatter, a
         write gathers them and says READY as each is staged. A failure fails ``x``."""
-        if x.finished or x.pieces is not None:  # failed, or an answer raced ahead (_on_landed)
+        if x.finished or x.cancelled or x.pieces is not None:  # failed, cancelled, or an answer raced ahead
             return
         assert x.staging is not None
         try:
@@ -318,7 +350,7 @@ class UcxLink(PackedResponder, BackendLink):
         x.landed = upto
         if x.marks:
             x.marks("LANDED")
-        if x.abandoned:
+        if x.abandoned or x.cancelled:
             if upto == x.nbytes:  # the peer is done with our buffer
                 self._release(x)
             return
@@ -328,7 +360,7 @@ class UcxLink(PackedResponder, BackendLink):
         """Work thread, packed read: prepare our scatter (once), queue the scatter of every
         piece wholly landed, and finish once all has. Idempotent; waits for the plan of a read
         started early (landings may overtake it: :meth:`_attached` calls this again)."""
-        if x.finished or x.plan is None:
+        if x.finished or x.cancelled or x.plan is None:
             return
         if x.pieces is None:
             self._prepare_packed(x)
@@ -351,6 +383,9 @@ class UcxLink(PackedResponder, BackendLink):
             return
         if x.req.op is not Op.WRITE:
             raise RemoteProtocolError(f"DONE for packed read {xid}")
+        if x.cancelled:  # it finished before our CANCEL arrived: the buffer is free
+            self._release(x)
+            return
         if x.marks:
             x.marks("DONE")
         self._complete(x)
@@ -382,6 +417,66 @@ class UcxLink(PackedResponder, BackendLink):
         self._release(x)
         x.report(exc)
 
+    # -- cancel ------------------------------------------------------------------------------
+    def cancel(self, x: Xfer, timeout: float | None) -> bool:
+        """Any thread but the work thread (``TransferHandle.cancel``): fence our transfer ``x``
+        (see the module's docstring). True once nothing of it can land in our blocks; False
+        when it finished meanwhile.
+
+        Raises:
+            TransferTimeoutError: the fence was not made within ``timeout`` s (default
+                ``close_timeout``): a DIRECT read's flush did not complete (a stalled peer);
+                the handle ends CANCELLED once it does.
+        """
+        fenced = threading.Event()
+        lock = threading.Lock()
+        result: list[bool] = []
+        gave_up = [False]
+
+        def done(ok: bool) -> None:
+            with lock:
+                late = gave_up[0]
+                result.append(ok)
+                fenced.set()
+            if late and ok and x.handle is not None:  # the cancel timed out; its fence is made now
+                x.handle.set_cancelled()
+        self.ctx.worker.defer(self._cancel, x, done)
+        limit = self.ctx.config.close_timeout if timeout is None else timeout
+        if not fenced.wait(limit):
+            with lock:
+                gave_up[0] = not fenced.is_set()
+            if gave_up[0]:
+                raise TransferTimeoutError(f"cancel of transfer {x.req.xfer_id} with {self.peer.name!r} not "
+                                           f"fenced within {limit} s (its RMA is still in flight)")
+        return result[0]
+
+    def _cancel(self, x: Xfer, done: Callable[[bool], None]) -> None:
+        """Work thread: the fence of :meth:`cancel`."""
+        if x.finished or x.cancelled:
+            done(not x.finished and x.cancelled)
+            return
+        x.cancelled = True
+        if x.plan is not None and x.staging is None:  # DIRECT: RMA in flight until its flush
+            if x.req.op is Op.WRITE:  # puts only read our blocks; the flush still sends no NOTE
+                done(True)
+                return
+            x.fence = done
+            if self._session.closed:
+                self._fenced(x)
+            return
+        # packed: no scatter after this one; the peer may still use our buffer: keep it
+        if x.token is not None:
+            self.ctx.memory.packer().wait(x.token)
+        self._session.abandon(x.req.xfer_id, x.deadline or time.monotonic() + _CANCEL_HOLD_S)
+        self.send(Msg.CANCEL, encode(Cancel(x.req.xfer_id)))
+        done(True)
+
+    @staticmethod
+    def _fenced(x: Xfer) -> None:
+        fence, x.fence = x.fence, None
+        if fence is not None:
+            fence(True)
+
     def _on_handle_done(self, x: Xfer, h: TransferHandle) -> None:
         err = self._session.on_handle_failed(h.exception(), x.finished)
         if err is not None:  # RMA or the peer's copy may still land: the link is no longer safe to use
@@ -407,6 +502,8 @@ class UcxLink(PackedResponder, BackendLink):
         elif kind is Msg.READY:
             p = decode(Progress, h)
             self._on_ready(p.xfer_id, p.upto)
+        elif kind is Msg.CANCEL:
+            self.on_cancel(h)
         elif kind is Msg.ERR:
             r = decode(Refusal, h)
             self._on_err(r.xfer_id, r.kind, r.message)

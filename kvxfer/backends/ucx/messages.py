@@ -47,6 +47,7 @@ class Msg(IntEnum):
     BYE = 7  # Goodbye
     LANDED = 8  # Progress, responder -> initiator (packed read): staged bytes [0, b) are in its buffer
     READY = 9  # Progress, initiator -> responder (packed write): staged bytes [0, b) may be fetched
+    CANCEL = 10  # Cancel, initiator -> responder (packed): stop; ERR answers once no RMA of it is in flight
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ inherits :class:`PackedResponder`). Every method runs on the work thread unless 
 otherwise. A REQ is planned against our own layout first (every one of our block ids checked);
 a read is then gathered piece by piece and each piece put into the initiator's staging buffer
 (LANDED after each piece's flush), a write fetched piece by piece as the initiator says READY
-and scattered as it arrives (DONE at the end). A refusal is ERR.
+and scattered as it arrives (DONE at the end). A refusal is ERR. A CANCEL from the initiator
+stops a transfer: no more gets or scatters, and ERR (``TransferCancelledError``) once a flush
+of the endpoint says none of its RMA is in flight (the initiator may then reuse its buffer).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 from ...errors import BlockIdError, LayoutError, PeerLostError, RemoteProtocolError
 from ...handle import Op
 from ...metadata import PeerMetadata
-from ...protocol.messages import Done, Progress, Request, decode, encode
+from ...errors import TransferCancelledError
+from ...protocol.messages import Cancel, Done, Progress, Refusal, Request, decode, encode
 from ...protocol.transfer import TransferSession
 from ..base import plan_for_responder
 from . import messages as proto
@@ -139,9 +142,32 @@ class PackedResponder:
                                                                 encode(Progress(s.xid, upto))))
         self.ctx.worker.defer(self._landed, s, upto, status)
 
+    def on_cancel(self, h: dict) -> None:
+        """Work thread: the initiator cancelled a packed transfer we serve. Nothing more of it is
+        fetched or scattered (a scatter already queued is waited for); once a flush of the
+        endpoint completes, none of its puts or gets is in flight: its staging buffer goes back
+        and ERR (``TransferCancelledError``) tells the initiator it may reuse its own."""
+        s = self._session.on_cancel(decode(Cancel, h))
+        if s is None:
+            return  # finished (its DONE or last LANDED is on its way), refused, or unknown
+        s.cancelled = True
+        if s.token is not None:
+            self.ctx.memory.packer().wait(s.token)
+        self.ctx.worker.ucp.flush(self.ep_handle, lambda st: self.ctx.worker.defer(self._cancel_flushed, s, st))
+        self.ctx.worker.wake()
+
+    def _cancel_flushed(self, s: Serving, status: int) -> None:
+        if self.endpoint_failed(status):
+            return
+        if s.staging is not None:
+            self.ctx.memory.staging().put(s.staging)
+            s.staging = None
+        exc = TransferCancelledError(f"transfer {s.xid} cancelled by its initiator")
+        self.send(Msg.ERR, encode(Refusal.of(s.xid, exc)))
+
     def _landed(self, s: Serving, upto: int, status: int) -> None:
         """Packed read, responder: bytes [0, upto) are in the initiator's buffer (LANDED sent)."""
-        if self.endpoint_failed(status):
+        if self.endpoint_failed(status) or s.cancelled:
             return
         if s.marks:
             s.marks("landed")
@@ -166,7 +192,7 @@ class PackedResponder:
 
     def _fetched(self, s: Serving, upto: int, status: int) -> None:
         """Packed write, responder: bytes [0, upto) are in our buffer; scatter the whole pieces."""
-        if self.endpoint_failed(status):
+        if self.endpoint_failed(status) or s.cancelled:
             return
         if s.marks:
             s.marks("fetched")

@@ -85,6 +85,8 @@ class Xfer:
     ready: Any = None  # GPU memory: the caller's stream event our accesses wait for
     marks: Marks | None = None  # ms since the handle was created (DEBUG logging only)
     deadline: float = 0.0  # read started early: its end by the caller's timeout (time.monotonic), see overdue()
+    cancelled: bool = False  # TransferHandle.cancel: nothing more of ours is touched
+    fence: Any = None  # a cancelled DIRECT transfer: called once its RMA can no longer land
 
     def report(self, exc: KvxferError) -> None:
         """Fail the handle with ``exc``; a read started early without one yet keeps it for
@@ -112,6 +114,7 @@ class Serving:
     token: Any = None
     pieces: Any = None
     marks: Marks | None = None  # ms since the request arrived (DEBUG logging only)
+    cancelled: bool = False  # the initiator cancelled it (CANCEL): no more puts, gets or scatters
 
 
 def scatter_landed(t: Xfer | Serving, upto: int) -> None:
