@@ -24,11 +24,17 @@ step() {  # step NAME SECONDS CMD...
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv >>"$LOG" 2>&1
 if [ "$PART" = all ] || [ "$PART" = tests ]; then
-  step gpu-tests "${T_TESTS:-240}" python3 -m pytest -q -rs -m gpu -p no:cacheprovider --timeout 120 ${GPU_TESTS:-tests/test_ops_pairs.py tests/test_ops_cuda.py tests/test_tcp_gpu.py tests/test_ucx_gpu.py tests/test_cuda_ipc.py}
+  step gpu-tests "${T_TESTS:-240}" python3 -m pytest -q -rs -m gpu -p no:cacheprovider --timeout 120 ${GPU_TESTS:-tests/test_ops_pairs.py tests/test_ops_cuda.py tests/test_tcp_gpu.py tests/test_ucx_gpu.py tests/test_cuda_ipc.py tests/test_cuda_ipc_bounds.py tests/test_vllm_layouts_gpu.py tests/test_cancel.py}
+  # the installed wheel compiles its own kernel sources (build it here first: pip wheel . --no-deps -w .carry/kvxfer-wheel)
+  if ls .carry/kvxfer-wheel/kvxfer-*.whl >/dev/null 2>&1; then
+    step wheel-gpu 90 env KVXFER_TEST_WHEEL="$(ls .carry/kvxfer-wheel/kvxfer-*.whl)" python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_wheel_install.py
+  fi
   [ -n "${E2E_CMD:-}" ] && step e2e-cuda 90 $E2E_CMD
 fi
 if [ "$PART" = all ] || [ "$PART" = bench ]; then
   step bench-ipc "${T_IPC:-80}" python3 bench/bench_ipc.py --workloads "${IPC_WL:-llama8b,llama8b-tp8,small}" --out "$RES/ipc_bench.json" --commit "$COMMIT"
+  step bench-pack "${T_PACK:-90}" python3 bench/bench_pack.py "$RES/pack.json" --commit "$COMMIT"
+  step bench-vllm-layouts "${T_VL:-90}" python3 bench/bench_vllm_layouts.py --out "$RES/vllm_layouts.json" --commit "$COMMIT"
   step bench-tcp "${T_TCP:-80}" python3 bench/bench_tcp.py --memory both --local-device cuda:0 --peer-device cuda:1 --iters 4 --json "$RES/tcp_gpu_vs_host.json"
   step kvxfer-bench "${T_KB:-110}" python3 -m kvxfer.tools.bench --backend all --memory cuda --devices 0,1 --workload llama8b --op both --iters 5 --no-progress --json "$RES/kvxfer_bench_llama8b.json"
   step ucx-gpu-llama8b "${T_UCX:-60}" env UCX_TLS=tcp,sm,cuda_copy,cuda_ipc python3 bench/bench_ucx.py gpu --workload llama8b --depth 1 4
