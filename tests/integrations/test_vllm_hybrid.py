@@ -77,6 +77,39 @@ def test_hybrid_groups_move_with_their_own_blocks(env: dict[str, Any], kind: str
         assert _get(c_out, 60, cons)[0] == "stopped"
 
 
+def test_mamba_state_moves_across_attention_block_sizes(env: dict[str, Any]) -> None:
+    """Prefill with 16-token attention blocks, decode with 32: full attention is mapped token by
+    token, the state block (padded to each side's attention page) moves as it is."""
+    prompt = PROMPTS["p-1"]
+    with _engines(env, "pull", {"p-1": prompt}, {"kind": "mamba"}, {"kind": "mamba", "block_size": 32}) as (
+            p_cmd, p_out, prod, c_cmd, c_out, cons):
+        _, _, published, free0, _, _ = _get(p_out, 300, prod)
+        _get(c_out, 300, cons)
+        pub = published["p-1"]
+        n = pub["prompt_tokens"]
+        c_cmd.put(("load", "c-1", prompt, pub["params"]))
+        _, _, _, _, errors, reason, _, stats, info = _get(c_out, 120, cons)
+        assert errors == [] and reason == "length" and info["failures"] == []
+        # full attention (2 layers, LBNHC): token t of a layer sits at slot t % bs of block t // bs
+        tok = 2 * 2 * 16 * 2  # heads * (K and V of 16) * fp16 bytes
+        for t in range(n):
+            for layer in range(2):
+                cut = []
+                for pages, bs in ((pub["pages"][0], 16), (info["pages"][0], 32)):
+                    at = layer * bs * tok + (t % bs) * tok
+                    cut.append(pages[t // bs][at:at + tok])
+                assert cut[0] == cut[1] and len(cut[0]) == tok, f"token {t} layer {layer} differs"
+        p_state = pub["pages"][1][_expected_positions("mamba", 1, n, pub["groups"][1])[0]]
+        c_state = [p for p in info["pages"][1] if p is not None]
+        assert p_state and c_state[-1] == p_state, "the consumer's state block differs from the producer's"
+        assert stats["transfers"] == 2 and stats["failures"] == 0
+        in_requests, sent, free_now = _wait_sent(p_cmd, p_out, prod, "p-1")
+        assert sent == ["p-1"] and free_now == free0
+        c_cmd.put("stop")
+        p_cmd.put("stop")
+        assert _get(c_out, 60, cons)[0] == "stopped"
+
+
 def test_a_lost_group_reports_exactly_its_blocks_and_vllm_recomputes(env: dict[str, Any]) -> None:
     setup = {"kind": "swa"}
     with _engines(env, "pull", {"p-1": PROMPTS["p-1"]}, setup) as (p_cmd, p_out, prod, c_cmd, c_out, cons):

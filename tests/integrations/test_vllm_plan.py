@@ -137,14 +137,20 @@ def test_engine_spec_names_the_field_that_differs(theirs: EngineSpec, words: str
     assert words in _spec().mismatch(theirs.to_params())
 
 
-def test_engine_spec_allows_a_reshard_of_full_attention_only() -> None:
+def test_engine_spec_allows_a_reshard_of_attention_and_a_state_at_equal_tp() -> None:
     mine = _spec()
     assert mine.mismatch(_spec().to_params()) == "" and not mine.needs_reshard(_spec().to_params())
     for theirs in (_spec(tp_size=2), _spec(groups=(("full", 64, 0, 2, 8192),)), _spec(layout="LBHNC")):
         assert mine.needs_reshard(theirs.to_params()) and mine.mismatch(theirs.to_params()) == ""
     hybrid = _spec(groups=(("full", 16, 0, 2, 2048), ("sliding", 16, 24, 2, 2048)))
-    theirs = _spec(groups=hybrid.groups, tp_size=2)
-    assert "group 1 (sliding) moves between equal tp_size and block_size only" in hybrid.mismatch(theirs.to_params())
+    for theirs in (_spec(groups=hybrid.groups, tp_size=2),
+                   _spec(groups=(("full", 64, 0, 2, 8192), ("sliding", 64, 24, 2, 8192)))):
+        assert hybrid.needs_reshard(theirs.to_params()) and hybrid.mismatch(theirs.to_params()) == ""
+    mamba = _spec(groups=(("full", 16, 0, 2, 2048), ("state", 16, 0, 2, 2048)))
+    other_bs = _spec(groups=(("full", 64, 0, 2, 8192), ("state", 64, 0, 2, 8192)))
+    assert mamba.needs_reshard(other_bs.to_params()) and mamba.mismatch(other_bs.to_params()) == ""
+    other_tp = _spec(groups=mamba.groups, tp_size=2)
+    assert "group 1 (state) moves between equal tp_size only" in mamba.mismatch(other_tp.to_params())
     assert "expected a mapping" in mine.mismatch(None)
 
 

@@ -80,19 +80,38 @@ def test_another_tp_plans_token_mapped_loads_per_group():
     assert load.refuse == "" and load.skip == 0
 
 
-def test_a_sliding_window_group_refuses_another_tp_naming_it():
-    groups = GROUPS + (GroupInfo(1, GroupKind.SLIDING, BS, 24, ("l1",), 1024),)
+def _tp_change_loads(kind: GroupKind, window: int, tp_theirs: int, bs_theirs: int = BS):
+    groups = GROUPS + (GroupInfo(1, kind, BS, window, ("l1",), 1024),)
     desc = tuple(tuple(g.describe()) for g in groups)
+    theirs_groups = GROUPS + (GroupInfo(1, kind, bs_theirs, window, ("l1",), 1024),)
     mine = EngineSpec("m", "torch.float16", "auto", "LBNHC", desc, 1, {"tp_size": 1})
-    theirs = EngineSpec("m", "torch.float16", "auto", "LBNHC", desc, 2, {"tp_size": 2})
+    theirs = EngineSpec("m", "torch.float16", "auto", "LBNHC", tuple(tuple(g.describe()) for g in theirs_groups),
+                        tp_theirs, {"tp_size": tp_theirs})
     side = SchedulerSide(VllmConnectorConfig(), TransferRole.CONSUMER, groups, mine, lambda rid: ())
     req = SimpleNamespace(request_id="r", num_prompt_tokens=40, kv_transfer_params=_params("r", theirs))
     count, _ = side.get_num_new_matched_tokens(req, 0)
-    blocks = SimpleNamespace(get_block_ids=lambda: ([1, 2, 3], [4, 5, 6]))
+    blocks = SimpleNamespace(get_block_ids=lambda: ([1, 2, 3], [0, 5, 6]))
     side.update_state_after_alloc(req, blocks, count)
-    loads = side.build_connector_meta(SimpleNamespace()).loads
+    return side.build_connector_meta(SimpleNamespace()).loads
+
+
+def test_a_state_group_refuses_another_tp_naming_it():
+    loads = _tp_change_loads(GroupKind.STATE, 0, 2)
     assert [ld.group for ld in loads] == [0, 1]
-    assert all("group 1 (sliding) moves between equal tp_size" in ld.refuse for ld in loads)
+    assert all("group 1 (state) moves between equal tp_size only" in ld.refuse for ld in loads)
+
+
+def test_a_sliding_window_group_with_another_tp_gets_a_token_mapped_load():
+    loads = _tp_change_loads(GroupKind.SLIDING, 24, 2)
+    assert [(ld.group, ld.refuse, ld.num_tokens, ld.remote) for ld in loads] == [
+        (0, "", 40, {"tp_size": 2}), (1, "", 40, {"tp_size": 2})]
+    assert loads[1].dst_blocks == (0, 5, 6)  # every position: the worker plans from the real ones
+
+
+def test_a_state_group_across_block_sizes_moves_its_block_as_it_is():
+    loads = _tp_change_loads(GroupKind.STATE, 0, 1, bs_theirs=64)
+    assert [(ld.group, ld.refuse, ld.remote is None) for ld in loads] == [(0, "", False), (1, "", True)]
+    assert loads[1].dst_blocks == (6,)  # the state block after the prompt
 
 
 def test_with_a_state_group_the_decode_side_computes_the_last_prompt_token():

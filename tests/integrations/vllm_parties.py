@@ -9,7 +9,7 @@ tokens it would compute (producer) or by nothing (consumer).
 
 ``setup`` picks the model's KV-cache groups (``kind``: ``dense`` one full-attention group,
 ``swa`` full attention + sliding window, ``mamba`` full attention + a Mamba-state group), the
-model ``dtype`` and vLLM's ``kv_load_failure_policy``. A hybrid setup lets vLLM keep its hybrid
+model ``dtype``, vLLM's ``kv_load_failure_policy`` and the ``block_size`` (16 unless given). A hybrid setup lets vLLM keep its hybrid
 KV-cache manager on: the CPU platform reports it unsupported, so the parties say the platform
 supports it (as a GPU platform does) and vLLM then asks the connector (``SupportsHMA``).
 """
@@ -78,6 +78,7 @@ class Engine:
 
         setup = {**DENSE, **(setup or {})}
         self.kind = setup["kind"]
+        self.block_size = bs = setup.get("block_size", BLOCK_SIZE)
         hybrid = self.kind != "dense"
         if hybrid:  # a GPU platform supports the hybrid manager; the CPU one says it does not
             type(current_platform).support_hybrid_kv_cache = classmethod(lambda cls: True)
@@ -87,7 +88,7 @@ class Engine:
         scheduler_config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=1024,
                                            enable_chunked_prefill=True, is_encoder_decoder=False,
                                            async_scheduling=False)
-        cache_config = CacheConfig(block_size=BLOCK_SIZE, gpu_memory_utilization=0.9, cache_dtype="auto",
+        cache_config = CacheConfig(block_size=bs, gpu_memory_utilization=0.9, cache_dtype="auto",
                                    enable_prefix_caching=self.kind != "mamba")
         cache_config.kv_cache_layout = "LBNHC"
         kv_transfer_config = KVTransferConfig(kv_connector="KvxferConnector",
@@ -98,7 +99,7 @@ class Engine:
                                       cache_config=cache_config, kv_transfer_config=kv_transfer_config,
                                       device_config=DeviceConfig("cpu"))
         self.hma_enabled = self.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager is False
-        spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=2, head_size=16, dtype=dtype)
+        spec = FullAttentionSpec(block_size=bs, num_kv_heads=2, head_size=16, dtype=dtype)
         page = spec.page_size_bytes
         if not hybrid:
             self.layers = list(LAYERS)
@@ -109,10 +110,10 @@ class Engine:
             self.layers = list(HYBRID_LAYERS)
             full, other = HYBRID_LAYERS[0::2], HYBRID_LAYERS[1::2]
             if self.kind == "swa":
-                other_spec = SlidingWindowSpec(block_size=BLOCK_SIZE, num_kv_heads=2, head_size=16, dtype=dtype,
+                other_spec = SlidingWindowSpec(block_size=bs, num_kv_heads=2, head_size=16, dtype=dtype,
                                                sliding_window=SLIDING_WINDOW)
             else:  # a Mamba state of 1 KiB padded to the attention page, as vLLM pads hybrid pages
-                other_spec = MambaSpec(block_size=BLOCK_SIZE, shapes=((8, 32),), dtypes=(dtype,),
+                other_spec = MambaSpec(block_size=bs, shapes=((8, 32),), dtypes=(dtype,),
                                        page_size_padded=page)
             groups = [KVCacheGroupSpec(list(full), spec), KVCacheGroupSpec(list(other), other_spec)]
             # the groups overlay one allocation (a block id belongs to one group at a time)
@@ -132,10 +133,10 @@ class Engine:
         self.hash_fn = sha256
         self.scheduler = Scheduler(vllm_config=self.vllm_config, kv_cache_config=self.kv_cache_config,
                                    log_stats=True, structured_output_manager=StructuredOutputManager(self.vllm_config),
-                                   block_size=BLOCK_SIZE)
+                                   block_size=bs)
         self.worker = KVConnectorFactory.create_connector(self.vllm_config, KVConnectorRole.WORKER, self.kv_cache_config)
         self.kv = allocate_kv_cache(self.kv_cache_config, torch.device("cpu"),
-                                    cache_config.get_resolved_kv_cache_layout(), [BLOCK_SIZE] * len(groups))
+                                    cache_config.get_resolved_kv_cache_layout(), [bs] * len(groups))
         any_view = next(iter(self.kv.values()))
         self.buf = torch.empty(0, dtype=torch.uint8).set_(any_view.untyped_storage())  # the whole allocation
         self.worker.register_kv_caches(self.kv)
@@ -158,7 +159,7 @@ class Engine:
         sp = SamplingParams(max_tokens=max_tokens)
         sp.update_from_generation_config({}, EOS)
         req = Request(request_id=req_id, prompt_token_ids=prompt, sampling_params=sp, pooling_params=None,
-                      mm_features=None, block_hasher=get_request_block_hasher(BLOCK_SIZE, self.hash_fn))
+                      mm_features=None, block_hasher=get_request_block_hasher(self.block_size, self.hash_fn))
         req.kv_transfer_params = params
         self.scheduler.add_request(req)
 

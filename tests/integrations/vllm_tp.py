@@ -8,7 +8,8 @@ connector told its TP rank) runs the worker hooks around a fake forward and answ
 transfer results; the scheduler process then reports to vLLM what every rank reported (a
 request is finished sending or receiving once all ranks said so), as vLLM's output aggregator
 does. ``setup``: ``tp``, ``block_size``, ``kv_heads`` (the model's total KV heads), ``mla``,
-``layout`` (vLLM's KV-cache layout, ``LBNHC`` unless given).
+``layout`` (vLLM's KV-cache layout, ``LBNHC`` unless given), ``window`` (tokens: a second
+KV-cache group of sliding-window layers ``SWA_LAYERS``, a hybrid model; none unless given).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 NUM_BLOCKS = 48
 LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(2)]
+SWA_LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(2, 4)]
 HEAD = 16            # head size (MLA: the latent width)
 EOS = 2
 
@@ -36,6 +38,11 @@ def write_model_dir(path: str, kv_heads: int) -> str:
     return path
 
 
+def group_layers(setup: dict[str, Any]) -> list[list[str]]:
+    """The layers of each KV-cache group."""
+    return [LAYERS] + ([SWA_LAYERS] if setup.get("window") else [])
+
+
 def local_heads(total: int, tp: int, rank: int, mla: bool) -> list[int]:
     """Global KV heads rank ``rank`` holds (vLLM's sharding: split evenly, or one replicated head)."""
     if mla:
@@ -49,7 +56,12 @@ def _configs(model_dir: str, kv_role: str, extra: dict[str, Any], setup: dict[st
     import torch
     import vllm.distributed.parallel_state as ps
     from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor, MLAAttentionSpec
+    from vllm.platforms import current_platform
+    from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor,
+                                            MLAAttentionSpec, SlidingWindowSpec)
+
+    if setup.get("window"):  # a GPU platform supports the hybrid manager; the CPU one says it does not
+        type(current_platform).support_hybrid_kv_cache = classmethod(lambda cls: True)
 
     ps.get_tensor_model_parallel_rank = lambda: rank  # this process is TP rank ``rank``
     bs, tp = setup["block_size"], setup["tp"]
@@ -69,11 +81,16 @@ def _configs(model_dir: str, kv_role: str, extra: dict[str, Any], setup: dict[st
     else:
         spec = FullAttentionSpec(block_size=bs, num_kv_heads=nheads, head_size=HEAD, dtype=torch.float16)
     page = spec.page_size_bytes
-    kv_cache_config = KVCacheConfig(
-        num_blocks=NUM_BLOCKS,
-        kv_cache_tensors=[KVCacheTensor(size=page * NUM_BLOCKS * len(LAYERS), layers=list(LAYERS),
-                                        layer_stride=page * NUM_BLOCKS, block_stride=page)],
-        kv_cache_groups=[KVCacheGroupSpec(list(LAYERS), spec)])
+    tensors = [KVCacheTensor(size=page * NUM_BLOCKS * len(LAYERS), layers=list(LAYERS),
+                             layer_stride=page * NUM_BLOCKS, block_stride=page)]
+    groups = [KVCacheGroupSpec(list(LAYERS), spec)]
+    if setup.get("window"):
+        swa = SlidingWindowSpec(block_size=bs, num_kv_heads=nheads, head_size=HEAD, dtype=torch.float16,
+                                sliding_window=setup["window"])
+        tensors.append(KVCacheTensor(size=page * NUM_BLOCKS * len(SWA_LAYERS), layers=list(SWA_LAYERS),
+                                     layer_stride=page * NUM_BLOCKS, block_stride=page))
+        groups.append(KVCacheGroupSpec(list(SWA_LAYERS), swa))
+    kv_cache_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=tensors, kv_cache_groups=groups)
     vllm_config.cache_config.num_gpu_blocks = NUM_BLOCKS
     return vllm_config, kv_cache_config
 
@@ -102,8 +119,9 @@ def rank_worker(model_dir: str, kv_role: str, extra: dict[str, Any], setup: dict
                 w.shutdown()
                 out.put(("stopped", rank))
                 return
-            if msg[0] == "pages":  # logical [blocks, heads, tokens, content] of the given blocks
-                out.put(("pages", rank, {n: kv[n][list(msg[1])].clone().numpy() for n in LAYERS}))
+            if msg[0] == "pages":  # logical [blocks, heads, tokens, content] of each group's given blocks
+                out.put(("pages", rank, {n: kv[n][list(blocks)].clone().numpy()
+                                         for blocks, names in zip(msg[1], group_layers(setup)) for n in names}))
                 continue
             _, payload, finished, writes = msg
             nstep += 1
@@ -112,11 +130,12 @@ def rank_worker(model_dir: str, kv_role: str, extra: dict[str, Any], setup: dict
             # seeded by the rank's first KV head: replicated heads (GQA, MLA) get equal bytes everywhere
             first = local_heads(setup["kv_heads"], setup["tp"], rank, setup["mla"])[0]
             gen = torch.Generator().manual_seed(first * 100003 + nstep)
-            for b in writes:
-                for n in LAYERS:
-                    blk = kv[n][b].view(torch.uint8)
-                    blk.copy_(torch.randint(1, 256, blk.shape, dtype=torch.uint8, generator=gen))
-            for n in LAYERS:
+            for blocks, names in zip(writes, group_layers(setup)):
+                for b in blocks:
+                    for n in names:
+                        blk = kv[n][b].view(torch.uint8)
+                        blk.copy_(torch.randint(1, 256, blk.shape, dtype=torch.uint8, generator=gen))
+            for n in [n for names in group_layers(setup) for n in names]:
                 w.wait_for_layer_load(n)
                 w.save_kv_layer(n, kv[n], None)
             w.wait_for_save()
@@ -196,12 +215,16 @@ class TpEngine:
         req.kv_transfer_params = params
         self.scheduler.add_request(req)
 
-    def block_ids(self, req_id: str) -> list[int]:
-        return list(self.scheduler.kv_cache_manager.get_block_ids(req_id)[0])
+    def block_ids(self, req_id: str, group: int = 0) -> list[int]:
+        return list(self.scheduler.kv_cache_manager.get_block_ids(req_id)[group])
 
-    def pages(self, blocks: list[int]) -> list[dict]:
+    def group_block_ids(self, req_id: str) -> list[list[int]]:
+        return [list(b) for b in self.scheduler.kv_cache_manager.get_block_ids(req_id)]
+
+    def pages(self, blocks: list[list[int]]) -> list[dict]:
+        """Each rank's pages of every group's layers, ``blocks[g]`` of group ``g``."""
         for c in self.cmds:
-            c.put(("pages", list(blocks)))
+            c.put(("pages", [list(b) for b in blocks]))
         got = {}
         for _ in range(self.tp):
             _, rank, arrays = self._get("pages")
@@ -216,7 +239,9 @@ class TpEngine:
 
         out = self.scheduler.schedule()
         req_ids = list(out.num_scheduled_tokens)
-        writes = sorted({b for r in req_ids for b in self.block_ids(r)}) if compute else []
+        ngroups = len(group_layers(self.setup))
+        writes = [sorted({b for r in req_ids for b in self.block_ids(r, g)} - {0}) if compute else []
+                  for g in range(ngroups)]
         for c in self.cmds:
             c.put(("step", out.kv_connector_metadata.payload, sorted(out.finished_req_ids), writes))
         sending: set[str] = set()
@@ -279,7 +304,8 @@ def producer(model_dir: str, extra: dict[str, Any], setup: dict[str, Any], promp
         eng.run_until(lambda: all(rid in eng.finished for rid in prompts), compute=True)
         eng.step(compute=False)  # publishes
         published = {rid: {"params": eng.finished[rid].kv_transfer_params, "blocks": eng.block_ids(rid),
-                           "pages": eng.pages(eng.block_ids(rid))} for rid in prompts}
+                           "groups": eng.group_block_ids(rid), "pages": eng.pages(eng.group_block_ids(rid))}
+                     for rid in prompts}
         out.put(("published", published, free0, eng.free_blocks()))
         while True:
             try:
@@ -319,7 +345,7 @@ def consumer(model_dir: str, extra: dict[str, Any], setup: dict[str, Any], cmd: 
             _, rid, prompt, params = msg
             eng.add(rid, prompt, 2, params)
             eng.run_until(lambda rid=rid: rid in eng.recvd, compute=False)
-            blocks = eng.block_ids(rid)
+            blocks = eng.group_block_ids(rid)
             pages = eng.pages(blocks)
             errors = sorted(eng.load_errors)
             eng.run_until(lambda rid=rid: rid in eng.finished, compute=False)

@@ -31,8 +31,10 @@ class EngineSpec:
         TP or block size plans its token-mapped reads from; None when it cannot be described.
 
     Equal TP, block sizes and layout: blocks move as they are. Otherwise (both sides with a
-    ``kv``) full-attention and MLA groups are resharded (heads and token ranges), and every
-    other group kind refuses, naming the field.
+    ``kv``) full-attention, MLA and sliding-window groups are resharded (heads and token
+    ranges; a window moves the tokens both sides' windows hold), and a state (Mamba) group's
+    block moves as it is where TP is equal (the attention block size, hence the padded
+    state page, may differ); another TP refuses for a state group, naming it.
     """
 
     model: str
@@ -82,7 +84,15 @@ class EngineSpec:
                     continue
                 if va != vb:
                     return f"KV-cache group {i} {name} differs: producer {vb!r}, consumer {va!r}"
-            if reshard and ga[0] != "full":
+            if reshard and ga[0] == "state":
+                # one state block per request, sharded by heads in a way no spec describes:
+                # it moves as it is, between equal TP only (the page may differ: vLLM pads
+                # it to the attention page; the Connector's layout check compares the state)
+                if theirs.get("tp_size") != self.tp_size:
+                    return (f"KV-cache group {i} (state) moves between equal tp_size only (state sharding "
+                            f"by heads is not described): producer tp {theirs.get('tp_size')!r}, "
+                            f"consumer tp {self.tp_size!r}")
+            elif reshard and ga[0] not in ("full", "sliding"):
                 return (f"KV-cache group {i} ({ga[0]}) moves between equal tp_size and block_size only: "
                         f"producer tp {theirs.get('tp_size')!r} block_size {gb[1]!r}, "
                         f"consumer tp {self.tp_size!r} block_size {ga[1]!r}")

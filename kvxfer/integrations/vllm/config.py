@@ -81,8 +81,9 @@ class VllmConnectorConfig:
         request's blocks until every decode rank that reads from it confirmed, and a decode
         rank reads its KV heads from the prefill rank(s) that hold them; different TP sizes on
         the two sides need this set on the prefill side. Block sizes may differ too (16 -> 64,
-        64 -> 16): full-attention and MLA groups are mapped by token ranges. Sliding-window and
-        Mamba groups move between equal block sizes and TP sizes only.
+        64 -> 16): full-attention and MLA groups are mapped by token ranges, sliding-window
+        groups by the tokens both windows hold; a Mamba group's state block moves as it is
+        between equal TP sizes (another TP is refused for it).
     """
 
     registry: str = "kvxfer://127.0.0.1:7300"

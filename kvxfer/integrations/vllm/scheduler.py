@@ -20,8 +20,9 @@ state after the others (vLLM recomputes the last prompt token of a fully loaded 
 would advance a finished state twice), so with a state group the prefill side drops the
 prompt's last token (``on_new_request``) and the decode side loads the prompt less that token.
 
-Another TP or block size: the loads cover the prompt from token 0 (a local prefix hit is loaded
-again, with the same bytes), as token-mapped reads per producer rank.
+Another TP or block size: the loads of attention groups cover the prompt from token 0 (a local
+prefix hit is loaded again, with the same bytes; a sliding window: the tokens both windows
+hold), as token-mapped reads per producer rank; a state group's block moves as it is.
 
 First contact: the producer's ``kv_transfer_params`` carry its :class:`~.compat.EngineSpec`; a
 consumer whose own spec differs plans the load as refused (the worker side then reports every
@@ -167,9 +168,19 @@ class SchedulerSide:
         self._loading.add(rid)
         if not refuse and theirs is not None and self._spec.needs_reshard(theirs):
             # another TP or block size: every worker rank plans its own reads of the prompt's
-            # tokens from the producer ranks holding its heads (full-attention groups only)
+            # tokens from the producer ranks holding its heads (attention groups); a state
+            # group's block moves as it is (the compatibility check made TP and pages equal)
             n = self._loaded_tokens(request)
             for g in self._groups:
+                if g.kind is GroupKind.STATE:
+                    try:
+                        _, dst_state = transfer_slice(g, n, ids[g.index])
+                    except LayoutError as exc:
+                        self._loads.append(LoadSpec(rid, key, tuple(b for b in ids[g.index] if b), 0, g.index,
+                                                    str(exc)))
+                        continue
+                    self._loads.append(LoadSpec(rid, key, tuple(dst_state), 0, g.index))
+                    continue
                 dst = tuple(ids[g.index][: -(-n // g.block_size)])
                 self._loads.append(LoadSpec(rid, key, dst, 0, g.index, "", n, dict(theirs["kv"])))
             return

@@ -8,8 +8,10 @@ so group *g* of rank *r* of a decode instance meets the same of the prefill inst
 A request's load ends when every group's load has; only the blocks of the groups that failed
 (their handles' ``failed_blocks``) are reported as load errors.
 
-Different TP or block sizes (pull mode, full-attention and MLA groups): a load that carries the
-producer's ``KVSpec`` is planned on this rank by :func:`~.transfer_plan.plan_group_reads`
+Different TP or block sizes (pull mode, full-attention, MLA and sliding-window groups): a load
+that carries the producer's ``KVSpec`` is planned on this rank by
+:func:`~.transfer_plan.plan_group_reads` (a sliding window: of the tokens both windows hold,
+the producer's held positions derived from its spec by ``_published_positions``)
 (first contact: ``check_compatible`` names a mismatching field, and the load fails with it):
 one pull per producer rank holding some of this rank's heads, each with its token-mapped
 reshard, under that rank's key. A producer rank publishes for as many consumer ranks as read
@@ -47,6 +49,7 @@ from ...registry.messages import EventKind
 from .config import TransferMode, TransferRole, VllmConnectorConfig
 from .counters import TransferCounters
 from .metadata import LoadSpec, StepPlan
+from .transfer_plan import GroupKind as TpGroupKind
 from .transfer_plan import KVSpec, consumer_ranks, plan_group_reads
 
 __all__ = ["WorkerSide"]
@@ -105,6 +108,25 @@ class _GpuOrderedPusher:
     def close(self) -> None:
         self._q.put(None)
         self._thread.join(timeout=10)
+
+
+def _published_positions(remote: KVSpec, group: int, num_tokens: int) -> tuple[list[int], int]:
+    """The producer's block list of ``group`` for ``num_tokens`` prompt tokens as the consumer
+    plans from it, and the position of its first published block: a published block stands as
+    its 1-based place in the publication, a position the producer does not hold (it left a
+    sliding window) as the null block 0.
+
+    The producer publishes the blocks :func:`~.groups.transfer_slice` names, worked out here
+    from its spec: every block of the tokens for full attention; for a sliding window of ``w``
+    tokens, positions ``(num_tokens - w + 1) // block_size`` on (the blocks holding a token the
+    window still sees; vLLM has nulled the earlier ones)."""
+    bs = remote.group_block_size(group)
+    n = -(-num_tokens // bs)
+    g = remote.groups[group]
+    first = 0
+    if g.kind is TpGroupKind.SLIDING_WINDOW and g.sliding_window:
+        first = min(n, max(0, num_tokens - g.sliding_window + 1) // bs)
+    return [0] * first + list(range(1, n - first + 1)), first
 
 
 class WorkerSide:
@@ -266,10 +288,16 @@ class WorkerSide:
         if self._kv_spec is None:
             raise LayoutError("this worker cannot describe its KV heads (layout), so it cannot reshard")
         remote = KVSpec.from_wire(spec.remote)  # first contact: check_compatible names the field
-        n_remote = -(-spec.num_tokens // remote.group_block_size(spec.group))
-        # the producer publishes its blocks of tokens [0, num_tokens): positions stand for them
-        reads = plan_group_reads(remote, self._kv_spec, spec.group, list(range(1, n_remote + 1)),
-                                 spec.dst_blocks, spec.num_tokens)
+        src_positions, first = _published_positions(remote, spec.group, spec.num_tokens)
+        reads = plan_group_reads(remote, self._kv_spec, spec.group, src_positions, spec.dst_blocks, spec.num_tokens)
+        whole = tuple(range(1, len(src_positions) - first + 1))
+        for r in reads:
+            # a pull reads the whole publication: the read must start at its first block and end at its last
+            if r.src_blocks != whole:
+                raise LayoutError(f"group {spec.group}: the tokens both sides hold start in published block "
+                                  f"{r.src_blocks[0] - 1 if r.src_blocks else '-'} of "
+                                  f"{len(src_positions) - first}; a read of part of a publication is not "
+                                  "possible (this side's window holds fewer tokens than the producer's)")
         out = []
         for r in reads:
             key = self._key(spec.key, spec.group, r.src_rank)
