@@ -138,6 +138,7 @@ def _heads_and_tensors(src: LayoutGeometry, src_format: BlockFormat, dst_format:
         raise LayoutError(f"layers {list(tensor_ids)} out of range; valid are 0..{len(src.tensors) - 1}")
     return h0, n, tensor_ids
 
+
 def plan_reshard(
     src: LayoutGeometry,
     src_format: BlockFormat,

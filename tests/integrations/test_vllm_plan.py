@@ -101,8 +101,8 @@ from kvxfer.integrations.vllm.groups import GroupInfo, GroupKind, transfer_slice
 
 def test_transfer_slice_per_group_kind() -> None:
     full = GroupInfo(0, GroupKind.FULL, 16)
-    swa = GroupInfo(1, GroupKind.SLIDING, 16, window=24)
-    state = GroupInfo(2, GroupKind.STATE, 16)
+    swa = GroupInfo(1, GroupKind.SLIDING_WINDOW, 16, window=24)
+    state = GroupInfo(2, GroupKind.MAMBA, 16)
     assert transfer_slice(full, 40, [5, 6, 7, 8]) == (0, [5, 6, 7])       # 3 prompt blocks, not the 4th
     # 40 tokens, window 24: tokens from 17 on are still seen, block 1 on; block 0 is vLLM's null block
     assert transfer_slice(swa, 40, [0, 6, 7]) == (1, [6, 7])
@@ -115,7 +115,7 @@ def test_transfer_slice_per_group_kind() -> None:
     with pytest.raises(LayoutError, match="expected 3"):
         transfer_slice(full, 40, [5, 6])
     with pytest.raises(LayoutError, match="sliding window"):
-        GroupInfo(1, GroupKind.SLIDING, 16)
+        GroupInfo(1, GroupKind.SLIDING_WINDOW, 16)
 
 
 def _spec(**kw) -> EngineSpec:
@@ -129,8 +129,8 @@ def _spec(**kw) -> EngineSpec:
     (_spec(model="other"), "model differs: producer 'other', consumer 'm'"),
     (_spec(dtype="torch.bfloat16"), "dtype differs"),
     (_spec(kv_cache_dtype="fp8"), "kv_cache_dtype differs"),
-    (_spec(groups=(("full", 16, 0, 2, 2048), ("sliding", 16, 24, 2, 2048))), "groups differ"),
-    (_spec(groups=(("sliding", 16, 24, 2, 2048),)), "group 0 kind differs"),
+    (_spec(groups=(("full", 16, 0, 2, 2048), ("sliding_window", 16, 24, 2, 2048))), "groups differ"),
+    (_spec(groups=(("sliding_window", 16, 24, 2, 2048),)), "group 0 kind differs"),
     (_spec(layout="LBHNC", kv=None), "cannot describe its heads"),
 ])
 def test_engine_spec_names_the_field_that_differs(theirs: EngineSpec, words: str) -> None:
@@ -142,12 +142,12 @@ def test_engine_spec_allows_a_reshard_of_attention_and_a_state_at_equal_tp() -> 
     assert mine.mismatch(_spec().to_params()) == "" and not mine.needs_reshard(_spec().to_params())
     for theirs in (_spec(tp_size=2), _spec(groups=(("full", 64, 0, 2, 8192),)), _spec(layout="LBHNC")):
         assert mine.needs_reshard(theirs.to_params()) and mine.mismatch(theirs.to_params()) == ""
-    hybrid = _spec(groups=(("full", 16, 0, 2, 2048), ("sliding", 16, 24, 2, 2048)))
+    hybrid = _spec(groups=(("full", 16, 0, 2, 2048), ("sliding_window", 16, 24, 2, 2048)))
     for theirs in (_spec(groups=hybrid.groups, tp_size=2),
-                   _spec(groups=(("full", 64, 0, 2, 8192), ("sliding", 64, 24, 2, 8192)))):
+                   _spec(groups=(("full", 64, 0, 2, 8192), ("sliding_window", 64, 24, 2, 8192)))):
         assert hybrid.needs_reshard(theirs.to_params()) and hybrid.mismatch(theirs.to_params()) == ""
-    mamba = _spec(groups=(("full", 16, 0, 2, 2048), ("state", 16, 0, 2, 2048)))
-    other_bs = _spec(groups=(("full", 64, 0, 2, 8192), ("state", 64, 0, 2, 8192)))
+    mamba = _spec(groups=(("full", 16, 0, 2, 2048), ("mamba", 16, 0, 2, 2048)))
+    other_bs = _spec(groups=(("full", 64, 0, 2, 8192), ("mamba", 64, 0, 2, 8192)))
     assert mamba.needs_reshard(other_bs.to_params()) and mamba.mismatch(other_bs.to_params()) == ""
     other_tp = _spec(groups=mamba.groups, tp_size=2)
     assert "group 1 (state) moves between equal tp_size only" in mamba.mismatch(other_tp.to_params())

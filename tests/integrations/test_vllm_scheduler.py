@@ -96,26 +96,26 @@ def _tp_change_loads(kind: GroupKind, window: int, tp_theirs: int, bs_theirs: in
 
 
 def test_a_state_group_refuses_another_tp_naming_it():
-    loads = _tp_change_loads(GroupKind.STATE, 0, 2)
+    loads = _tp_change_loads(GroupKind.MAMBA, 0, 2)
     assert [ld.group for ld in loads] == [0, 1]
     assert all("group 1 (state) moves between equal tp_size only" in ld.refuse for ld in loads)
 
 
 def test_a_sliding_window_group_with_another_tp_gets_a_token_mapped_load():
-    loads = _tp_change_loads(GroupKind.SLIDING, 24, 2)
+    loads = _tp_change_loads(GroupKind.SLIDING_WINDOW, 24, 2)
     assert [(ld.group, ld.refuse, ld.num_tokens, ld.remote) for ld in loads] == [
         (0, "", 40, {"tp_size": 2}), (1, "", 40, {"tp_size": 2})]
     assert loads[1].dst_blocks == (0, 5, 6)  # every position: the worker plans from the real ones
 
 
 def test_a_state_group_across_block_sizes_moves_its_block_as_it_is():
-    loads = _tp_change_loads(GroupKind.STATE, 0, 1, bs_theirs=64)
+    loads = _tp_change_loads(GroupKind.MAMBA, 0, 1, bs_theirs=64)
     assert [(ld.group, ld.refuse, ld.remote is None) for ld in loads] == [(0, "", False), (1, "", True)]
     assert loads[1].dst_blocks == (6,)  # the state block after the prompt
 
 
 def test_with_a_state_group_the_decode_side_computes_the_last_prompt_token():
-    groups = GROUPS + (GroupInfo(1, GroupKind.STATE, BS, 0, ("l1",), 512),)
+    groups = GROUPS + (GroupInfo(1, GroupKind.MAMBA, BS, 0, ("l1",), 512),)
     desc = tuple(tuple(g.describe()) for g in groups)
     spec = EngineSpec("m", "torch.float16", "auto", "LBNHC", desc)
     producer = SchedulerSide(VllmConnectorConfig(), TransferRole.PRODUCER, groups, spec, lambda rid: ())

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .transfer_plan import GroupKind
+
 __all__ = ["EngineSpec"]
 
 
@@ -84,7 +86,7 @@ class EngineSpec:
                     continue
                 if va != vb:
                     return f"KV-cache group {i} {name} differs: producer {vb!r}, consumer {va!r}"
-            if reshard and ga[0] == "state":
+            if reshard and ga[0] == GroupKind.MAMBA.value:
                 # one state block per request, sharded by heads in a way no spec describes:
                 # it moves as it is, between equal TP only (the page may differ: vLLM pads
                 # it to the attention page; the Connector's layout check compares the state)
@@ -92,8 +94,4 @@ class EngineSpec:
                     return (f"KV-cache group {i} (state) moves between equal tp_size only (state sharding "
                             f"by heads is not described): producer tp {theirs.get('tp_size')!r}, "
                             f"consumer tp {self.tp_size!r}")
-            elif reshard and ga[0] not in ("full", "sliding"):
-                return (f"KV-cache group {i} ({ga[0]}) moves between equal tp_size and block_size only: "
-                        f"producer tp {theirs.get('tp_size')!r} block_size {gb[1]!r}, "
-                        f"consumer tp {self.tp_size!r} block_size {ga[1]!r}")
         return ""

@@ -32,7 +32,6 @@ from .groups import GroupInfo, GroupKind
 from .metadata import StepPlan
 from .scheduler import SchedulerSide
 from .stats import KvxferPromMetrics, KvxferStats
-from .transfer_plan import GroupKind as TpGroupKind
 from .transfer_plan import KVGroupSpec as TpGroupSpec
 from .transfer_plan import KVSpec, vllm_layout_order
 from .worker import WorkerSide
@@ -85,9 +84,9 @@ def group_infos(kv_cache_config: KVCacheConfig) -> tuple[GroupInfo, ...]:
         if isinstance(spec, UniformTypeKVCacheSpecs):
             spec = next(iter(spec.kv_cache_specs.values()))
         if isinstance(spec, SlidingWindowSpec):
-            kind, window = GroupKind.SLIDING, int(spec.sliding_window)
+            kind, window = GroupKind.SLIDING_WINDOW, int(spec.sliding_window)
         elif isinstance(spec, MambaSpec):
-            kind, window = GroupKind.STATE, 0
+            kind, window = GroupKind.MAMBA, 0
         elif isinstance(spec, AttentionSpec):
             kind, window = GroupKind.FULL, 0
         else:
@@ -173,8 +172,6 @@ def kv_spec(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, groups: tup
         return None
     first = attn[0]
     mla = isinstance(first, MLAAttentionSpec)
-    kinds = {GroupKind.FULL: TpGroupKind.FULL, GroupKind.SLIDING: TpGroupKind.SLIDING_WINDOW,
-             GroupKind.STATE: TpGroupKind.MAMBA}
     try:
         return KVSpec(model=str(mc.model), dtype=str(mc.dtype), kv_cache_dtype=str(vllm_config.cache_config.cache_dtype),
                       tp_size=_tp_size(vllm_config), tp_rank=tp_rank, block_size=int(first.block_size),
@@ -182,7 +179,7 @@ def kv_spec(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, groups: tup
                       # vLLM 0.33's content is K then V (2 * head_size); MLA's is the latent
                       head_dim=int(first.head_size) if mla else 2 * int(first.head_size),
                       order=order, mla=mla, itemsize=int(get_dtype_size(first.dtype)),
-                      groups=tuple(TpGroupSpec(kinds[g.kind], g.layers, g.block_size, g.window or None)
+                      groups=tuple(TpGroupSpec(g.kind, g.layers, g.block_size, g.window or None)
                                    for g in groups))
     except LayoutError:
         return None

@@ -20,22 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 from ...errors import LayoutError
+from .transfer_plan import GroupKind
 
 __all__ = ["NULL_BLOCK", "GroupKind", "GroupInfo", "transfer_slice"]
 
 #: vLLM's null block (the block pool's first block, id 0) fills positions a group no longer holds
 NULL_BLOCK = 0
-
-
-class GroupKind(Enum):
-    """How a KV-cache group maps token positions to blocks."""
-
-    FULL = "full"
-    SLIDING = "sliding"
-    STATE = "state"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +37,7 @@ class GroupInfo:
     index: the group's position in vLLM's ``kv_cache_groups`` (its block list's index).
     kind: how its positions map to blocks.
     block_size: tokens per block (a state group's block size is not used).
-    window: the sliding window in tokens (0 unless ``kind`` is SLIDING).
+    window: the sliding window in tokens (0 unless ``kind`` is SLIDING_WINDOW).
     layers: the group's layer names.
     page_bytes: bytes per block and layer.
     """
@@ -60,7 +52,7 @@ class GroupInfo:
     def __post_init__(self) -> None:
         if self.block_size <= 0:
             raise LayoutError(f"KV-cache group {self.index}: block_size={self.block_size}; expected > 0")
-        if self.kind is GroupKind.SLIDING and self.window <= 0:
+        if self.kind is GroupKind.SLIDING_WINDOW and self.window <= 0:
             raise LayoutError(f"KV-cache group {self.index}: sliding window {self.window}; expected > 0 tokens")
 
     def describe(self) -> list:
@@ -79,13 +71,13 @@ def transfer_slice(info: GroupInfo, num_prompt_tokens: int, block_ids: Sequence[
             covers holds vLLM's null block.
     """
     n = -(-num_prompt_tokens // info.block_size)
-    if info.kind is GroupKind.STATE:
+    if info.kind is GroupKind.MAMBA:
         real = [i for i, b in enumerate(block_ids[:max(1, n)]) if b != NULL_BLOCK]
         if not real:
             raise LayoutError(f"KV-cache group {info.index} (state) holds no state block for the prompt")
         return real[-1], [int(block_ids[real[-1]])]
     start = 0
-    if info.kind is GroupKind.SLIDING:
+    if info.kind is GroupKind.SLIDING_WINDOW:
         start = max(0, num_prompt_tokens - info.window + 1) // info.block_size
     if len(block_ids) < n:
         raise LayoutError(f"KV-cache group {info.index}: {len(block_ids)} blocks for a prompt of "

@@ -95,7 +95,7 @@ class SchedulerSide:
         self._push_wanted: dict[str, tuple[str, Request]] = {}   # producer, push: not yet pushed
         self._pushed: dict[str, str] = {}             # producer, push: req id -> transfer id
         # prompt tokens the decode side computes itself (see the module docstring)
-        self._backoff = 1 if any(g.kind is GroupKind.STATE for g in self._groups) else 0
+        self._backoff = 1 if any(g.kind is GroupKind.MAMBA for g in self._groups) else 0
 
     @property
     def groups(self) -> tuple[GroupInfo, ...]:
@@ -172,7 +172,7 @@ class SchedulerSide:
             # group's block moves as it is (the compatibility check made TP and pages equal)
             n = self._loaded_tokens(request)
             for g in self._groups:
-                if g.kind is GroupKind.STATE:
+                if g.kind is GroupKind.MAMBA:
                     try:
                         _, dst_state = transfer_slice(g, n, ids[g.index])
                     except LayoutError as exc:
@@ -191,7 +191,7 @@ class SchedulerSide:
             slices = [(g, 0, [b for b in ids[g.index] if b]) for g in self._groups]
         for g, start, dst in slices:
             skip = 0
-            if self._config.mode is TransferMode.PULL and g.kind is not GroupKind.STATE:
+            if self._config.mode is TransferMode.PULL and g.kind is not GroupKind.MAMBA:
                 skip = min(max(0, hit_tokens // g.block_size - start), len(dst))
             self._loads.append(LoadSpec(rid, key, tuple(dst), skip, g.index, refuse))
 

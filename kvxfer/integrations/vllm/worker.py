@@ -49,8 +49,7 @@ from ...registry.messages import EventKind
 from .config import TransferMode, TransferRole, VllmConnectorConfig
 from .counters import TransferCounters
 from .metadata import LoadSpec, StepPlan
-from .transfer_plan import GroupKind as TpGroupKind
-from .transfer_plan import KVSpec, consumer_ranks, plan_group_reads
+from .transfer_plan import GroupKind, KVSpec, consumer_ranks, plan_group_reads
 
 __all__ = ["WorkerSide"]
 
@@ -124,7 +123,7 @@ def _published_positions(remote: KVSpec, group: int, num_tokens: int) -> tuple[l
     n = -(-num_tokens // bs)
     g = remote.groups[group]
     first = 0
-    if g.kind is TpGroupKind.SLIDING_WINDOW and g.sliding_window:
+    if g.kind is GroupKind.SLIDING_WINDOW and g.sliding_window:
         first = min(n, max(0, num_tokens - g.sliding_window + 1) // bs)
     return [0] * first + list(range(1, n - first + 1)), first
 
